@@ -1,0 +1,268 @@
+"""The command line: argparse subcommands; the only place with asyncio.run and sys.exit.
+
+Exit status: 0 done, 1 a named thing was not found or the store failed, 2 usage,
+3 the daemon could not start, 78 (EX_CONFIG) the configuration is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from typing import Any
+
+from mailgate import __version__
+from mailgate.config import Config, config_path, load_config
+from mailgate.errors import ConfigError, MailgateError, NotFound
+from mailgate.ingest.text import decode_header_text
+from mailgate.ingest.worker import IngestWorker
+from mailgate.log import configure_logging
+from mailgate.model import Address, InboundRow, Message, Ticket
+from mailgate.store import SqliteStore, open_store
+
+EX_STARTUP = 3
+Command = Callable[[Config, argparse.Namespace], Awaitable[int]]
+
+
+def _address(a: Address) -> dict[str, str | None]:
+    return {"name": a.name, "email": a.email}
+
+
+def ticket_json(ticket: Ticket) -> dict[str, Any]:
+    return {
+        "id": ticket.id,
+        "subject": ticket.subject,
+        "status": ticket.status,
+        "requester": _address(ticket.requester),
+        "created_at": ticket.created_at.isoformat(),
+        "updated_at": ticket.updated_at.isoformat(),
+        "message_count": ticket.message_count,
+    }
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    return {
+        "from": _address(message.sender),
+        "subject": message.subject,
+        "body_text": message.body_text,
+        "has_html": message.body_html is not None,
+        "received_at": message.received_at.isoformat(),
+        "message_id": message.message_id,
+        "thread_reason": message.thread_reason,
+        "attachments": [
+            {"filename": a.filename, "content_type": a.content_type, "size": a.size,
+             "inline": a.inline, "sha256": a.sha256}
+            for a in message.attachments
+        ],
+    }
+
+
+def inbound_json(row: InboundRow) -> dict[str, Any]:
+    headers = BytesHeaderParser(policy=default_policy).parsebytes(row.raw[:65536])
+    return {
+        "id": row.id,
+        "state": row.state,
+        "reason": row.reason,
+        "received_at": row.received_at.isoformat(),
+        "mail_from": row.envelope.mail_from,
+        "rcpt_tos": list(row.envelope.rcpt_tos),
+        "peer": row.envelope.peer,
+        "size": len(row.raw),
+        "subject": decode_header_text(str(headers.get("subject", "") or "")),
+    }
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [min(50, max(len(r[i]) for r in cells)) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+
+
+# -- commands --
+
+
+async def cmd_serve(config: Config, _args: argparse.Namespace) -> int:
+    from mailgate import service  # the daemon's imports stay out of the quick commands
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.serve(config, shutdown=stop.wait)
+    except OSError as exc:  # the port is taken, the state folder unwritable
+        print(f"mailgate: cannot start: {exc}", file=sys.stderr)
+        return EX_STARTUP
+    return 0
+
+
+async def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        tickets = await store.list_tickets(status=args.status)
+    if args.json:
+        _print_json([ticket_json(t) for t in tickets])
+    else:
+        _table(
+            [(t.id, t.status, t.message_count, t.requester.email, t.subject) for t in tickets],
+            ("ID", "STATUS", "MSGS", "REQUESTER", "SUBJECT"),
+        )
+    return 0
+
+
+async def _ticket(store: SqliteStore, ticket_id: int) -> Ticket:
+    ticket = await store.get_ticket(ticket_id)
+    if ticket is None:
+        raise NotFound(f"no ticket {ticket_id}")
+    return ticket
+
+
+async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        ticket = await _ticket(store, args.id)
+    if args.json:
+        _print_json({**ticket_json(ticket), "messages": [message_json(m) for m in ticket.messages]})
+        return 0
+    requester = ticket.requester
+    print(f"Ticket #{ticket.id} [{ticket.status}] {ticket.subject}")
+    print(f"Requester: {requester.name or ''} <{requester.email}>".replace(": <", ": <", 1))
+    print(f"Created:   {ticket.created_at.isoformat()}")
+    for m in ticket.messages:
+        print(f"\n--- {m.received_at.isoformat()}  {m.sender.email}  ({m.thread_reason})")
+        print(m.body_text)
+        for a in m.attachments:
+            print(f"[attachment] {a.filename or '(unnamed)'}  {a.content_type}  {a.size} bytes")
+    return 0
+
+
+async def cmd_close(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        if not await store.set_ticket_status(args.id, "closed"):
+            raise NotFound(f"no ticket {args.id}")
+    print(f"ticket {args.id} closed")
+    return 0
+
+
+async def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        rows = await store.list_inbound("quarantined")
+    if args.json:
+        _print_json([inbound_json(r) for r in rows])
+    else:
+        _table(
+            [(r.id, r.received_at.isoformat(timespec="seconds"), len(r.raw), r.reason)
+             for r in rows],
+            ("ID", "RECEIVED", "SIZE", "REASON"),
+        )
+    return 0
+
+
+async def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        row = await store.get_inbound(args.id)
+    if row is None or row.state != "quarantined":
+        raise NotFound(f"no quarantined message {args.id}")
+    if args.raw:
+        sys.stdout.buffer.write(row.raw)
+        return 0
+    _print_json(inbound_json(row))
+    return 0
+
+
+async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        if not await store.requeue_inbound(args.id):
+            raise NotFound(f"no quarantined message {args.id}")
+        row = await store.get_inbound(args.id)
+        assert row is not None
+        worker = IngestWorker(
+            store,
+            attachments=config.storage.attachments,
+            tag_prefix=config.tickets.tag_prefix,
+            is_support_address=config.smtp.accepts,
+        )
+        [outcome] = await worker.ingest([row])
+    if outcome.state == "quarantined":
+        print(f"{args.id}: quarantined again: {outcome.reason}")
+        return 1
+    print(f"{args.id}: ingested into ticket {outcome.ticket_id}")
+    return 0
+
+
+async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
+    print(f"{config.path}: OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailgate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    parser.add_argument(
+        "--config", metavar="PATH", help="config file (default: $MAILGATE_CONFIG or ./config.toml)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Command, help_: str, parent: Any = commands) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        sub.set_defaults(func=func)
+        return sub
+
+    add("serve", cmd_serve, "run the daemon (SMTP listener and ingest worker)")
+    add("check-config", cmd_check_config, "validate the configuration and exit")
+    add("close", cmd_close, "close a ticket").add_argument("id", type=int, metavar="ID")
+
+    tickets = commands.add_parser("tickets", help="list and show tickets")
+    tickets_sub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="COMMAND")
+    listing = add("list", cmd_tickets_list, "list tickets", tickets_sub)
+    listing.add_argument("--status", choices=("open", "closed"))
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    show = add("show", cmd_tickets_show, "show one ticket with its messages", tickets_sub)
+    show.add_argument("id", type=int, metavar="ID")
+    show.add_argument("--json", action="store_true", help="print JSON")
+
+    quarantine = commands.add_parser("quarantine", help="messages that could not become tickets")
+    q_sub = quarantine.add_subparsers(dest="quarantine_command", required=True, metavar="COMMAND")
+    add("list", cmd_quarantine_list, "list quarantined messages", q_sub).add_argument(
+        "--json", action="store_true", help="print JSON"
+    )
+    q_show = add("show", cmd_quarantine_show, "show a quarantined message", q_sub)
+    q_show.add_argument("id", metavar="ID")
+    q_show.add_argument("--raw", action="store_true", help="print the raw message as received")
+    add("replay", cmd_quarantine_replay, "ingest a quarantined message again", q_sub).add_argument(
+        "id", metavar="ID"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(config_path(args.config))
+    except ConfigError as exc:
+        print(f"mailgate: config error: {exc}", file=sys.stderr)
+        return os.EX_CONFIG
+    configure_logging(config.log.level, fmt=config.log.format)
+    try:
+        return asyncio.run(args.func(config, args))
+    except NotFound as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 1
+    except MailgateError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

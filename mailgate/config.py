@@ -1,0 +1,245 @@
+"""Parse config.toml once into a frozen Config; the only reader of MAILGATE_CONFIG.
+
+Every key is declared in `_SCHEMA` with its parser and default. Unknown keys and bad values
+raise ConfigError naming the key (`smtp.listen: ...`), so ops see exactly what to fix.
+Relative paths are resolved against the config file's folder, not the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from mailgate.errors import ConfigError
+from mailgate.model import HostPort
+
+ENV_VAR = "MAILGATE_CONFIG"
+DEFAULT_PATH = Path("config.toml")
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    listen: HostPort
+    hostname: str
+    accept: tuple[str, ...]
+    max_message_size: int
+    drain_timeout: float
+
+    def accepts(self, address: str) -> bool:
+        """Tell whether `address` is one of ours: an exact entry or an `@domain` entry."""
+        local, _, domain = address.rpartition("@")
+        if not local:
+            return False
+        wanted = f"{local}@{domain.lower()}".lower()
+        return wanted in self.accept or f"@{domain.lower()}" in self.accept
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    database: Path
+    attachments: Path
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    transport: str
+    directory: Path
+    relay: HostPort
+    sender: str
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: HostPort
+    base_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class TicketsConfig:
+    tag_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    smtp: SmtpConfig
+    storage: StorageConfig
+    outbound: OutboundConfig
+    http: HttpConfig
+    tickets: TicketsConfig
+    log: LogConfig
+
+
+# -- value parsers: each takes (value, base folder) and raises ValueError with a short reason --
+
+Parser = Callable[[Any, Path], Any]
+
+
+def _host_port(value: Any, _base: Path) -> HostPort:
+    if not isinstance(value, str):
+        raise ValueError('expected "host:port"')
+    host, sep, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'expected "host:port" with a port 0-65535, got {value!r}')
+    return HostPort(host, int(port))
+
+
+def _text(value: Any, _base: Path) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError("control characters are not allowed")
+    return value
+
+
+def _positive_int(value: Any, _base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return value
+
+
+def _seconds(value: Any, _base: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"expected a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _path(value: Any, base: Path) -> Path:
+    path = Path(_text(value, base)).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _mailbox(value: Any, base: Path) -> str:
+    try:
+        return validate_email(_text(value, base), check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise ValueError(f"not a valid address: {exc}") from None
+
+
+def _accept_list(value: Any, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError('expected a non-empty list such as ["support@example.com", "@example.org"]')
+    entries = []
+    for entry in value:
+        if isinstance(entry, str) and entry.startswith("@"):
+            domain = _mailbox(f"postmaster{entry}", base).partition("@")[2]
+            entries.append(f"@{domain.lower()}")
+        else:
+            entries.append(_mailbox(entry, base).lower())
+    return tuple(entries)
+
+
+def _base_url(value: Any, base: Path) -> str:
+    url = _text(value, base)
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    return url.rstrip("/")
+
+
+def _one_of(*choices: str) -> Parser:
+    def parse(value: Any, _base: Path) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+_REQUIRED = object()
+
+# section -> key -> (parser, default). A default of _REQUIRED makes the key mandatory.
+_SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
+    "smtp": {
+        "listen": (_host_port, "127.0.0.1:8025"),
+        "hostname": (_text, "mailgate.localhost"),
+        "accept": (_accept_list, _REQUIRED),
+        "max_message_size": (_positive_int, 25 * 1024 * 1024),
+        "drain_timeout": (_seconds, 30),
+    },
+    "storage": {
+        "database": (_path, "var/mailgate.db"),
+        "attachments": (_path, "var/attachments"),
+    },
+    "outbound": {
+        "transport": (_one_of("file", "smtp"), "file"),
+        "directory": (_path, "var/outbox"),
+        "relay": (_host_port, "127.0.0.1:25"),
+        "sender": (_mailbox, _REQUIRED),
+    },
+    "http": {
+        "listen": (_host_port, "127.0.0.1:8080"),
+        "base_url": (_base_url, "http://127.0.0.1:8080"),
+    },
+    "tickets": {
+        "tag_prefix": (_text, "#"),
+    },
+    "log": {
+        "level": (_one_of("debug", "info", "warning", "error"), "info"),
+        "format": (_one_of("auto", "json", "console"), "auto"),
+    },
+}
+
+
+def config_path(cli_value: str | None) -> Path:
+    """Choose the config file: --config, then MAILGATE_CONFIG, then ./config.toml."""
+    chosen = cli_value or os.environ.get(ENV_VAR) or str(DEFAULT_PATH)
+    return Path(chosen)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate `path`.
+
+    Raises:
+        ConfigError: the file is unreadable, not TOML, or a key is unknown, missing or invalid.
+    """
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return parse_config(raw, path=path.resolve())
+
+
+def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
+    """Validate an already-decoded TOML document; `path` anchors relative paths."""
+    base = path.parent
+    for section in raw:
+        if section not in _SCHEMA:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(_SCHEMA)})")
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in _SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"{section}: expected a table [{section}]")
+        for key in given:
+            if key not in keys:
+                raise ConfigError(f"{section}.{key}: unknown key")
+        values[section] = {}
+        for key, (parse, default) in keys.items():
+            if key not in given and default is _REQUIRED:
+                raise ConfigError(f"{section}.{key}: missing required key")
+            try:
+                values[section][key] = parse(given.get(key, default), base)
+            except ValueError as exc:
+                raise ConfigError(f"{section}.{key}: {exc}") from None
+    return Config(
+        path=path,
+        smtp=SmtpConfig(**values["smtp"]),
+        storage=StorageConfig(**values["storage"]),
+        outbound=OutboundConfig(**values["outbound"]),
+        http=HttpConfig(**values["http"]),
+        tickets=TicketsConfig(**values["tickets"]),
+        log=LogConfig(**values["log"]),
+    )

@@ -1,0 +1,40 @@
+"""The MailgateError tree.
+
+Imports nothing of mailgate, so every module can raise these without import loops.
+"""
+
+
+class MailgateError(Exception):
+    """Base for every error mailgate raises on purpose."""
+
+
+class ConfigError(MailgateError):
+    """The configuration is unreadable or invalid; the message names the key."""
+
+
+class StoreError(MailgateError):
+    """The store refused an operation."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """Transient: disk full, I/O error, locked. The SMTP layer answers 451 and the sender retries."""
+
+
+class NotFound(MailgateError, LookupError):
+    """A ticket, message or quarantined row that the caller named does not exist."""
+
+
+class Rejected(MailgateError):
+    """A policy refusal that carries its own SMTP reply."""
+
+    def __init__(self, code: int, enhanced: str, text: str, /) -> None:
+        super().__init__(code, enhanced, text)
+        self.code, self.enhanced, self.text = code, enhanced, text
+
+    @property
+    def reply(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+class Unparseable(MailgateError):
+    """A stored message that cannot become a ticket; it goes to quarantine with this reason."""

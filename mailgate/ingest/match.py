@@ -1,0 +1,55 @@
+"""Ticket threading (ARCHITECTURE rule 4): which ticket a message joins, and why.
+
+A message joins ticket T when its In-Reply-To/References name a Message-ID stored for T, or
+its subject carries T's tag, and its sender is T's requester or a participant. Anything else
+opens a new ticket, so a stranger can never append to someone else's ticket.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mailgate.model import ParsedMail, ThreadReason
+from mailgate.store import IngestTx
+
+# Reply prefixes of common clients and languages (RFC 5322 3.6.5 names only "Re:").
+_REPLY_PREFIX = re.compile(
+    r"^\s*(?:(?:re|aw|sv|vs|antw|ant|rif|odp|vá|ynt|atb|res|réf|ref|回复|回覆|答复|답장|ΑΠ|Отв)"
+    r"\s*(?:\[\d+\]|\(\d+\))?\s*[:：]\s*)+",
+    re.IGNORECASE,
+)
+
+
+def strip_reply_prefixes(subject: str) -> str:
+    """Remove leading Re:/AW:/SV:/VS:/Antw:/답장: and similar, however often repeated."""
+    return _REPLY_PREFIX.sub("", subject).strip()
+
+
+def tag_pattern(prefix: str) -> re.Pattern[str]:
+    return re.compile(r"\[" + re.escape(prefix) + r"(\d{1,18})\]")
+
+
+def display_subject(subject: str, prefix: str) -> str:
+    """The subject people see for a ticket: no reply prefixes, no ticket tag."""
+    cleaned = strip_reply_prefixes(tag_pattern(prefix).sub("", subject))
+    return strip_reply_prefixes(cleaned) or "(no subject)"
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadMatch:
+    ticket_id: int | None  # None: open a new ticket
+    reason: ThreadReason
+
+
+async def find_thread(tx: IngestTx, mail: ParsedMail, *, tag_prefix: str) -> ThreadMatch:
+    """Choose the ticket `mail` belongs to, checking the sender may post there."""
+    referenced = [*reversed(mail.in_reply_to), *reversed(mail.references)]
+    for ticket_id in await tx.tickets_by_message_ids(list(dict.fromkeys(referenced))):
+        if await tx.may_post(ticket_id, mail.sender.email):
+            return ThreadMatch(ticket_id, "references")
+    for tag in tag_pattern(tag_prefix).findall(mail.subject):
+        ticket_id = int(tag)
+        if await tx.ticket_status(ticket_id) and await tx.may_post(ticket_id, mail.sender.email):
+            return ThreadMatch(ticket_id, "subject_tag")
+    return ThreadMatch(None, "new")

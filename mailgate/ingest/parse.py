@@ -1,0 +1,210 @@
+"""Raw bytes -> ParsedMail, with the stdlib email package.
+
+The structure is parsed with `policy.default`, and again with `compat32` when that raises.
+Headers are decoded here from their raw values (RFC 2047 words, raw UTF-8, mislabelled
+charsets), the same way under both policies. Raises `Unparseable` only when no usable
+sender can be found; everything else degrades to "what could be read".
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import re
+from datetime import datetime
+from email.message import Message as StdMessage
+from email.parser import BytesParser
+
+from email_validator import EmailNotValidError, validate_email
+
+from mailgate.errors import Unparseable
+from mailgate.ingest.text import clean_body, clean_line, decode_bytes, decode_header_text, html_to_text
+from mailgate.model import Address, AttachmentPart, ParsedMail
+
+MAX_DEPTH = 50
+MAX_REFERENCES = 100
+MAX_FILENAME = 255
+_MSGID = re.compile(r"<([^<>\s]{1,998})>")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def parse_mail(raw: bytes) -> ParsedMail:
+    """Parse one message; raise `Unparseable` if it has no usable From."""
+    try:
+        msg = BytesParser(policy=email.policy.default).parsebytes(raw)
+        return _extract(msg)
+    except Unparseable:
+        raise
+    except Exception:  # noqa: BLE001 - the stdlib raises anything on hostile input; retry
+        msg = BytesParser(policy=email.policy.compat32).parsebytes(raw)
+        return _extract(msg)
+
+
+def _extract(msg: StdMessage) -> ParsedMail:
+    headers = _raw_headers(msg)
+    sender = _sender(headers)
+    body = _Body()
+    body.walk(msg, depth=0)
+    body_text = body.text()
+    return ParsedMail(
+        sender=sender,
+        to=_addresses(headers, "to"),
+        cc=_addresses(headers, "cc"),
+        subject=decode_header_text(headers.get("subject", [""])[0]),
+        message_id=_first_msgid(headers.get("message-id", [""])[0]),
+        in_reply_to=tuple(_MSGID.findall(" ".join(headers.get("in-reply-to", []))))[:10],
+        references=tuple(_MSGID.findall(" ".join(headers.get("references", []))))[
+            -MAX_REFERENCES:
+        ],
+        body_text=body_text,
+        body_html=body.html,
+        attachments=tuple(body.attachments),
+        date=_date(headers.get("date", [""])[0]),
+        defects=tuple(sorted({type(d).__name__ for d in msg.defects})),
+    )
+
+
+def _raw_headers(msg: StdMessage) -> dict[str, list[str]]:
+    """Map lower-cased header names to their raw, unfolded values, in order."""
+    found: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        found.setdefault(name.lower().strip(), []).append(_FOLD.sub("", str(value)))
+    return found
+
+
+def _first_msgid(value: str) -> str | None:
+    match = _MSGID.search(value)
+    if match:
+        return clean_line(match.group(1))
+    bare = clean_line(value)
+    return bare[:998] or None
+
+
+def _date(value: str) -> datetime | None:
+    try:
+        return email.utils.parsedate_to_datetime(value) if value else None
+    except (ValueError, TypeError, IndexError):
+        return None
+
+
+def normalise_address(addr: str) -> str:
+    """Return the addr-spec normalised by email-validator, or raise EmailNotValidError."""
+    return validate_email(
+        addr, check_deliverability=False, allow_smtputf8=True, allow_quoted_local=True
+    ).normalized
+
+
+def _parse_addresses(values: list[str]) -> list[Address]:
+    found = []
+    for raw_name, raw_addr in email.utils.getaddresses(values):
+        addr = decode_header_text(raw_addr)
+        try:
+            normalised = normalise_address(addr)
+        except EmailNotValidError:
+            continue
+        name = decode_header_text(raw_name) if raw_name else ""
+        found.append(Address(normalised, name or None))
+    return found
+
+
+def _sender(headers: dict[str, list[str]]) -> Address:
+    values = headers.get("from", [])
+    if not values:
+        raise Unparseable("no From header")
+    found = _parse_addresses(values[:1])
+    if not found:
+        raise Unparseable("From header holds no valid address")
+    return found[0]
+
+
+def _addresses(headers: dict[str, list[str]], name: str) -> tuple[Address, ...]:
+    return tuple(_parse_addresses(headers.get(name, [])))[:100]
+
+
+def sanitise_filename(name: str | None) -> str | None:
+    """Keep only the last path component, without control characters, at most 255 chars.
+
+    The result is metadata for people; files are stored by content hash, never by this name.
+    """
+    if not name:
+        return None
+    name = clean_line(name).replace("\\", "/").rsplit("/", 1)[-1].strip().lstrip(".")
+    if not name:
+        return None
+    if len(name) > MAX_FILENAME:
+        stem, dot, ext = name.rpartition(".")
+        ext = ext if dot and len(ext) <= 16 else ""
+        name = (stem if dot else name)[: MAX_FILENAME - len(ext) - 1] + (f".{ext}" if ext else "")
+    return name
+
+
+class _Body:
+    """Walks the MIME tree: the first text parts become the body, the rest attachments."""
+
+    def __init__(self) -> None:
+        self.plain: list[str] = []
+        self.html: str | None = None
+        self.attachments: list[AttachmentPart] = []
+
+    def text(self) -> str:
+        if self.plain:
+            return clean_body("\n\n".join(self.plain)).strip()
+        return html_to_text(self.html) if self.html else ""
+
+    def walk(self, part: StdMessage, *, depth: int) -> None:
+        ctype = _content_type(part)
+        if part.is_multipart() and ctype.startswith("multipart/") and depth < MAX_DEPTH:
+            children = part.get_payload()
+            for child in children if isinstance(children, list) else []:
+                if isinstance(child, StdMessage):
+                    self.walk(child, depth=depth + 1)
+            return
+        disposition = _safe(part.get_content_disposition) or "inline"
+        filename = _filename(part)
+        if ctype in ("text/plain", "text/html") and disposition == "inline" and not filename:
+            text = decode_bytes(_payload(part), _safe(part.get_content_charset))
+            if ctype == "text/plain":
+                self.plain.append(text)
+                return
+            if self.html is None:
+                self.html = clean_body(text)
+                return
+        self.attachments.append(
+            AttachmentPart(
+                filename=sanitise_filename(filename),
+                content_type=ctype,
+                content=_payload(part),
+                inline=disposition == "inline",
+                content_id=_first_msgid(str(part.get("content-id", ""))) if part.get(
+                    "content-id"
+                ) else None,
+            )
+        )
+
+
+def _safe(getter: object) -> str | None:
+    try:
+        value = getter()  # type: ignore[operator]
+    except Exception:  # noqa: BLE001 - malformed parameters make these raise anything
+        return None
+    return str(value) if value is not None else None
+
+
+def _content_type(part: StdMessage) -> str:
+    return clean_line(_safe(part.get_content_type) or "application/octet-stream").lower()
+
+
+def _filename(part: StdMessage) -> str | None:
+    raw = _safe(part.get_filename)
+    return decode_header_text(raw) if raw else None
+
+
+def _payload(part: StdMessage) -> bytes:
+    """Return the decoded content bytes; a message/rfc822 part is kept whole as bytes."""
+    try:
+        if part.is_multipart():
+            return part.as_bytes()
+        data = part.get_payload(decode=True)
+    except Exception:  # noqa: BLE001 - bad base64 or a broken nested message
+        return b""
+    return data if isinstance(data, bytes) else b""

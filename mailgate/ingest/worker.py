@@ -1,0 +1,186 @@
+"""The ingest worker: turns 'received' rows into tickets or quarantine, after the 250.
+
+It runs in the daemon beside the SMTP listener, woken by intake commits and polling now and
+then for rows requeued from the CLI. Each batch is parsed off the event loop, then applied in
+one transaction together with the rows' new state, so a crash at any point leaves each row
+either untouched ('received', done again on restart) or completely done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from mailgate.errors import StoreUnavailable, Unparseable
+from mailgate.ingest.match import display_subject, find_thread
+from mailgate.ingest.parse import parse_mail
+from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
+from mailgate.store import IngestTx, Store
+from mailgate.store.blobs import save_blob
+
+log = structlog.get_logger(__name__)
+
+BATCH = 64
+POLL_SECONDS = 5.0
+RETRY_SECONDS = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A row after the work that needs no database: parsing and saving attachment files."""
+
+    row: InboundRow
+    mail: ParsedMail | None
+    attachments: tuple[StoredAttachment, ...] = ()
+    failure: str | None = None  # why it goes to quarantine
+
+
+class IngestWorker:
+    """Ingest rows in batches; `run()` until `stop()`."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        attachments: Path,
+        tag_prefix: str,
+        is_support_address: Callable[[str], bool],
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        self._store = store
+        self._attachments = attachments
+        self._tag_prefix = tag_prefix
+        self._is_support = is_support_address
+        self._wake = wake or asyncio.Event()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Finish the batch under way, then return from `run()`."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                rows = await self._store.pending_inbound(limit=BATCH)
+                if rows:
+                    await self.ingest(rows)
+                    continue
+            except StoreUnavailable as exc:
+                log.warning("ingest_store_unavailable", error=str(exc))
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            except Exception:  # noqa: BLE001 - the worker outlives any bug; rows stay 'received'
+                log.exception("ingest_batch_failed")
+                await asyncio.sleep(RETRY_SECONDS)
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+            except TimeoutError:
+                pass
+
+    async def ingest(self, rows: Sequence[InboundRow]) -> list[IngestOutcome]:
+        """Ingest `rows`; each ends 'ingested' or 'quarantined', never lost.
+
+        Raises:
+            StoreUnavailable: nothing of the failed transaction was written; retry later.
+        """
+        prepared = await asyncio.to_thread(lambda: [self._prepare(row) for row in rows])
+        try:
+            async with self._store.ingesting() as tx:
+                outcomes = [await self._apply(tx, item) for item in prepared]
+        except StoreUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - one bad message must not hold up the batch
+            outcomes = [await self._apply_alone(item) for item in prepared]
+        for outcome in outcomes:
+            _log_outcome(outcome)
+        return outcomes
+
+    def _prepare(self, row: InboundRow) -> _Prepared:
+        try:
+            mail = parse_mail(row.raw)
+        except Unparseable as exc:
+            return _Prepared(row, None, failure=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a parser crash quarantines, never kills
+            return _Prepared(row, None, failure=f"parser failed: {type(exc).__name__}")
+        try:
+            stored = tuple(
+                StoredAttachment(
+                    filename=part.filename,
+                    content_type=part.content_type,
+                    size=len(part.content),
+                    sha256=save_blob(self._attachments, part.content),
+                    inline=part.inline,
+                )
+                for part in mail.attachments
+            )
+        except OSError as exc:  # disk full or unwritable: transient, the row stays 'received'
+            raise StoreUnavailable(f"attachments: {exc.strerror}") from exc
+        return _Prepared(row, mail, stored)
+
+    async def _apply_alone(self, item: _Prepared) -> IngestOutcome:
+        try:
+            async with self._store.ingesting() as tx:
+                return await self._apply(tx, item)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - keep the message, say why
+            log.exception("ingest_failed", queue_id=item.row.id)
+            failed = _Prepared(item.row, None, failure=f"ingest failed: {type(exc).__name__}")
+            async with self._store.ingesting() as tx:
+                return await self._apply(tx, failed)
+
+    async def _apply(self, tx: IngestTx, item: _Prepared) -> IngestOutcome:
+        row, mail, now = item.row, item.mail, datetime.now(UTC)
+        state = await tx.inbound_state(row.id)
+        if state != "received":  # done meanwhile (a replay racing the daemon): nothing to do
+            return IngestOutcome(row.id, state or "ingested", reason="already processed")
+        if mail is None:
+            await tx.finish_inbound(row.id, "quarantined", reason=item.failure, at=now)
+            return IngestOutcome(row.id, "quarantined", reason=item.failure)
+        if mail.message_id:
+            duplicate_of = await tx.duplicate_ticket(mail.message_id, mail.sender.email)
+            if duplicate_of is not None:
+                await tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
+                return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
+        match = await find_thread(tx, mail, tag_prefix=self._tag_prefix)
+        if match.ticket_id is None:
+            subject = display_subject(mail.subject, self._tag_prefix)
+            ticket_id = await tx.create_ticket(subject, mail.sender, at=row.received_at)
+        else:
+            ticket_id = match.ticket_id
+            if await tx.ticket_status(ticket_id) == "closed":
+                await tx.set_status(ticket_id, "open", at=now)  # a reply reopens the ticket
+        await tx.add_message(
+            ticket_id,
+            mail,
+            inbound_id=row.id,
+            reason=match.reason,
+            attachments=item.attachments,
+            at=row.received_at,
+        )
+        others = {
+            a.email
+            for a in (*mail.to, *mail.cc)
+            if not self._is_support(a.email) and a.email.lower() != mail.sender.email.lower()
+        }
+        await tx.add_participants(ticket_id, sorted(others))
+        await tx.finish_inbound(row.id, "ingested", reason=None, at=now)
+        return IngestOutcome(row.id, "ingested", ticket_id, created=match.ticket_id is None)
+
+
+def _log_outcome(outcome: IngestOutcome) -> None:
+    if outcome.state == "quarantined":
+        log.warning("message_quarantined", queue_id=outcome.inbound_id, reason=outcome.reason)
+    elif outcome.duplicate:
+        log.info("message_duplicate", queue_id=outcome.inbound_id, ticket_id=outcome.ticket_id)
+    elif outcome.ticket_id is not None:
+        event = "ticket_created" if outcome.created else "ticket_updated"
+        log.info(event, queue_id=outcome.inbound_id, ticket_id=outcome.ticket_id)

@@ -1,0 +1,99 @@
+"""Durable receive with group commit: the only thing smtp.py calls.
+
+`Intake.receive` returns a queue id only after the raw bytes and envelope are committed
+(fsynced). One writer task drains whatever sessions have queued, commits it as one
+transaction and answers each waiting session; while a commit is in flight the next batch
+gathers, so batches grow with load and a lone message waits for no timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+
+import structlog
+
+from mailgate.errors import StoreUnavailable
+from mailgate.model import Envelope
+from mailgate.store import Store
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 256
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class _Pending:
+    queue_id: str
+    envelope: Envelope
+    raw: bytes
+    done: asyncio.Future[None]
+
+
+def new_queue_id() -> str:
+    return uuid.uuid4().hex[:20].upper()
+
+
+class Intake:
+    """Group-committing front door of the store. Start with `start()`, stop with `stop()`."""
+
+    def __init__(self, store: Store, *, on_committed: asyncio.Event | None = None) -> None:
+        self._store = store
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._on_committed = on_committed
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_forever(), name="intake-writer")
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        while not self._queue.empty():
+            await self._commit(self._take_batch(self._queue.get_nowait()))
+        if self._writer:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+
+    async def receive(self, envelope: Envelope, raw: bytes) -> str:
+        """Commit one message durably and return its queue id.
+
+        Raises:
+            StoreUnavailable: it was not committed; answer 451.
+        """
+        pending = _Pending(
+            new_queue_id(), envelope, raw, asyncio.get_running_loop().create_future()
+        )
+        await self._queue.put(pending)
+        # Shielded: a session cancelled now must not cancel the shared commit under way.
+        await asyncio.shield(pending.done)
+        return pending.queue_id
+
+    def _take_batch(self, first: _Pending) -> list[_Pending]:
+        batch, size = [first], len(first.raw)
+        while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES and not self._queue.empty():
+            item = self._queue.get_nowait()
+            batch.append(item)
+            size += len(item.raw)
+        return batch
+
+    async def _write_forever(self) -> None:
+        while True:
+            batch = self._take_batch(await self._queue.get())
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            await self._store.receive([(p.queue_id, p.envelope, p.raw) for p in batch])
+        except Exception as exc:  # noqa: BLE001 - every waiting session must get an answer
+            log.error("intake_commit_failed", batch=len(batch), error=repr(exc))
+            for p in batch:
+                if not p.done.done():
+                    p.done.set_exception(StoreUnavailable(repr(exc)))
+            return
+        for p in batch:
+            if not p.done.done():
+                p.done.set_result(None)
+        if self._on_committed is not None:
+            self._on_committed.set()

@@ -1,0 +1,218 @@
+"""The SMTP listener: an aiosmtpd handler that is only an adapter.
+
+It checks recipients against `[smtp] accept` (never an open relay), hands DATA to intake and
+maps the outcome to a reply. Replies carry RFC 3463 enhanced status codes; aiosmtpd's own
+bare replies are rewritten on the way out, and no exception text ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+
+from mailgate.config import SmtpConfig
+from mailgate.errors import StoreUnavailable
+from mailgate.intake import Intake
+from mailgate.log import mask_address
+from mailgate.model import Envelope, HostPort
+
+log = structlog.get_logger(__name__)
+
+TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
+
+# aiosmtpd's replies without enhanced codes (RFC 2034), rewritten as they are sent.
+_ENHANCED = {
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+    "552 Error: Too much mail data": "552 5.3.4 Message too big for this system",
+    "552 Error: message size exceeds fixed maximum message size": (
+        "552 5.3.4 Message size exceeds fixed maximum message size"
+    ),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.6 Line too long",
+    "500 Error: line too long": "500 5.5.6 Line too long",
+    "500 Error: bad syntax": "500 5.5.2 Syntax error",
+    "503 Error: need MAIL command": "503 5.5.1 Need MAIL command",
+    "503 Error: need RCPT command": "503 5.5.1 Need RCPT command",
+    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command",
+    "503 Error: send HELO first": "503 5.5.1 Send HELO first",
+    "501 Syntax: MAIL FROM: <address>": "501 5.5.4 Syntax: MAIL FROM:<address>",
+    "501 Syntax: RCPT TO: <address>": "501 5.5.4 Syntax: RCPT TO:<address>",
+    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
+    "252 Cannot VRFY user, but will accept message and attempt delivery": (
+        "252 2.5.2 Cannot VRFY user, but will accept message"
+    ),
+    "421 Too many connections": "421 4.7.0 Too many connections",
+}
+_CLASS_DEFAULTS = {"2": "2.0.0", "4": "4.0.0", "5": "5.5.0"}
+
+
+def enhance(reply: str) -> str:
+    """Add an enhanced status code to a final reply that lacks one."""
+    if reply in _ENHANCED:
+        return _ENHANCED[reply]
+    code, sep, text = reply.partition(" ")
+    if (
+        sep
+        and len(code) == 3
+        and code[0] in "45"
+        and not (text[:1].isdigit() and text[1:2] == ".")
+    ):
+        return f"{code} {_CLASS_DEFAULTS[code[0]]} {text}"
+    return reply
+
+
+class MailgateSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type information
+    """aiosmtpd's protocol with enhanced replies and a registry of live sessions."""
+
+    # Real clients send DATA lines beyond RFC 5321's 1,000 octets; accept up to 10,000.
+    line_length_limit = 10_002
+
+    def __init__(self, *args: Any, sessions: set[MailgateSMTP], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sessions = sessions
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sessions.discard(self)
+        super().connection_lost(error)
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = enhance(status)
+        await super().push(status)
+
+
+def peer_of(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(HostPort(str(peer[0]), int(peer[1])))
+    return str(peer)
+
+
+class Handler:
+    """aiosmtpd hooks: RCPT policy, DATA to intake, errors to 451."""
+
+    def __init__(self, config: SmtpConfig, intake: Intake) -> None:
+        self._config = config
+        self._intake = intake
+        self.in_flight = 0  # DATA commits under way; the drain waits for them
+
+    @staticmethod
+    def _bind(session: Session) -> None:
+        if not structlog.contextvars.get_contextvars().get("session"):
+            structlog.contextvars.bind_contextvars(
+                peer=peer_of(session), session=uuid.uuid4().hex[:12]
+            )
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        self._bind(session)
+        session.host_name = hostname
+        last = responses.pop()  # "250 HELP" closes the list; keep it last
+        return [*responses, "250-ENHANCEDSTATUSCODES", last]
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        self._bind(session)
+        if not self._config.accepts(address):
+            log.info("recipient_rejected", rcpt=mask_address(address))
+            return "550 5.1.1 Recipient not accepted here"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        self._bind(session)
+        raw = envelope.original_content or b""
+        stored = Envelope(
+            mail_from=envelope.mail_from or "",
+            rcpt_tos=tuple(envelope.rcpt_tos),
+            peer=peer_of(session),
+            helo=session.host_name,
+            smtputf8=bool(envelope.smtp_utf8),
+        )
+        self.in_flight += 1
+        try:
+            queue_id = await self._intake.receive(stored, raw)
+        except StoreUnavailable:
+            log.warning("message_deferred", size=len(raw))
+            return TEMPFAIL
+        finally:
+            self.in_flight -= 1
+        log.info("message_queued", queue_id=queue_id, size=len(raw), rcpts=len(stored.rcpt_tos))
+        return f"250 2.0.0 Queued as {queue_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtp_session_failed", error=type(error).__name__, exc_info=error)
+        return TEMPFAIL  # never exception text on the wire
+
+
+@dataclass
+class Listener:
+    """A started SMTP server and what its drain needs."""
+
+    server: asyncio.Server
+    handler: Handler
+    sessions: set[MailgateSMTP] = field(default_factory=set)
+
+    @property
+    def address(self) -> HostPort:
+        sock = self.server.sockets[0].getsockname()
+        return HostPort(sock[0], sock[1])
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let DATA commits under way finish, then close every session.
+
+        A session cut off here never got its 250, so its sender retries: nothing is lost.
+        """
+        self.server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.handler.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+        while self.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        log.info("smtp_drained", cut_sessions=len(self.sessions))
+
+
+async def start_smtp(config: SmtpConfig, intake: Intake) -> Listener:
+    """Listen on `config.listen` with `loop.create_server` (no threaded Controller)."""
+    handler = Handler(config, intake)
+    sessions: set[MailgateSMTP] = set()
+    factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
+        handler,
+        sessions=sessions,
+        data_size_limit=config.max_message_size,
+        enable_SMTPUTF8=True,
+        decode_data=False,
+        hostname=config.hostname,
+        ident="ESMTP mailgate",
+        timeout=300,
+    )
+    server = await asyncio.get_running_loop().create_server(
+        factory, host=config.listen.host, port=config.listen.port
+    )
+    return Listener(server, handler, sessions)

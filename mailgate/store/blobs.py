@@ -1,0 +1,37 @@
+"""Content-addressed attachment files under [storage] attachments.
+
+A file's name is the SHA-256 of its bytes, so the customer's filename never reaches the
+filesystem, identical attachments are stored once, and writing again is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+
+def blob_path(root: Path, sha256: str) -> Path:
+    return root / sha256[:2] / sha256
+
+
+def save_blob(root: Path, data: bytes) -> str:
+    """Write `data` durably (fsync, atomic rename) unless already present; return its hash."""
+    digest = hashlib.sha256(data).hexdigest()
+    target = blob_path(root, digest)
+    if target.exists():
+        return digest
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{digest}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "xb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return digest
