@@ -1,0 +1,241 @@
+"""Shared fixtures: a real mailgate on a loopback port, real SMTP clients, real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from mailgate.config import Config, load_config
+from mailgate.model import Ticket
+from mailgate.service import serve
+from mailgate.store import open_store
+
+SUPPORT = "support@example.com"
+REPO = Path(__file__).resolve().parent.parent
+MAIL_DATA = Path(__file__).parent / "data" / "mail"
+
+BASE_CONFIG = """\
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+hostname = "mailgate.test"
+accept = ["support@example.com", "@help.example.com"]
+max_message_size = {max_message_size}
+drain_timeout = 5
+
+[storage]
+database = "var/mailgate.db"
+attachments = "var/attachments"
+
+[outbound]
+transport = "file"
+directory = "var/outbox"
+relay = "127.0.0.1:2525"
+sender = "support@example.com"
+
+[http]
+listen = "127.0.0.1:0"
+base_url = "http://127.0.0.1:8080"
+
+[log]
+level = "{log_level}"
+format = "json"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(
+    folder: Path, *, smtp_port: int = 0, max_message_size: int = 1024 * 1024, log_level: str = "info"
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.toml"
+    path.write_text(
+        BASE_CONFIG.format(
+            smtp_port=smtp_port, max_message_size=max_message_size, log_level=log_level
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+@dataclass
+class Running:
+    """A mailgate serving in this event loop."""
+
+    config: Config
+    host: str
+    port: int
+
+    async def send(
+        self,
+        message: EmailMessage | bytes,
+        *,
+        sender: str = "customer@example.org",
+        recipients: tuple[str, ...] = (SUPPORT,),
+    ) -> str:
+        """Send one message and return the queue id from the 250 reply."""
+        errors, reply = await aiosmtplib.send(
+            message, sender=sender, recipients=list(recipients), hostname=self.host, port=self.port
+        )
+        assert not errors, errors
+        assert reply.startswith("2.0.0 Queued as "), reply
+        return reply.rsplit(" ", 1)[1]
+
+    async def settle(self, timeout: float = 10) -> None:
+        """Wait until ingest has finished every received row."""
+        deadline = time.monotonic() + timeout
+        async with open_store(self.config.storage.database) as store:
+            while await store.pending_inbound(limit=1):
+                assert time.monotonic() < deadline, "ingest did not finish"
+                await asyncio.sleep(0.02)
+
+    async def tickets(self) -> list[Ticket]:
+        await self.settle()
+        async with open_store(self.config.storage.database) as store:
+            summaries = await store.list_tickets()
+            full = [await store.get_ticket(t.id) for t in summaries]
+        return [t for t in full if t is not None]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("--config", str(self.config.path), *args)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `mailgate` command line in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "mailgate", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def cli_json(running: Running, *args: str) -> Any:
+    result = running.cli(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return load_config(write_config(tmp_path))
+
+
+@asynccontextmanager
+async def daemon_running(config: Config) -> AsyncIterator[Running]:
+    """Serve `config` in this event loop until the block ends."""
+    stop = asyncio.Event()
+    ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(config, shutdown=stop.wait, on_ready=ready.set_result))
+    done, _ = await asyncio.wait([task, ready], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assert ready in done, task.exception() if task.done() else "daemon did not start"
+    address = ready.result()
+    try:
+        yield Running(config, address.host, address.port)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+@pytest.fixture
+async def daemon(config: Config) -> AsyncIterator[Running]:
+    async with daemon_running(config) as running:
+        yield running
+
+
+def mail(
+    *,
+    sender: str = "Customer <customer@example.org>",
+    to: str = SUPPORT,
+    subject: str = "Printer on fire",
+    body: str = "Hello, my printer is on fire.\n",
+    message_id: str | None = None,
+    in_reply_to: str | None = None,
+    references: str | None = None,
+    cc: str | None = None,
+) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = to
+    if cc:
+        msg["Cc"] = cc
+    msg["Subject"] = subject
+    msg["Date"] = formatdate()
+    msg["Message-ID"] = message_id or make_msgid(domain="client.example")
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to
+    if references:
+        msg["References"] = references
+    msg.set_content(body)
+    return msg
+
+
+class SubprocessDaemon:
+    """`mailgate serve` as its own process, as systemd runs it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.config_path = write_config(folder, smtp_port=self.port, log_level="warning")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log = open(self.folder / "daemon.log", "ab")  # noqa: SIM115 - closed in kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailgate", "--config", str(self.config_path), "serve"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.folder / "daemon.log").read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    if sock.recv(100).startswith(b"220"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("daemon did not start")
+
+    def kill(self, sig: int = 9) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        if getattr(self, "log", None):
+            self.log.close()
+
+    @property
+    def database(self) -> Path:
+        return self.folder / "var" / "mailgate.db"
+
+
+def eml(name: str) -> bytes:
+    return (MAIL_DATA / f"{name}.eml").read_bytes()
+
+
+@pytest.fixture
+def subprocess_daemon(tmp_path: Path) -> Iterator[SubprocessDaemon]:
+    daemon = SubprocessDaemon(tmp_path / "daemon")
+    yield daemon
+    daemon.kill()

@@ -1,0 +1,158 @@
+"""The SMTP listener as a client sees it: replies, limits, relay policy, failure answers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from mailgate.config import load_config
+from tests.conftest import SUPPORT, Running, daemon_running, eml, mail, write_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+async def client(daemon: Running) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(hostname=daemon.host, port=daemon.port, start_tls=False)
+    await smtp.connect()
+    await smtp.ehlo(hostname="client.example")
+    return smtp
+
+
+async def test_greeting_and_ehlo_advertise_size_and_smtputf8(daemon: Running) -> None:
+    smtp = aiosmtplib.SMTP(hostname=daemon.host, port=daemon.port, start_tls=False)
+    greeting = await smtp.connect()
+    assert greeting.code == 220
+    assert "mailgate.test" in greeting.message
+    assert "Python" not in greeting.message  # no software versions for scanners
+    await smtp.ehlo(hostname="client.example")
+    assert smtp.supports_extension("size")
+    assert smtp.esmtp_extensions["size"] == str(daemon.config.smtp.max_message_size)
+    assert smtp.supports_extension("smtputf8")
+    assert smtp.supports_extension("enhancedstatuscodes")
+    await smtp.quit()
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    [
+        "someone@elsewhere.example",
+        "support@example.com.evil.example",
+        "support%elsewhere.example@example.com",
+        "@relay.example:victim@elsewhere.example",
+        "postmaster",
+    ],
+)
+async def test_foreign_recipient_gets_550_511(daemon: Running, recipient: str) -> None:
+    smtp = await client(daemon)
+    await smtp.mail("customer@example.org")
+    with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+        await smtp.rcpt(recipient)
+    # 550 5.1.1 for someone else's address; 553 5.1.3 for a source route aiosmtpd cannot parse.
+    assert (refused.value.code, refused.value.message[:5]) in {(550, "5.1.1"), (553, "5.1.3")}
+    await smtp.quit()
+
+
+async def test_domain_entry_accepts_any_local_part_case_blind(daemon: Running) -> None:
+    await daemon.send(mail(to="Billing@HELP.example.com"), recipients=("Billing@HELP.example.com",))
+    [ticket] = await daemon.tickets()
+    assert ticket.message_count == 1
+
+
+async def test_oversize_data_gets_552_534_and_nothing_is_stored(daemon: Running) -> None:
+    lines = daemon.config.smtp.max_message_size // 70 + 1
+    big = mail().as_bytes() + (b"y" * 68 + b"\r\n") * lines
+    smtp = await client(daemon)
+    await smtp.mail("customer@example.org")
+    await smtp.rcpt(SUPPORT)
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await smtp.data(big)
+    assert refused.value.code == 552
+    assert refused.value.message.startswith("5.3.4")
+    # The session goes on: the next message is accepted.
+    await smtp.mail("customer@example.org")
+    await smtp.rcpt(SUPPORT)
+    reply = await smtp.data(mail().as_bytes())
+    assert reply.code == 250
+    await smtp.quit()
+    assert len(await daemon.tickets()) == 1
+
+
+async def test_declared_oversize_is_refused_at_mail_from(daemon: Running) -> None:
+    smtp = await client(daemon)
+    too_big = daemon.config.smtp.max_message_size + 1
+    with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+        await smtp.mail("customer@example.org", options=[f"SIZE={too_big}"])
+    assert refused.value.code == 552
+    assert refused.value.message.startswith("5.3.4")
+    await smtp.quit()
+
+
+async def test_smtputf8_address_and_headers_accepted(daemon: Running) -> None:
+    smtp = await client(daemon)
+    await smtp.mail("jürgen@bücher.example", options=["SMTPUTF8"], encoding="utf-8")
+    await smtp.rcpt(SUPPORT)
+    reply = await smtp.data(eml("smtputf8"))
+    assert reply.code == 250
+    await smtp.quit()
+    [ticket] = await daemon.tickets()
+    assert ticket.requester.email == "jürgen@bücher.example"
+
+
+async def test_long_data_lines_up_to_10000_octets_are_accepted(daemon: Running) -> None:
+    line = "a" * 9000
+    await daemon.send(mail(body=f"{line}\n").as_bytes().replace(b"=\n", b""))
+    [ticket] = await daemon.tickets()
+    assert ticket.message_count == 1
+
+
+async def test_commands_out_of_order_get_enhanced_codes(daemon: Running) -> None:
+    smtp = await client(daemon)
+    reply = await smtp.execute_command(b"RCPT", b"TO:<support@example.com>")
+    assert reply.code == 503
+    assert reply.message.startswith("5.5.1")
+    reply = await smtp.execute_command(b"DATA")
+    assert reply.code == 503
+    await smtp.quit()
+
+
+# -- storage failure: a real full disk (a tiny tmpfs) ---------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> AsyncIterator[Path]:
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount  # type: ignore[misc]
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_full_disk_answers_451_and_keeps_what_was_stored(tiny_disk: Path) -> None:
+    config = load_config(write_config(tiny_disk, max_message_size=4 * 1024 * 1024))
+    async with daemon_running(config) as daemon:
+        kept = await daemon.send(mail(subject="stored before the disk filled"))
+        smtp = await client(daemon)
+        await smtp.mail("customer@example.org")
+        await smtp.rcpt(SUPPORT)
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await smtp.data(mail(body="z" * 3_000_000).as_bytes())
+        assert refused.value.code == 451
+        assert refused.value.message.startswith("4.3.0")
+        assert "disk" not in refused.value.message.lower()  # no internals on the wire
+        await smtp.quit()
+        [ticket] = await daemon.tickets()
+        assert ticket.subject == "stored before the disk filled"
+        assert kept
