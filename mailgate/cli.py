@@ -56,8 +56,13 @@ def message_json(message: Message) -> dict[str, Any]:
         "message_id": message.message_id,
         "thread_reason": message.thread_reason,
         "attachments": [
-            {"filename": a.filename, "content_type": a.content_type, "size": a.size,
-             "inline": a.inline, "sha256": a.sha256}
+            {
+                "filename": a.filename,
+                "content_type": a.content_type,
+                "size": a.size,
+                "inline": a.inline,
+                "sha256": a.sha256,
+            }
             for a in message.attachments
         ],
     }
@@ -160,8 +165,10 @@ async def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
         _print_json([inbound_json(r) for r in rows])
     else:
         _table(
-            [(r.id, r.received_at.isoformat(timespec="seconds"), len(r.raw), r.reason)
-             for r in rows],
+            [
+                (r.id, r.received_at.isoformat(timespec="seconds"), len(r.raw), r.reason)
+                for r in rows
+            ],
             ("ID", "RECEIVED", "SIZE", "REASON"),
         )
     return 0
@@ -212,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Command, help_: str, parent: Any = commands) -> argparse.ArgumentParser:
+    def add(
+        name: str, func: Command, help_: str, parent: Any = commands
+    ) -> argparse.ArgumentParser:
         sub: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
         sub.set_defaults(func=func)
         return sub
@@ -253,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return os.EX_CONFIG
     configure_logging(config.log.level, fmt=config.log.format)
     try:
-        return asyncio.run(args.func(config, args))
+        status: int = asyncio.run(args.func(config, args))
+        return status
     except NotFound as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
         return 1

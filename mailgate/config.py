@@ -131,7 +131,9 @@ def _mailbox(value: Any, base: Path) -> str:
 
 def _accept_list(value: Any, base: Path) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
-        raise ValueError('expected a non-empty list such as ["support@example.com", "@example.org"]')
+        raise ValueError(
+            'expected a non-empty list such as ["support@example.com", "@example.org"]'
+        )
     entries = []
     for entry in value:
         if isinstance(entry, str) and entry.startswith("@"):

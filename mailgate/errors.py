@@ -17,7 +17,7 @@ class StoreError(MailgateError):
 
 
 class StoreUnavailable(StoreError, ConnectionError):
-    """Transient: disk full, I/O error, locked. The SMTP layer answers 451 and the sender retries."""
+    """Transient (disk full, I/O error, locked): SMTP answers 451 and the sender retries."""
 
 
 class NotFound(MailgateError, LookupError):

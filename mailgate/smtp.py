@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mailgate.config import SmtpConfig
 from mailgate.errors import StoreUnavailable
@@ -57,17 +58,12 @@ def enhance(reply: str) -> str:
     if reply in _ENHANCED:
         return _ENHANCED[reply]
     code, sep, text = reply.partition(" ")
-    if (
-        sep
-        and len(code) == 3
-        and code[0] in "45"
-        and not (text[:1].isdigit() and text[1:2] == ".")
-    ):
+    if sep and len(code) == 3 and code[0] in "45" and not (text[:1].isdigit() and text[1:2] == "."):
         return f"{code} {_CLASS_DEFAULTS[code[0]]} {text}"
     return reply
 
 
-class MailgateSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type information
+class MailgateSMTP(SMTP):
     """aiosmtpd's protocol with enhanced replies and a registry of live sessions."""
 
     # Real clients send DATA lines beyond RFC 5321's 1,000 octets; accept up to 10,000.
@@ -87,8 +83,9 @@ class MailgateSMTP(SMTP):  # type: ignore[misc]  # aiosmtpd ships no type inform
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
-            status = enhance(status)
-        await super().push(status)
+            await super().push(enhance(status))
+        else:
+            await super().push(status)
 
 
 def peer_of(session: Session) -> str:
@@ -105,6 +102,8 @@ class Handler:
         self._config = config
         self._intake = intake
         self.in_flight = 0  # DATA commits under way; the drain waits for them
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     @staticmethod
     def _bind(session: Session) -> None:
@@ -152,6 +151,7 @@ class Handler:
             smtputf8=bool(envelope.smtp_utf8),
         )
         self.in_flight += 1
+        self.idle.clear()
         try:
             queue_id = await self._intake.receive(stored, raw)
         except StoreUnavailable:
@@ -159,6 +159,8 @@ class Handler:
             return TEMPFAIL
         finally:
             self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
         log.info("message_queued", queue_id=queue_id, size=len(raw), rcpts=len(stored.rcpt_tos))
         return f"250 2.0.0 Queued as {queue_id}"
 
@@ -180,22 +182,22 @@ class Listener:
         sock = self.server.sockets[0].getsockname()
         return HostPort(sock[0], sock[1])
 
-    async def drain(self, timeout: float) -> None:
+    async def drain(self, grace: float) -> None:
         """Stop accepting, let DATA commits under way finish, then close every session.
 
         A session cut off here never got its 250, so its sender retries: nothing is lost.
         """
         self.server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.handler.in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.close()
-        while self.sessions and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        log.info("smtp_drained", cut_sessions=len(self.sessions))
+        try:
+            async with asyncio.timeout(grace):
+                await self.handler.idle.wait()
+        except TimeoutError:
+            log.warning("smtp_drain_timed_out", in_flight=self.handler.in_flight)
+        transports = [s.transport for s in self.sessions if s.transport is not None]
+        for transport in transports:
+            transport.close()
+        await asyncio.sleep(0)  # let connection_lost run before the store closes
+        log.info("smtp_drained", closed_sessions=len(transports))
 
 
 async def start_smtp(config: SmtpConfig, intake: Intake) -> Listener:

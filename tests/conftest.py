@@ -64,7 +64,11 @@ def free_port() -> int:
 
 
 def write_config(
-    folder: Path, *, smtp_port: int = 0, max_message_size: int = 1024 * 1024, log_level: str = "info"
+    folder: Path,
+    *,
+    smtp_port: int = 0,
+    max_message_size: int = 1024 * 1024,
+    log_level: str = "info",
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
@@ -100,9 +104,9 @@ class Running:
         assert reply.startswith("2.0.0 Queued as "), reply
         return reply.rsplit(" ", 1)[1]
 
-    async def settle(self, timeout: float = 10) -> None:
+    async def settle(self, within: float = 10) -> None:
         """Wait until ingest has finished every received row."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within
         async with open_store(self.config.storage.database) as store:
             while await store.pending_inbound(limit=1):
                 assert time.monotonic() < deadline, "ingest did not finish"
@@ -201,7 +205,7 @@ class SubprocessDaemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.log = open(self.folder / "daemon.log", "ab")  # noqa: SIM115 - closed in kill()
+        self.log = open(self.folder / "daemon.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mailgate", "--config", str(self.config_path), "serve"],
             stdout=self.log,

@@ -27,8 +27,9 @@ async def send_case(daemon: Running, name: str) -> None:
 
         smtp = aiosmtplib.SMTP(hostname=daemon.host, port=daemon.port, start_tls=False)
         await smtp.connect()
-        await smtp.sendmail(case["requester_email"], ["support@example.com"], eml(name),
-                            mail_options=["SMTPUTF8"])
+        await smtp.sendmail(
+            case["requester_email"], ["support@example.com"], eml(name), mail_options=["SMTPUTF8"]
+        )
         await smtp.quit()
     else:
         await daemon.send(eml(name))
@@ -98,7 +99,7 @@ async def test_every_stdlib_test_message_becomes_ticket_or_quarantine(daemon: Ru
             await daemon.send(path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
             for path in STDLIB_MESSAGES
         ]
-        await daemon.settle(timeout=60)
+        await daemon.settle(within=60)
     async with open_store(daemon.config.storage.database) as store:
         rows = [await store.get_inbound(queue_id) for queue_id in queue_ids]
         tickets = await store.list_tickets()

@@ -34,7 +34,20 @@ def numbered(n: int) -> EmailMessage:
     )
 
 
-async def send_all(port: int, todo: list[int], acked: dict[int, str]) -> None:
+class Acks(dict[int, str]):
+    """Queue ids by mail number; `enough` is set once `KILL_AFTER` mails are acknowledged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enough = asyncio.Event()
+
+    def __setitem__(self, n: int, queue_id: str) -> None:
+        super().__setitem__(n, queue_id)
+        if len(self) >= KILL_AFTER:
+            self.enough.set()
+
+
+async def send_all(port: int, todo: list[int], acked: Acks) -> None:
     """Send `todo` over one connection until done or the server goes away."""
     smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=10)
     try:
@@ -50,7 +63,7 @@ async def send_all(port: int, todo: list[int], acked: dict[int, str]) -> None:
         smtp.close()
 
 
-async def load(port: int, pending: list[int], acked: dict[int, str]) -> None:
+async def load(port: int, pending: list[int], acked: Acks) -> None:
     queues = [pending[i::CONNECTIONS] for i in range(CONNECTIONS)]
     await asyncio.gather(*(send_all(port, queue, acked) for queue in queues))
     pending[:] = sorted(n for queue in queues for n in queue)
@@ -59,12 +72,11 @@ async def load(port: int, pending: list[int], acked: dict[int, str]) -> None:
 async def test_kill_9_mid_load_loses_nothing(subprocess_daemon: SubprocessDaemon) -> None:
     daemon = subprocess_daemon
     daemon.start()
-    acked: dict[int, str] = {}
+    acked = Acks()
     pending = list(range(TOTAL))
 
     async def kill_when_busy() -> None:
-        while len(acked) < KILL_AFTER:
-            await asyncio.sleep(0.001)
+        await acked.enough.wait()
         daemon.kill(9)
 
     await asyncio.gather(load(daemon.port, pending, acked), kill_when_busy())
@@ -85,9 +97,7 @@ async def test_kill_9_mid_load_loses_nothing(subprocess_daemon: SubprocessDaemon
     daemon.kill(15)
 
     with sqlite3.connect(daemon.database) as db:
-        stored = Counter(
-            row[0] for row in db.execute("SELECT message_id FROM messages")
-        )
+        stored = Counter(row[0] for row in db.execute("SELECT message_id FROM messages"))
         queue_ids = {row[0] for row in db.execute("SELECT id FROM inbound")}
     assert set(stored) == {f"crash-{n}@client.example" for n in range(TOTAL)}
     assert set(stored.values()) == {1}, "a message was stored twice"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiosmtplib
@@ -124,7 +124,7 @@ async def test_commands_out_of_order_get_enhanced_codes(daemon: Running) -> None
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path) -> AsyncIterator[Path]:
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tiny"
     mount.mkdir()
     if shutil.which("mount") is None:
@@ -136,7 +136,7 @@ def tiny_disk(tmp_path: Path) -> AsyncIterator[Path]:
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    yield mount  # type: ignore[misc]
+    yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 

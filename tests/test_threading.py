@@ -100,7 +100,13 @@ async def test_same_message_id_from_another_sender_is_not_a_duplicate(daemon: Ru
 
 
 async def test_reply_prefixes_are_stripped_from_ticket_subject(daemon: Running) -> None:
-    for subject in ("Re: RE: Refund", "AW: Refund", "SV: Refund", "VS: Refund", "Antw: Refund",
-                    "답장: Refund"):
+    for subject in (
+        "Re: RE: Refund",
+        "AW: Refund",
+        "SV: Refund",
+        "VS: Refund",
+        "Antw: Refund",
+        "답장: Refund",
+    ):
         await daemon.send(mail(subject=subject))
     assert {t.subject for t in await daemon.tickets()} == {"Refund"}

@@ -16,7 +16,7 @@ from mailgate.store import IngestTx
 # Reply prefixes of common clients and languages (RFC 5322 3.6.5 names only "Re:").
 _REPLY_PREFIX = re.compile(
     r"^\s*(?:(?:re|aw|sv|vs|antw|ant|rif|odp|vá|ynt|atb|res|réf|ref|回复|回覆|答复|답장|ΑΠ|Отв)"
-    r"\s*(?:\[\d+\]|\(\d+\))?\s*[:：]\s*)+",
+    r"\s*(?:\[\d+\]|\(\d+\))?\s*[:：]\s*)+",  # noqa: RUF001 - CJK clients send U+FF1A
     re.IGNORECASE,
 )
 

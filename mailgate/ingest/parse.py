@@ -18,7 +18,13 @@ from email.parser import BytesParser
 from email_validator import EmailNotValidError, validate_email
 
 from mailgate.errors import Unparseable
-from mailgate.ingest.text import clean_body, clean_line, decode_bytes, decode_header_text, html_to_text
+from mailgate.ingest.text import (
+    clean_body,
+    clean_line,
+    decode_bytes,
+    decode_header_text,
+    html_to_text,
+)
 from mailgate.model import Address, AttachmentPart, ParsedMail
 
 MAX_DEPTH = 50
@@ -30,6 +36,7 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 def parse_mail(raw: bytes) -> ParsedMail:
     """Parse one message; raise `Unparseable` if it has no usable From."""
+    msg: StdMessage
     try:
         msg = BytesParser(policy=email.policy.default).parsebytes(raw)
         return _extract(msg)
@@ -53,9 +60,7 @@ def _extract(msg: StdMessage) -> ParsedMail:
         subject=decode_header_text(headers.get("subject", [""])[0]),
         message_id=_first_msgid(headers.get("message-id", [""])[0]),
         in_reply_to=tuple(_MSGID.findall(" ".join(headers.get("in-reply-to", []))))[:10],
-        references=tuple(_MSGID.findall(" ".join(headers.get("references", []))))[
-            -MAX_REFERENCES:
-        ],
+        references=tuple(_MSGID.findall(" ".join(headers.get("references", []))))[-MAX_REFERENCES:],
         body_text=body_text,
         body_html=body.html,
         attachments=tuple(body.attachments),
@@ -175,9 +180,9 @@ class _Body:
                 content_type=ctype,
                 content=_payload(part),
                 inline=disposition == "inline",
-                content_id=_first_msgid(str(part.get("content-id", ""))) if part.get(
-                    "content-id"
-                ) else None,
+                content_id=_first_msgid(str(part.get("content-id", "")))
+                if part.get("content-id")
+                else None,
             )
         )
 

@@ -89,8 +89,29 @@ def clean_body(text: str) -> str:
 class _TextExtractor(HTMLParser):
     _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
     _BLOCK = frozenset(
-        {"p", "div", "br", "tr", "li", "ul", "ol", "table", "h1", "h2", "h3", "h4", "h5", "h6",
-         "blockquote", "pre", "hr", "section", "article", "header", "footer"}
+        {
+            "p",
+            "div",
+            "br",
+            "tr",
+            "li",
+            "ul",
+            "ol",
+            "table",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "blockquote",
+            "pre",
+            "hr",
+            "section",
+            "article",
+            "header",
+            "footer",
+        }
     )
 
     def __init__(self) -> None:

@@ -76,7 +76,7 @@ class IngestWorker:
                 log.warning("ingest_store_unavailable", error=str(exc))
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
-            except Exception:  # noqa: BLE001 - the worker outlives any bug; rows stay 'received'
+            except Exception:
                 log.exception("ingest_batch_failed")
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
@@ -131,7 +131,7 @@ class IngestWorker:
                 return await self._apply(tx, item)
         except StoreUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - keep the message, say why
+        except Exception as exc:
             log.exception("ingest_failed", queue_id=item.row.id)
             failed = _Prepared(item.row, None, failure=f"ingest failed: {type(exc).__name__}")
             async with self._store.ingesting() as tx:

@@ -122,11 +122,11 @@ class _SqliteIngestTx:
     async def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[int]:
         if not message_ids:
             return []
-        marks = ",".join("?" * len(message_ids))
         async with self._db.execute(
-            f"SELECT ticket_id FROM messages WHERE message_id IN ({marks}) "  # noqa: S608 (only ?s)
+            "SELECT ticket_id FROM messages "
+            "WHERE message_id IN (SELECT value FROM json_each(?)) "
             "GROUP BY ticket_id ORDER BY max(received_at) DESC",
-            tuple(message_ids),
+            (json.dumps(list(message_ids)),),
         ) as cursor:
             return [int(row["ticket_id"]) async for row in cursor]
 
@@ -327,13 +327,12 @@ class SqliteStore:
             yield _SqliteIngestTx(db)
 
     async def list_tickets(self, *, status: TicketStatus | None = None) -> list[Ticket]:
-        where, params = ("WHERE t.status = ?", (status,)) if status else ("", ())
         async with self._reader.execute(
             "SELECT t.*, r.email, r.name, "
             "(SELECT count(*) FROM messages m WHERE m.ticket_id = t.id) AS message_count "
-            f"FROM tickets t JOIN requesters r ON r.id = t.requester_id {where} "  # noqa: S608
-            "ORDER BY t.id",
-            params,
+            "FROM tickets t JOIN requesters r ON r.id = t.requester_id "
+            "WHERE ?1 IS NULL OR t.status = ?1 ORDER BY t.id",
+            (status,),
         ) as cursor:
             return [_ticket(row) async for row in cursor]
 
