@@ -1,0 +1,196 @@
+"""The config contract as ops meet it: `mailgate --config PATH check-config` and friends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailgate.config import load_config
+from tests.conftest import REPO, run_cli, write_config
+
+EX_CONFIG = 78
+EX_USAGE = 2
+
+
+def edit_config(path: Path, section: str, key: str, value: str | None) -> Path:
+    """Set `key = value` (TOML text) in `[section]` of the file at `path`; None removes it."""
+    out: list[str] = []
+    current = ""
+    done = False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            if current == section and not done and value is not None:
+                out.append(f"{key} = {value}")
+                done = True
+            current = stripped[1:-1]
+            out.append(line)
+            continue
+        if current == section and stripped.split("=", 1)[0].strip() == key:
+            if value is not None:
+                out.append(f"{key} = {value}")
+            done = True
+            continue
+        out.append(line)
+    if not done and value is not None:
+        if current != section:
+            out.append(f"[{section}]")
+        out.append(f"{key} = {value}")
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return path
+
+
+def check(path: Path) -> subprocess.CompletedProcess[str]:
+    return run_cli("--config", str(path), "check-config")
+
+
+def assert_config_error(result: subprocess.CompletedProcess[str], *names: str) -> None:
+    """Exit 78, nothing on stdout, one line on stderr that names every one of `names`."""
+    assert result.returncode == EX_CONFIG, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    for name in names:
+        assert name in lines[0], lines[0]
+
+
+def test_shipped_config_is_valid() -> None:
+    shipped = REPO / "config.toml"
+    result = check(shipped)
+    assert result.returncode == 0, result.stderr
+    assert str(shipped) in result.stdout
+    assert "OK" in result.stdout
+    assert result.stderr == ""
+
+
+def test_test_config_is_valid(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{path}: OK"
+
+
+def test_unknown_key_is_an_error(tmp_path: Path) -> None:
+    path = edit_config(write_config(tmp_path), "smtp", "lisen", '"127.0.0.1:25"')
+    assert_config_error(check(path), "smtp.lisen")
+
+
+def test_unknown_section_is_an_error(tmp_path: Path) -> None:
+    path = edit_config(write_config(tmp_path), "smtpd", "listen", '"127.0.0.1:25"')
+    assert_config_error(check(path), "smtpd")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("smtp", "listen", '"nonsense"'),
+        ("smtp", "listen", '"127.0.0.1:70000"'),
+        ("smtp", "max_message_size", "-1"),
+        ("smtp", "max_message_size", '"big"'),
+        ("outbound", "transport", '"carrier-pigeon"'),
+        ("smtp", "accept", "[]"),
+        ("smtp", "accept", '["not an address"]'),
+        ("http", "base_url", '"ftp://x"'),
+        ("outbound", "sender", '"nope"'),
+    ],
+)
+def test_bad_value_names_the_key(tmp_path: Path, section: str, key: str, value: str) -> None:
+    path = edit_config(write_config(tmp_path), section, key, value)
+    assert_config_error(check(path), f"{section}.{key}")
+
+
+def test_missing_required_key_is_named(tmp_path: Path) -> None:
+    path = edit_config(write_config(tmp_path), "smtp", "accept", None)
+    assert "accept" not in path.read_text(encoding="utf-8")
+    assert_config_error(check(path), "smtp.accept")
+
+
+def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[smtp\naccept = ["support@example.com"\n', encoding="utf-8")
+    assert_config_error(check(path), str(path))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere" / "config.toml"
+    assert_config_error(check(path), str(path))
+
+
+def test_env_var_chooses_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "from-env")
+    result = run_cli("check-config", env={"MAILGATE_CONFIG": str(path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{path}: OK"
+
+
+def test_env_var_pointing_at_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    result = run_cli("check-config", env={"MAILGATE_CONFIG": str(missing)})
+    assert_config_error(result, str(missing))
+
+
+def test_config_option_wins_over_env_var(tmp_path: Path) -> None:
+    chosen = write_config(tmp_path / "chosen")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("this is not toml\n", encoding="utf-8")
+    result = run_cli("--config", str(chosen), "check-config", env={"MAILGATE_CONFIG": str(broken)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{chosen}: OK"
+
+
+def test_relative_paths_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc"
+    path = write_config(folder)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(Path("..") / "etc" / "config.toml")
+    assert config.storage.database == folder.resolve() / "var" / "mailgate.db"
+    assert config.storage.attachments == folder.resolve() / "var" / "attachments"
+    assert config.outbound.directory == folder.resolve() / "var" / "outbox"
+    assert config.path == path.resolve()
+
+
+def test_cli_creates_the_database_next_to_the_config(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    write_config(folder)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "mailgate", "--config", "../etc/config.toml", "tickets", "list"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "MAILGATE_CONFIG"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (folder / "var" / "mailgate.db").is_file()
+    assert not (elsewhere / "var").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("frobnicate",),
+        ("close",),
+        ("tickets", "show"),
+        ("tickets", "show", "notanumber"),
+        ("close", "notanumber"),
+        ("quarantine", "show"),
+        ("tickets",),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    result = run_cli("--config", str(write_config(tmp_path)), *args)
+    assert result.returncode == EX_USAGE, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "usage: mailgate" in result.stderr
+    assert not (tmp_path / "var").exists()

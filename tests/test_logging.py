@@ -1,0 +1,119 @@
+"""What lands in the journal: JSON lines, session context, and no personal data."""
+
+from __future__ import annotations
+
+import json
+import signal
+import smtplib
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailgate.log import mask_address
+from tests.conftest import SUPPORT, SubprocessDaemon, write_config
+
+SENDER = "Jane.Doe@example.org"
+FOREIGN = "someone.else@elsewhere.example"
+BODY_WORD = "xylophone-secret"
+
+
+def read_events(log: Path) -> list[dict[str, Any]]:
+    events = []
+    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            pytest.fail(f"line {number} is not JSON: {line!r}")
+        assert isinstance(event, dict), line
+        events.append(event)
+    return events
+
+
+def one(events: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found = [e for e in events if e.get("event") == name]
+    assert len(found) == 1, (name, events)
+    return found[0]
+
+
+def test_daemon_log_is_json_with_context_and_no_personal_data(
+    subprocess_daemon: SubprocessDaemon,
+) -> None:
+    d = subprocess_daemon
+    write_config(d.folder, smtp_port=d.port, log_level="info")  # the fixture's is "warning"
+    d.start()
+
+    message = EmailMessage()
+    message["From"] = f"Jane Doe <{SENDER}>"
+    message["To"] = SUPPORT
+    message["Subject"] = "Help with the xylophone"
+    message["Date"] = formatdate()
+    message["Message-ID"] = make_msgid(domain="client.example")
+    message.set_content(f"The password is {BODY_WORD}.\n")
+
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as client:
+        client.ehlo("client.example")
+        assert client.mail(SENDER)[0] == 250
+        code, _ = client.rcpt(FOREIGN)
+        assert code == 550
+        assert client.rcpt(SUPPORT)[0] == 250
+        code, reply = client.data(message.as_bytes())
+        assert code == 250, reply
+    text = reply.decode()
+    assert text.startswith("2.0.0 Queued as "), text
+    queue_id = text.rsplit(" ", 1)[1]
+
+    # Stop as systemd does.
+    d.kill(signal.SIGTERM)
+    assert d.proc is not None
+    assert d.proc.returncode == 0
+
+    log = d.folder / "daemon.log"
+    raw = log.read_text(encoding="utf-8")
+    events = read_events(log)
+    assert events, "the daemon logged nothing at level info"
+
+    lowered = raw.lower()
+    assert SENDER.lower() not in lowered
+    assert "jane.doe" not in lowered
+    assert FOREIGN.lower() not in lowered
+    assert "someone.else" not in lowered
+    assert BODY_WORD not in lowered
+
+    queued = one(events, "message_queued")
+    assert queued["queue_id"] == queue_id
+    assert queued["peer"].startswith("127.0.0.1:")
+    assert isinstance(queued["session"], str) and queued["session"]
+
+    rejected = one(events, "recipient_rejected")
+    assert rejected["peer"] == queued["peer"]
+    assert rejected["session"] == queued["session"]
+    assert "someone.else" not in json.dumps(rejected)
+
+    one(events, "daemon_started")
+    one(events, "daemon_stopped")
+    names = [e.get("event") for e in events]
+    assert names.index("daemon_started") < names.index("message_queued")
+    assert names.index("message_queued") < names.index("daemon_stopped")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Jane.Doe@example.org", "J***@example.org"),
+        ("jane+tickets@example.org", "j***@example.org"),
+        ("kunde@bücher.example", "k***@bücher.example"),
+        ("user@xn--bcher-kva.example", "u***@xn--bcher-kva.example"),
+        ("用户@例子.广告", "用***@例子.广告"),
+        (
+            "from a@example.org to Bob <bob.smith@example.net>",
+            "from a***@example.org to Bob <b***@example.net>",
+        ),
+        ("a@example.org,b@example.net", "a***@example.org,b***@example.net"),
+        ("no address here", "no address here"),
+    ],
+)
+def test_mask_address(text: str, expected: str) -> None:
+    assert mask_address(text) == expected
