@@ -20,6 +20,7 @@ from typing import Any
 from mailgate import __version__
 from mailgate.config import Config, config_path, load_config
 from mailgate.errors import ConfigError, MailgateError, NotFound
+from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.text import decode_header_text
 from mailgate.ingest.worker import IngestWorker
 from mailgate.log import configure_logging
@@ -192,13 +193,18 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
             raise NotFound(f"no quarantined message {args.id}")
         row = await store.get_inbound(args.id)
         assert row is not None
+        parser = ParserPool()
         worker = IngestWorker(
             store,
+            parser=parser,
             attachments=config.storage.attachments,
             tag_prefix=config.tickets.tag_prefix,
             is_support_address=config.smtp.accepts,
         )
-        [outcome] = await worker.ingest([row])
+        try:
+            [outcome] = await worker.ingest([row])
+        finally:
+            parser.close()
     if outcome.state == "quarantined":
         print(f"{args.id}: quarantined again: {outcome.reason}")
         return 1

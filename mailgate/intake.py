@@ -9,6 +9,7 @@ gathers, so batches grow with load and a lone message waits for no timer.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
 MAX_BATCH_BYTES = 64 * 1024 * 1024
+BUSY_SECONDS = 0.25  # intake counts as busy this long after a commit
 
 
 @dataclass(slots=True)
@@ -44,6 +46,7 @@ class Intake:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._on_committed = on_committed
+        self._last_commit = -BUSY_SECONDS
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_forever(), name="intake-writer")
@@ -70,6 +73,10 @@ class Intake:
         await asyncio.shield(pending.done)
         return pending.queue_id
 
+    def busy(self) -> bool:
+        """Tell whether messages arrived recently; background work then yields to intake."""
+        return time.monotonic() - self._last_commit < BUSY_SECONDS
+
     def _take_batch(self, first: _Pending) -> list[_Pending]:
         batch, size = [first], len(first.raw)
         while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES and not self._queue.empty():
@@ -92,6 +99,7 @@ class Intake:
                 if not p.done.done():
                     p.done.set_exception(StoreUnavailable(repr(exc)))
             return
+        self._last_commit = time.monotonic()
         for p in batch:
             if not p.done.done():
                 p.done.set_result(None)

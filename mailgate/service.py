@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 import structlog
 
 from mailgate.config import Config
+from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
 from mailgate.model import HostPort
@@ -49,19 +50,23 @@ async def serve(
         store = await stack.enter_async_context(open_store(config.storage.database))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
 
+        parser = ParserPool()
+        stack.callback(parser.close)
         committed = asyncio.Event()
+        intake = Intake(store, on_committed=committed)
         worker = IngestWorker(
             store,
+            parser=parser,
             attachments=config.storage.attachments,
             tag_prefix=config.tickets.tag_prefix,
             is_support_address=config.smtp.accepts,
             wake=committed,
+            intake_busy=intake.busy,
         )
         # Started before listening: it first ingests what a crash left 'received'.
         worker_task = asyncio.create_task(worker.run(), name="ingest-worker")
         stack.push_async_callback(_stop_worker, worker, worker_task)
 
-        intake = Intake(store, on_committed=committed)
         intake.start()
         stack.push_async_callback(intake.stop)
 

@@ -42,14 +42,14 @@ class ThreadMatch:
     reason: ThreadReason
 
 
-async def find_thread(tx: IngestTx, mail: ParsedMail, *, tag_prefix: str) -> ThreadMatch:
+def find_thread(tx: IngestTx, mail: ParsedMail, *, tag_prefix: str) -> ThreadMatch:
     """Choose the ticket `mail` belongs to, checking the sender may post there."""
     referenced = [*reversed(mail.in_reply_to), *reversed(mail.references)]
-    for ticket_id in await tx.tickets_by_message_ids(list(dict.fromkeys(referenced))):
-        if await tx.may_post(ticket_id, mail.sender.email):
+    for ticket_id in tx.tickets_by_message_ids(list(dict.fromkeys(referenced))):
+        if tx.may_post(ticket_id, mail.sender.email):
             return ThreadMatch(ticket_id, "references")
     for tag in tag_pattern(tag_prefix).findall(mail.subject):
         ticket_id = int(tag)
-        if await tx.ticket_status(ticket_id) and await tx.may_post(ticket_id, mail.sender.email):
+        if tx.ticket_status(ticket_id) and tx.may_post(ticket_id, mail.sender.email):
             return ThreadMatch(ticket_id, "subject_tag")
     return ThreadMatch(None, "new")

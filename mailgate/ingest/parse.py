@@ -157,34 +157,51 @@ class _Body:
         return html_to_text(self.html) if self.html else ""
 
     def walk(self, part: StdMessage, *, depth: int) -> None:
-        ctype = _content_type(part)
+        meta = _mime_headers(part)
+        ctype = _content_type(meta)
         if part.is_multipart() and ctype.startswith("multipart/") and depth < MAX_DEPTH:
             children = part.get_payload()
             for child in children if isinstance(children, list) else []:
                 if isinstance(child, StdMessage):
                     self.walk(child, depth=depth + 1)
             return
-        disposition = _safe(part.get_content_disposition) or "inline"
-        filename = _filename(part)
+        disposition = _safe(meta.get_content_disposition) or "inline"
+        filename = _filename(meta)
         if ctype in ("text/plain", "text/html") and disposition == "inline" and not filename:
-            text = decode_bytes(_payload(part), _safe(part.get_content_charset))
+            text = decode_bytes(_payload(part), _safe(meta.get_content_charset))
             if ctype == "text/plain":
                 self.plain.append(text)
                 return
             if self.html is None:
                 self.html = clean_body(text)
                 return
+        content_id = meta.get("content-id")
         self.attachments.append(
             AttachmentPart(
                 filename=sanitise_filename(filename),
                 content_type=ctype,
                 content=_payload(part),
                 inline=disposition == "inline",
-                content_id=_first_msgid(str(part.get("content-id", "")))
-                if part.get("content-id")
-                else None,
+                content_id=_first_msgid(str(content_id)) if content_id else None,
             )
         )
+
+
+_MIME_HEADERS = frozenset({"content-type", "content-disposition", "content-id"})
+
+
+def _mime_headers(part: StdMessage) -> StdMessage:
+    """Copy `part`'s MIME headers, raw, into a compat32 message.
+
+    policy.default parses a header through its registry on every access and throws the result
+    away; compat32's string-based parameter parsing is many times cheaper and never raises
+    on malformed parameters. Both parser policies feed this the same raw values.
+    """
+    view = StdMessage(policy=email.policy.compat32)
+    for name, value in part.raw_items():
+        if name.lower() in _MIME_HEADERS:
+            view[name] = str(value)
+    return view
 
 
 def _safe(getter: object) -> str | None:
@@ -195,12 +212,12 @@ def _safe(getter: object) -> str | None:
     return str(value) if value is not None else None
 
 
-def _content_type(part: StdMessage) -> str:
-    return clean_line(_safe(part.get_content_type) or "application/octet-stream").lower()
+def _content_type(meta: StdMessage) -> str:
+    return clean_line(_safe(meta.get_content_type) or "application/octet-stream").lower()
 
 
-def _filename(part: StdMessage) -> str | None:
-    raw = _safe(part.get_filename)
+def _filename(meta: StdMessage) -> str | None:
+    raw = _safe(meta.get_filename)
     return decode_header_text(raw) if raw else None
 
 

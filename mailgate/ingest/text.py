@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import email.header
 import re
-import unicodedata
 from html.parser import HTMLParser
 
 # Labels that clients put on mail encoded in a superset charset. Decoding with the superset
@@ -24,7 +23,8 @@ _SUPERSETS = {
 }
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
-_HEADER_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# C0, DEL, C1, line/paragraph separators and lone surrogates (undecodable raw bytes).
+_HEADER_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
@@ -75,9 +75,7 @@ def clean_line(text: str) -> str:
     Header values built from customer data go through this, since the stdlib of Python 3.11
     does not refuse CR/LF on serialising (CVE-2024-6923).
     """
-    text = _HEADER_CONTROL.sub(" ", text)
-    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cc", "Cs"))
-    return " ".join(text.split())
+    return " ".join(_HEADER_CONTROL.sub(" ", text).split())
 
 
 def clean_body(text: str) -> str:

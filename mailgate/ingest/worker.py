@@ -1,14 +1,15 @@
 """The ingest worker: turns 'received' rows into tickets or quarantine, after the 250.
 
 It runs in the daemon beside the SMTP listener, woken by intake commits and polling now and
-then for rows requeued from the CLI. Each batch is parsed off the event loop, then applied in
-one transaction together with the rows' new state, so a crash at any point leaves each row
+then for rows requeued from the CLI. Each batch is parsed in the parser process, then applied
+in one transaction together with the rows' new state, so a crash at any point leaves each row
 either untouched ('received', done again on restart) or completely done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,23 +17,25 @@ from pathlib import Path
 
 import structlog
 
-from mailgate.errors import StoreUnavailable, Unparseable
+from mailgate.errors import StoreUnavailable
 from mailgate.ingest.match import display_subject, find_thread
-from mailgate.ingest.parse import parse_mail
+from mailgate.ingest.prepare import AttachmentsUnwritable, ParserCrashed, ParserPool, prepare_all
 from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
 from mailgate.store import IngestTx, Store
-from mailgate.store.blobs import save_blob
 
 log = structlog.get_logger(__name__)
 
 BATCH = 64
 POLL_SECONDS = 5.0
 RETRY_SECONDS = 2.0
+# While intake is busy, ingest takes at most this share of the time: the 250s come first,
+# and the backlog is worked off as soon as the load eases.
+SHARE_WHILE_BUSY = 0.25
 
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    """A row after the work that needs no database: parsing and saving attachment files."""
+    """A row and what the parser process made of it."""
 
     row: InboundRow
     mail: ParsedMail | None
@@ -50,13 +53,17 @@ class IngestWorker:
         attachments: Path,
         tag_prefix: str,
         is_support_address: Callable[[str], bool],
+        parser: ParserPool,
         wake: asyncio.Event | None = None,
+        intake_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
+        self._parser = parser
         self._attachments = attachments
         self._tag_prefix = tag_prefix
         self._is_support = is_support_address
         self._wake = wake or asyncio.Event()
+        self._intake_busy = intake_busy
         self._stopping = False
 
     def stop(self) -> None:
@@ -70,7 +77,11 @@ class IngestWorker:
             try:
                 rows = await self._store.pending_inbound(limit=BATCH)
                 if rows:
+                    started = time.monotonic()
                     await self.ingest(rows)
+                    if self._intake_busy():
+                        spent = time.monotonic() - started
+                        await asyncio.sleep(spent * (1 / SHARE_WHILE_BUSY - 1))
                     continue
             except StoreUnavailable as exc:
                 log.warning("ingest_store_unavailable", error=str(exc))
@@ -91,10 +102,11 @@ class IngestWorker:
         Raises:
             StoreUnavailable: nothing of the failed transaction was written; retry later.
         """
-        prepared = await asyncio.to_thread(lambda: [self._prepare(row) for row in rows])
+        prepared = await self._prepare(rows)
         try:
-            async with self._store.ingesting() as tx:
-                outcomes = [await self._apply(tx, item) for item in prepared]
+            outcomes = await self._store.ingest(
+                lambda tx: [self._apply(tx, item) for item in prepared]
+            )
         except StoreUnavailable:
             raise
         except Exception:  # noqa: BLE001 - one bad message must not hold up the batch
@@ -103,62 +115,57 @@ class IngestWorker:
             _log_outcome(outcome)
         return outcomes
 
-    def _prepare(self, row: InboundRow) -> _Prepared:
+    async def _prepare(self, rows: Sequence[InboundRow]) -> list[_Prepared]:
+        """Parse in the parser process; if it dies, find the message that killed it."""
         try:
-            mail = parse_mail(row.raw)
-        except Unparseable as exc:
-            return _Prepared(row, None, failure=str(exc))
-        except Exception as exc:  # noqa: BLE001 - a parser crash quarantines, never kills
-            return _Prepared(row, None, failure=f"parser failed: {type(exc).__name__}")
-        try:
-            stored = tuple(
-                StoredAttachment(
-                    filename=part.filename,
-                    content_type=part.content_type,
-                    size=len(part.content),
-                    sha256=save_blob(self._attachments, part.content),
-                    inline=part.inline,
-                )
-                for part in mail.attachments
+            results = await self._parser.run(
+                prepare_all, [row.raw for row in rows], self._attachments
             )
-        except OSError as exc:  # disk full or unwritable: transient, the row stays 'received'
-            raise StoreUnavailable(f"attachments: {exc.strerror}") from exc
-        return _Prepared(row, mail, stored)
+        except ParserCrashed:
+            if len(rows) > 1:
+                return [item for row in rows for item in await self._prepare([row])]
+            log.error("parser_crashed", queue_id=rows[0].id)
+            return [_Prepared(rows[0], None, failure="parser crashed")]
+        except AttachmentsUnwritable as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return [
+            _Prepared(row, r.mail, r.attachments, r.failure)
+            for row, r in zip(rows, results, strict=True)
+        ]
 
     async def _apply_alone(self, item: _Prepared) -> IngestOutcome:
         try:
-            async with self._store.ingesting() as tx:
-                return await self._apply(tx, item)
+            return await self._store.ingest(lambda tx: self._apply(tx, item))
         except StoreUnavailable:
             raise
         except Exception as exc:
             log.exception("ingest_failed", queue_id=item.row.id)
             failed = _Prepared(item.row, None, failure=f"ingest failed: {type(exc).__name__}")
-            async with self._store.ingesting() as tx:
-                return await self._apply(tx, failed)
+            return await self._store.ingest(lambda tx: self._apply(tx, failed))
 
-    async def _apply(self, tx: IngestTx, item: _Prepared) -> IngestOutcome:
+    def _apply(self, tx: IngestTx, item: _Prepared) -> IngestOutcome:
+        """Write one message's outcome; runs inside the store's transaction, on its writer."""
         row, mail, now = item.row, item.mail, datetime.now(UTC)
-        state = await tx.inbound_state(row.id)
+        state = tx.inbound_state(row.id)
         if state != "received":  # done meanwhile (a replay racing the daemon): nothing to do
             return IngestOutcome(row.id, state or "ingested", reason="already processed")
         if mail is None:
-            await tx.finish_inbound(row.id, "quarantined", reason=item.failure, at=now)
+            tx.finish_inbound(row.id, "quarantined", reason=item.failure, at=now)
             return IngestOutcome(row.id, "quarantined", reason=item.failure)
         if mail.message_id:
-            duplicate_of = await tx.duplicate_ticket(mail.message_id, mail.sender.email)
+            duplicate_of = tx.duplicate_ticket(mail.message_id, mail.sender.email)
             if duplicate_of is not None:
-                await tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
+                tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
                 return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
-        match = await find_thread(tx, mail, tag_prefix=self._tag_prefix)
+        match = find_thread(tx, mail, tag_prefix=self._tag_prefix)
         if match.ticket_id is None:
             subject = display_subject(mail.subject, self._tag_prefix)
-            ticket_id = await tx.create_ticket(subject, mail.sender, at=row.received_at)
+            ticket_id = tx.create_ticket(subject, mail.sender, at=row.received_at)
         else:
             ticket_id = match.ticket_id
-            if await tx.ticket_status(ticket_id) == "closed":
-                await tx.set_status(ticket_id, "open", at=now)  # a reply reopens the ticket
-        await tx.add_message(
+            if tx.ticket_status(ticket_id) == "closed":
+                tx.set_status(ticket_id, "open", at=now)  # a reply reopens the ticket
+        tx.add_message(
             ticket_id,
             mail,
             inbound_id=row.id,
@@ -171,8 +178,8 @@ class IngestWorker:
             for a in (*mail.to, *mail.cc)
             if not self._is_support(a.email) and a.email.lower() != mail.sender.email.lower()
         }
-        await tx.add_participants(ticket_id, sorted(others))
-        await tx.finish_inbound(row.id, "ingested", reason=None, at=now)
+        tx.add_participants(ticket_id, sorted(others))
+        tx.finish_inbound(row.id, "ingested", reason=None, at=now)
         return IngestOutcome(row.id, "ingested", ticket_id, created=match.ticket_id is None)
 
 

@@ -1,15 +1,14 @@
 """The Store contract every backend implements, and nothing else.
 
-Intake calls `receive`; the ingest worker works inside `ingesting()`, a unit of work whose
-writes commit together (or not at all) with the inbound row's new state; the CLI reads.
+Intake calls `receive`; the ingest worker hands `ingest()` a unit of work whose writes commit
+together (or not at all) with the inbound rows' new state; the CLI reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from mailgate.model import (
     Address,
@@ -23,26 +22,32 @@ from mailgate.model import (
     TicketStatus,
 )
 
+T = TypeVar("T")
+
 
 class IngestTx(Protocol):
-    """Reads and writes of one ingest transaction. Nothing is visible until it commits."""
+    """Reads and writes of one ingest transaction; nothing is visible until it commits.
 
-    async def inbound_state(self, inbound_id: str) -> InboundState | None: ...
+    Synchronous on purpose: a whole ingest batch runs as one call on the store's writer, so a
+    transaction costs one hand-over between threads instead of one per statement.
+    """
 
-    async def duplicate_ticket(self, message_id: str, sender: str) -> int | None:
+    def inbound_state(self, inbound_id: str) -> InboundState | None: ...
+
+    def duplicate_ticket(self, message_id: str, sender: str) -> int | None:
         """Return the ticket already holding this Message-ID from this sender, if any."""
 
-    async def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[int]:
+    def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[int]:
         """Return tickets holding any of `message_ids`, newest message first."""
 
-    async def ticket_status(self, ticket_id: int) -> TicketStatus | None: ...
+    def ticket_status(self, ticket_id: int) -> TicketStatus | None: ...
 
-    async def may_post(self, ticket_id: int, email: str) -> bool:
+    def may_post(self, ticket_id: int, email: str) -> bool:
         """Tell whether `email` is the ticket's requester or one of its participants."""
 
-    async def create_ticket(self, subject: str, requester: Address, *, at: datetime) -> int: ...
+    def create_ticket(self, subject: str, requester: Address, *, at: datetime) -> int: ...
 
-    async def add_message(
+    def add_message(
         self,
         ticket_id: int,
         mail: ParsedMail,
@@ -53,11 +58,11 @@ class IngestTx(Protocol):
         at: datetime,
     ) -> int: ...
 
-    async def add_participants(self, ticket_id: int, emails: Sequence[str]) -> None: ...
+    def add_participants(self, ticket_id: int, emails: Sequence[str]) -> None: ...
 
-    async def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None: ...
+    def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None: ...
 
-    async def finish_inbound(
+    def finish_inbound(
         self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
     ) -> None: ...
 
@@ -80,7 +85,13 @@ class Store(Protocol):
     async def requeue_inbound(self, inbound_id: str) -> bool:
         """Move a quarantined row back to 'received'; False if it was not quarantined."""
 
-    def ingesting(self) -> AbstractAsyncContextManager[IngestTx]: ...
+    async def ingest(self, work: Callable[[IngestTx], T]) -> T:
+        """Run `work` in one write transaction and return its result.
+
+        Raises:
+            StoreUnavailable: transient failure; nothing was written.
+            StoreError: the work hit a constraint or a bug; nothing was written.
+        """
 
     async def list_tickets(self, *, status: TicketStatus | None = None) -> list[Ticket]: ...
 

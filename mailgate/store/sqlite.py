@@ -1,8 +1,10 @@
-"""SQLite backend (aiosqlite): the embedded default.
+"""SQLite backend: the embedded default.
 
-One write connection behind an asyncio.Lock carries every write of this process (ARCHITECTURE
-rule 3); reads use their own connection, which WAL lets run beside the writer. The database
-runs in WAL mode with synchronous=FULL, so a returned commit has been fsynced.
+Every write of this process runs on one connection owned by one thread (`_Writer`), as a
+whole transaction per call: one hand-over between threads per transaction, however many
+statements it holds, so a busy event loop cannot stretch a transaction (and the commits
+queued behind it) statement by statement. Reads use an aiosqlite connection, which WAL lets
+run beside the writer. WAL with synchronous=FULL: a returned commit has been fsynced.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -32,6 +35,9 @@ from mailgate.model import (
     Ticket,
     TicketStatus,
 )
+from mailgate.store.base import IngestTx
+
+T = TypeVar("T")
 
 _PRAGMAS = (
     "PRAGMA journal_mode = WAL",
@@ -54,8 +60,8 @@ def _now() -> float:
     return datetime.now(UTC).timestamp()
 
 
-async def _connect(path: Path) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)  # we issue BEGIN/COMMIT ourselves
+async def _connect_reader(path: Path) -> aiosqlite.Connection:
+    db = await aiosqlite.connect(path, isolation_level=None)
     db.row_factory = aiosqlite.Row
     for pragma in _PRAGMAS:
         await db.execute(pragma)
@@ -71,14 +77,74 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
-    async with db.execute("PRAGMA user_version") as cursor:
-        row = await cursor.fetchone()
-    current = int(row[0]) if row else 0
+def _migrate(db: sqlite3.Connection) -> None:
+    current = int(db.execute("PRAGMA user_version").fetchone()[0])
     for version, script in _migrations():
         if version > current:
-            # executescript commits on its own; user_version moves in the same script.
-            await db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+            # executescript commits on its own; user_version moves in the same transaction.
+            db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+
+
+class _Writer:
+    """The one write connection, confined to its own thread; each call is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._db: sqlite3.Connection | None = None
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        for pragma in _PRAGMAS:
+            db.execute(pragma)
+        _migrate(db)
+        self._db = db
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        db = self._db
+        assert db is not None, "writer not open"
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite already rolled back (disk full, I/O error)
+            raise
+        return result
+
+    async def _call(self, func: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, func)
+        except sqlite3.OperationalError as exc:  # locked, disk full, I/O error: transient
+            raise StoreUnavailable(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def open(self) -> None:
+        await self._call(self._open)
+
+    async def close(self) -> None:
+        await self._call(self._close)
+        self._thread.shutdown(wait=True)
+
+    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(db)` between BEGIN IMMEDIATE and COMMIT on the writer thread."""
+        return await self._call(lambda: self._transaction(work))
+
+    async def statement(self, sql: str, params: Sequence[object]) -> None:
+        """Run one statement, atomic (and fsynced) on its own, on the writer thread."""
+        assert self._db is not None, "writer not open"
+        db = self._db
+        await self._call(lambda: db.execute(sql, params))
 
 
 def _inbound_row(row: aiosqlite.Row) -> InboundRow:
@@ -99,43 +165,43 @@ def _inbound_row(row: aiosqlite.Row) -> InboundRow:
 
 
 class _SqliteIngestTx:
-    """See `IngestTx`. Lives only inside `SqliteStore.ingesting()`."""
+    """See `IngestTx`. Lives only inside one `SqliteStore.ingest()` call, on the writer thread."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
 
-    async def _one(self, sql: str, params: Sequence[Any]) -> aiosqlite.Row | None:
-        async with self._db.execute(sql, params) as cursor:
-            return await cursor.fetchone()
+    def _one(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(sql, params).fetchone()
+        return row
 
-    async def inbound_state(self, inbound_id: str) -> InboundState | None:
-        row = await self._one("SELECT state FROM inbound WHERE id = ?", (inbound_id,))
+    def inbound_state(self, inbound_id: str) -> InboundState | None:
+        row = self._one("SELECT state FROM inbound WHERE id = ?", (inbound_id,))
         return cast(InboundState, row["state"]) if row else None
 
-    async def duplicate_ticket(self, message_id: str, sender: str) -> int | None:
-        row = await self._one(
+    def duplicate_ticket(self, message_id: str, sender: str) -> int | None:
+        row = self._one(
             "SELECT ticket_id FROM messages WHERE message_id = ? AND from_email = ? LIMIT 1",
             (message_id, sender),
         )
         return int(row["ticket_id"]) if row else None
 
-    async def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[int]:
+    def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[int]:
         if not message_ids:
             return []
-        async with self._db.execute(
+        rows = self._db.execute(
             "SELECT ticket_id FROM messages "
             "WHERE message_id IN (SELECT value FROM json_each(?)) "
             "GROUP BY ticket_id ORDER BY max(received_at) DESC",
             (json.dumps(list(message_ids)),),
-        ) as cursor:
-            return [int(row["ticket_id"]) async for row in cursor]
+        )
+        return [int(row["ticket_id"]) for row in rows]
 
-    async def ticket_status(self, ticket_id: int) -> TicketStatus | None:
-        row = await self._one("SELECT status FROM tickets WHERE id = ?", (ticket_id,))
+    def ticket_status(self, ticket_id: int) -> TicketStatus | None:
+        row = self._one("SELECT status FROM tickets WHERE id = ?", (ticket_id,))
         return cast(TicketStatus, row["status"]) if row else None
 
-    async def may_post(self, ticket_id: int, email: str) -> bool:
-        row = await self._one(
+    def may_post(self, ticket_id: int, email: str) -> bool:
+        row = self._one(
             "SELECT 1 FROM tickets t JOIN requesters r ON r.id = t.requester_id "
             "WHERE t.id = ? AND r.email = ? "
             "UNION ALL SELECT 1 FROM participants WHERE ticket_id = ? AND email = ? LIMIT 1",
@@ -143,16 +209,16 @@ class _SqliteIngestTx:
         )
         return row is not None
 
-    async def create_ticket(self, subject: str, requester: Address, *, at: datetime) -> int:
+    def create_ticket(self, subject: str, requester: Address, *, at: datetime) -> int:
         # The newest display name wins: requesters fix typos in their mail client's settings.
-        row = await self._one(
+        row = self._one(
             "INSERT INTO requesters (email, name, created_at) VALUES (?, ?, ?) "
             "ON CONFLICT (email) DO UPDATE SET name = coalesce(excluded.name, requesters.name) "
             "RETURNING id",
             (requester.email, requester.name, _ts(at)),
         )
         assert row is not None
-        row = await self._one(
+        row = self._one(
             "INSERT INTO tickets (subject, requester_id, created_at, updated_at) "
             "VALUES (?, ?, ?, ?) RETURNING id",
             (subject, row["id"], _ts(at), _ts(at)),
@@ -160,7 +226,7 @@ class _SqliteIngestTx:
         assert row is not None
         return int(row["id"])
 
-    async def add_message(
+    def add_message(
         self,
         ticket_id: int,
         mail: ParsedMail,
@@ -170,7 +236,7 @@ class _SqliteIngestTx:
         attachments: Sequence[StoredAttachment],
         at: datetime,
     ) -> int:
-        row = await self._one(
+        row = self._one(
             "INSERT INTO messages (ticket_id, inbound_id, message_id, from_email, from_name, "
             "subject, body_text, body_html, thread_reason, received_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
@@ -189,7 +255,7 @@ class _SqliteIngestTx:
         )
         assert row is not None
         message_row = int(row["id"])
-        await self._db.executemany(
+        self._db.executemany(
             "INSERT INTO attachments (message_id, position, sha256, filename, content_type, "
             "size, inline) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [
@@ -197,100 +263,74 @@ class _SqliteIngestTx:
                 for n, a in enumerate(attachments)
             ],
         )
-        await self._db.execute(
-            "UPDATE tickets SET updated_at = ? WHERE id = ?", (_ts(at), ticket_id)
-        )
+        self._db.execute("UPDATE tickets SET updated_at = ? WHERE id = ?", (_ts(at), ticket_id))
         return message_row
 
-    async def add_participants(self, ticket_id: int, emails: Sequence[str]) -> None:
-        await self._db.executemany(
+    def add_participants(self, ticket_id: int, emails: Sequence[str]) -> None:
+        self._db.executemany(
             "INSERT OR IGNORE INTO participants (ticket_id, email) VALUES (?, ?)",
             [(ticket_id, email) for email in emails],
         )
 
-    async def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None:
-        await self._db.execute(
+    def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None:
+        self._db.execute(
             "UPDATE tickets SET status = ?, updated_at = ? WHERE id = ?",
             (status, _ts(at), ticket_id),
         )
 
-    async def finish_inbound(
+    def finish_inbound(
         self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
     ) -> None:
-        await self._db.execute(
+        self._db.execute(
             "UPDATE inbound SET state = ?, reason = ?, processed_at = ? WHERE id = ?",
             (state, reason, _ts(at), inbound_id),
         )
 
 
+_INSERT_INBOUND = (
+    "INSERT INTO inbound (id, received_at, mail_from, rcpt_tos, peer, helo, smtputf8, raw) VALUES "
+)
+_INBOUND_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+
+
 class SqliteStore:
     """See `Store`."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(self, writer: _Writer, reader: aiosqlite.Connection) -> None:
         self._writer = writer
         self._reader = reader
-        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
+        writer = _Writer(path)
+        await writer.open()  # creates and migrates the database before the reader looks
         try:
-            writer = await _connect(path)
-            await _migrate(writer)
-            reader = await _connect(path)
+            reader = await _connect_reader(path)
         except sqlite3.Error as exc:
+            await writer.close()
             raise StoreUnavailable(f"{path}: {exc}") from exc
         return cls(writer, reader)
 
     async def close(self) -> None:
-        async with self._write_lock:
-            await self._reader.close()
-            await self._writer.close()
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """Run a write transaction on the one writer; driver errors become StoreUnavailable."""
-        async with self._write_lock:
-            db = self._writer
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(str(exc)) from exc
-            try:
-                yield db
-                await db.execute("COMMIT")
-            except BaseException as exc:
-                if db.in_transaction:
-                    try:
-                        await db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # SQLite already rolled back (disk full, I/O error)
-                if isinstance(exc, sqlite3.OperationalError):  # locked, disk full, I/O error
-                    raise StoreUnavailable(str(exc)) from exc
-                if isinstance(exc, sqlite3.Error):
-                    raise StoreError(str(exc)) from exc
-                raise
+        await self._reader.close()
+        await self._writer.close()
 
     async def receive(self, batch: Sequence[tuple[str, Envelope, bytes]]) -> None:
         now = _now()
-        async with self._transaction() as db:
-            await db.executemany(
-                "INSERT INTO inbound (id, received_at, mail_from, rcpt_tos, peer, helo, "
-                "smtputf8, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        queue_id,
-                        now,
-                        env.mail_from,
-                        json.dumps(list(env.rcpt_tos)),
-                        env.peer,
-                        env.helo,
-                        int(env.smtputf8),
-                        raw,
-                    )
-                    for queue_id, env, raw in batch
-                ],
-            )
+        params: list[object] = []
+        for queue_id, env, raw in batch:
+            params += (queue_id, now, env.mail_from, json.dumps(list(env.rcpt_tos)), env.peer,
+                       env.helo, int(env.smtputf8), raw)  # fmt: skip
+        # One multi-row INSERT in autocommit mode, not executemany in a transaction: a single
+        # sqlite3_step, so the writer thread gives up and retakes the GIL once per batch rather
+        # than once per message (each retake can wait out the GIL's 5 ms switch interval).
+        await self._writer.statement(
+            _INSERT_INBOUND + ",".join([_INBOUND_ROW] * len(batch)), params
+        )
+
+    async def ingest(self, work: Callable[[IngestTx], T]) -> T:
+        return await self._writer.transaction(lambda db: work(_SqliteIngestTx(db)))
 
     async def pending_inbound(self, *, limit: int) -> list[InboundRow]:
         async with self._reader.execute(
@@ -313,18 +353,14 @@ class SqliteStore:
             return [_inbound_row(row) async for row in cursor]
 
     async def requeue_inbound(self, inbound_id: str) -> bool:
-        async with self._transaction() as db:
-            cursor = await db.execute(
+        cursor = await self._writer.transaction(
+            lambda db: db.execute(
                 "UPDATE inbound SET state = 'received', reason = NULL, processed_at = NULL "
                 "WHERE id = ? AND state = 'quarantined'",
                 (inbound_id,),
             )
-            return cursor.rowcount == 1
-
-    @asynccontextmanager
-    async def ingesting(self) -> AsyncIterator[_SqliteIngestTx]:
-        async with self._transaction() as db:
-            yield _SqliteIngestTx(db)
+        )
+        return cursor.rowcount == 1
 
     async def list_tickets(self, *, status: TicketStatus | None = None) -> list[Ticket]:
         async with self._reader.execute(
@@ -368,12 +404,13 @@ class SqliteStore:
         return _ticket(row, messages)
 
     async def set_ticket_status(self, ticket_id: int, status: TicketStatus) -> bool:
-        async with self._transaction() as db:
-            cursor = await db.execute(
+        cursor = await self._writer.transaction(
+            lambda db: db.execute(
                 "UPDATE tickets SET status = ?, updated_at = ? WHERE id = ?",
                 (status, _now(), ticket_id),
             )
-            return cursor.rowcount == 1
+        )
+        return cursor.rowcount == 1
 
 
 def _ticket(row: aiosqlite.Row, messages: tuple[Message, ...] = ()) -> Ticket:
