@@ -101,6 +101,9 @@ def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
 async def cmd_serve(config: Config, _args: argparse.Namespace) -> int:
     from mailgate import service  # the daemon's imports stay out of the quick commands
 
+    # Hand the GIL over every 0.5 ms instead of 5 ms: the SQLite writer thread's commits, which
+    # every waiting SMTP session needs, then wait less for a busy event loop (bench/: +10%).
+    sys.setswitchinterval(0.0005)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
