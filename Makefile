@@ -1,5 +1,5 @@
 # mailgate: `make run` starts the daemon, `make test` runs lint, types and the whole suite.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
