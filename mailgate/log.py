@@ -16,12 +16,13 @@ from typing import Any
 import structlog
 from structlog.typing import Processor
 
-_ADDRESS = re.compile(r"([^\s<>\"'@,;:()\[\]]+)@([^\s<>\"'@,;:()\[\]]+\.[^\s<>\"'@,;:()\[\]]+)")
+# A local part (plain, or quoted with spaces inside), "@", a domain (dotless ones too: root@localhost).
+_ADDRESS = re.compile(r"(\"[^\"\r\n]*\"|[^\s<>\"'@,;:()\[\]]+)@([^\s<>\"'@,;:()\[\]]+)")
 
 
 def mask_address(text: str) -> str:
     """Replace every address in `text` with its first letter, stars and the domain."""
-    return _ADDRESS.sub(lambda m: f"{m.group(1)[:1]}***@{m.group(2)}", text)
+    return _ADDRESS.sub(lambda m: f"{m.group(1).strip(chr(34))[:1]}***@{m.group(2)}", text)
 
 
 def _mask(value: Any) -> Any:

@@ -113,6 +113,8 @@ def test_daemon_log_is_json_with_context_and_no_personal_data(
         ),
         ("a@example.org,b@example.net", "a***@example.org,b***@example.net"),
         ("no address here", "no address here"),
+        ("root@localhost", "r***@localhost"),
+        ('"jane doe"@example.org', "j***@example.org"),
     ],
 )
 def test_mask_address(text: str, expected: str) -> None:
