@@ -197,13 +197,7 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
         row = await store.get_inbound(args.id)
         assert row is not None
         parser = ParserPool()
-        worker = IngestWorker(
-            store,
-            parser=parser,
-            attachments=config.storage.attachments,
-            tag_prefix=config.tickets.tag_prefix,
-            is_support_address=config.smtp.accepts,
-        )
+        worker = IngestWorker(store, config, parser=parser)
         try:
             [outcome] = await worker.ingest([row])
         finally:

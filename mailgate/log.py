@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from structlog.typing import Processor
 
-# A local part (plain, or quoted with spaces inside), "@", a domain (dotless ones too: root@localhost).
+# A local part (plain, or quoted with spaces), "@", a domain (dotless too: root@localhost).
 _ADDRESS = re.compile(r"(\"[^\"\r\n]*\"|[^\s<>\"'@,;:()\[\]]+)@([^\s<>\"'@,;:()\[\]]+)")
 
 

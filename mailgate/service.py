@@ -54,15 +54,7 @@ async def serve(
         stack.callback(parser.close)
         committed = asyncio.Event()
         intake = Intake(store, on_committed=committed)
-        worker = IngestWorker(
-            store,
-            parser=parser,
-            attachments=config.storage.attachments,
-            tag_prefix=config.tickets.tag_prefix,
-            is_support_address=config.smtp.accepts,
-            wake=committed,
-            intake_busy=intake.busy,
-        )
+        worker = IngestWorker(store, config, parser=parser, wake=committed, intake_busy=intake.busy)
         # Started before listening: it first ingests what a crash left 'received'.
         worker_task = asyncio.create_task(worker.run(), name="ingest-worker")
         stack.push_async_callback(_stop_worker, worker, worker_task)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -15,7 +14,7 @@ import pytest
 from mailgate.config import load_config
 from mailgate.ingest.prepare import ParserCrashed, ParserPool
 from mailgate.store import open_store
-from tests.conftest import daemon_running, mail, write_config
+from tests.conftest import daemon_running, mail, tmpfs, write_config
 
 
 async def test_parser_process_crash_is_reported_and_the_pool_recovers() -> None:
@@ -30,19 +29,8 @@ async def test_parser_process_crash_is_reported_and_the_pool_recovers() -> None:
 
 @pytest.fixture
 def small_mount(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "attachments"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "attachments", "1m") as mount:
+        yield mount
 
 
 def with_attachment(size: int) -> EmailMessage:

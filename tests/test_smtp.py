@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import aiosmtplib
 import pytest
 
 from mailgate.config import load_config
-from tests.conftest import SUPPORT, Running, daemon_running, eml, mail, write_config
+from tests.conftest import SUPPORT, Running, daemon_running, eml, mail, tmpfs, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -125,19 +123,8 @@ async def test_commands_out_of_order_get_enhanced_codes(daemon: Running) -> None
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "tiny", "2m") as mount:
+        yield mount
 
 
 async def test_full_disk_answers_451_and_keeps_what_was_stored(tiny_disk: Path) -> None:

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import structlog
 
+from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
 from mailgate.ingest.match import display_subject, find_thread
 from mailgate.ingest.prepare import AttachmentsUnwritable, ParserCrashed, ParserPool, prepare_all
@@ -49,19 +49,17 @@ class IngestWorker:
     def __init__(
         self,
         store: Store,
+        config: Config,
         *,
-        attachments: Path,
-        tag_prefix: str,
-        is_support_address: Callable[[str], bool],
         parser: ParserPool,
         wake: asyncio.Event | None = None,
         intake_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
         self._parser = parser
-        self._attachments = attachments
-        self._tag_prefix = tag_prefix
-        self._is_support = is_support_address
+        self._attachments = config.storage.attachments
+        self._tag_prefix = config.tickets.tag_prefix
+        self._is_support = config.smtp.accepts
         self._wake = wake or asyncio.Event()
         self._intake_busy = intake_busy
         self._stopping = False
