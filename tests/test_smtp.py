@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +145,22 @@ async def test_full_disk_answers_451_and_keeps_what_was_stored(tiny_disk: Path) 
         [ticket] = await daemon.tickets()
         assert ticket.subject == "stored before the disk filled"
         assert kept
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+async def test_swaks_smoke_test_makes_a_ticket(daemon: Running) -> None:
+    # swaks is how ops test a mail server by hand; it must work the way the README says.
+    swaks = await asyncio.create_subprocess_exec(
+        "swaks", "--server", f"{daemon.host}:{daemon.port}", "--to", "support@example.com",
+        "--from", "ops@example.org", "--h-Subject", "Smoke test from swaks",
+        "--body", "Grüße aus dem Terminal",
+        "--add-header", "Content-Type: text/plain; charset=utf-8",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    transcript, _ = await swaks.communicate()
+    assert swaks.returncode == 0, transcript.decode()
+    assert b"250 2.0.0 Queued as" in transcript
+    [ticket] = await daemon.tickets()
+    assert ticket.subject == "Smoke test from swaks"
+    assert ticket.requester.email == "ops@example.org"
+    assert "Grüße aus dem Terminal" in ticket.messages[0].body_text
