@@ -48,7 +48,6 @@ _ENHANCED = {
     "252 Cannot VRFY user, but will accept message and attempt delivery": (
         "252 2.5.2 Cannot VRFY user, but will accept message"
     ),
-    "421 Too many connections": "421 4.7.0 Too many connections",
 }
 _CLASS_DEFAULTS = {"2": "2.0.0", "4": "4.0.0", "5": "5.5.0"}
 
