@@ -52,6 +52,7 @@ async def serve(
 
         parser = ParserPool()
         stack.callback(parser.close)
+        await parser.start()
         committed = asyncio.Event()
         intake = Intake(store, on_committed=committed)
         worker = IngestWorker(store, config, parser=parser, wake=committed, intake_busy=intake.busy)

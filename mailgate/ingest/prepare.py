@@ -76,6 +76,10 @@ class ParserPool:
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
 
+    async def start(self) -> None:
+        """Start the process now rather than with the first message (it takes ~0.3 s)."""
+        await self.run(int)
+
     async def run(self, func: Callable[..., T], *args: object) -> T:
         """Run `func(*args)` in the parser process.
 

@@ -32,6 +32,7 @@ RETRY_SECONDS = 2.0
 # and the backlog is worked off as soon as the load eases. Parsing runs in the parser process,
 # so a tenth of the event loop's time still ingests several hundred messages a second.
 SHARE_WHILE_BUSY = 0.1
+MAX_PAUSE = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,7 @@ class IngestWorker:
                     await self.ingest(rows)
                     if self._intake_busy():
                         spent = time.monotonic() - started
-                        await asyncio.sleep(spent * (1 / SHARE_WHILE_BUSY - 1))
+                        await asyncio.sleep(min(spent * (1 / SHARE_WHILE_BUSY - 1), MAX_PAUSE))
                     continue
             except StoreUnavailable as exc:
                 log.warning("ingest_store_unavailable", error=str(exc))
