@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -24,6 +25,7 @@ log = structlog.get_logger(__name__)
 MAX_BATCH = 256
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 BUSY_SECONDS = 0.25  # intake counts as busy this long after a commit
+COMMIT_DELAY = 0.005  # the longest a commit waits for other sessions' messages
 
 
 @dataclass(slots=True)
@@ -41,8 +43,15 @@ def new_queue_id() -> str:
 class Intake:
     """Group-committing front door of the store. Start with `start()`, stop with `stop()`."""
 
-    def __init__(self, store: Store, *, on_committed: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        on_committed: asyncio.Event | None = None,
+        senders: Callable[[], int] = lambda: 1,
+    ) -> None:
         self._store = store
+        self._senders = senders
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._on_committed = on_committed
@@ -68,9 +77,10 @@ class Intake:
         pending = _Pending(
             new_queue_id(), envelope, raw, asyncio.get_running_loop().create_future()
         )
-        await self._queue.put(pending)
-        # Shielded: a session cancelled now must not cancel the shared commit under way.
-        await asyncio.shield(pending.done)
+        self._queue.put_nowait(pending)
+        # A session cancelled here cancels only its own future; the batch commits regardless
+        # (the writer skips futures that are already done).
+        await pending.done
         return pending.queue_id
 
     def busy(self) -> bool:
@@ -86,8 +96,20 @@ class Intake:
         return batch
 
     async def _write_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             batch = self._take_batch(await self._queue.get())
+            # Commit delay with siblings, as PostgreSQL's commit_delay/commit_siblings: while
+            # other sessions are connected, wait a moment for their messages to share this
+            # commit. A lone sender never waits.
+            deadline = loop.time() + COMMIT_DELAY
+            while len(batch) < min(self._senders(), MAX_BATCH):
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    break
+                batch.extend(self._take_batch(item))
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:

@@ -19,7 +19,7 @@ from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
 from mailgate.model import HostPort
-from mailgate.smtp import start_smtp
+from mailgate.smtp import MailgateSMTP, start_smtp
 from mailgate.store import open_store
 
 log = structlog.get_logger(__name__)
@@ -54,7 +54,8 @@ async def serve(
         stack.callback(parser.close)
         await parser.start()
         committed = asyncio.Event()
-        intake = Intake(store, on_committed=committed)
+        sessions: set[MailgateSMTP] = set()
+        intake = Intake(store, on_committed=committed, senders=lambda: len(sessions))
         worker = IngestWorker(store, config, parser=parser, wake=committed, intake_busy=intake.busy)
         # Started before listening: it first ingests what a crash left 'received'.
         worker_task = asyncio.create_task(worker.run(), name="ingest-worker")
@@ -63,7 +64,7 @@ async def serve(
         intake.start()
         stack.push_async_callback(intake.stop)
 
-        listener = await start_smtp(config.smtp, intake)
+        listener = await start_smtp(config.smtp, intake, sessions=sessions)
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 
         on_ready(listener.address)

@@ -199,10 +199,15 @@ class Listener:
         log.info("smtp_drained", closed_sessions=len(transports))
 
 
-async def start_smtp(config: SmtpConfig, intake: Intake) -> Listener:
-    """Listen on `config.listen` with `loop.create_server` (no threaded Controller)."""
+async def start_smtp(
+    config: SmtpConfig, intake: Intake, *, sessions: set[MailgateSMTP] | None = None
+) -> Listener:
+    """Listen on `config.listen` with `loop.create_server` (no threaded Controller).
+
+    `sessions` is kept up to date with the open sessions; intake reads its size.
+    """
     handler = Handler(config, intake)
-    sessions: set[MailgateSMTP] = set()
+    sessions = set() if sessions is None else sessions
     factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
         handler,
         sessions=sessions,

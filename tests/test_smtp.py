@@ -11,6 +11,7 @@ import aiosmtplib
 import pytest
 
 from mailgate.config import load_config
+from mailgate.store import open_store
 from tests.conftest import SUPPORT, Running, daemon_running, eml, mail, tmpfs, write_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -164,3 +165,16 @@ async def test_swaks_smoke_test_makes_a_ticket(daemon: Running) -> None:
     assert ticket.subject == "Smoke test from swaks"
     assert ticket.requester.email == "ops@example.org"
     assert "Grüße aus dem Terminal" in ticket.messages[0].body_text
+
+
+async def test_concurrent_sessions_share_commits(daemon: Running) -> None:
+    # Group commit: ten senders at once are acknowledged after fewer than ten commits.
+    # Rows committed together carry the same received_at.
+    queue_ids = await asyncio.gather(
+        *(daemon.send(mail(sender=f"c{n}@example.org")) for n in range(10))
+    )
+    assert len(set(queue_ids)) == 10
+    async with open_store(daemon.config.storage.database) as store:
+        rows = [await store.get_inbound(q) for q in queue_ids]
+    commits = {row.received_at for row in rows if row is not None}
+    assert len(commits) < 10
