@@ -1,9 +1,9 @@
 """Durable receive with group commit: the only thing smtp.py calls.
 
 `Intake.receive` returns a queue id only after the raw bytes and envelope are committed
-(fsynced). One writer task drains whatever sessions have queued, commits it as one
-transaction and answers each waiting session; while a commit is in flight the next batch
-gathers, so batches grow with load and a lone message waits for no timer.
+(fsynced). One writer task takes whatever sessions have queued, waits a few milliseconds for
+the other connected sessions, commits the batch as one statement and answers each waiting
+session; while a commit is in flight the next batch gathers. A lone sender never waits.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Intake:
     async def stop(self) -> None:
         """Commit what is queued, then stop the writer."""
         while not self._queue.empty():
-            await self._commit(self._take_batch(self._queue.get_nowait()))
+            await self._commit(self._fill([]))
         if self._writer:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
@@ -87,8 +87,9 @@ class Intake:
         """Tell whether messages arrived recently; background work then yields to intake."""
         return time.monotonic() - self._last_commit < BUSY_SECONDS
 
-    def _take_batch(self, first: _Pending) -> list[_Pending]:
-        batch, size = [first], len(first.raw)
+    def _fill(self, batch: list[_Pending]) -> list[_Pending]:
+        """Add what is queued to `batch`, up to the batch limits."""
+        size = sum(len(p.raw) for p in batch)
         while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES and not self._queue.empty():
             item = self._queue.get_nowait()
             batch.append(item)
@@ -98,7 +99,7 @@ class Intake:
     async def _write_forever(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = self._take_batch(await self._queue.get())
+            batch = self._fill([await self._queue.get()])
             # Commit delay with siblings, as PostgreSQL's commit_delay/commit_siblings: while
             # other sessions are connected, wait a moment for their messages to share this
             # commit. A lone sender never waits.
@@ -109,7 +110,8 @@ class Intake:
                         item = await self._queue.get()
                 except TimeoutError:
                     break
-                batch.extend(self._take_batch(item))
+                batch.append(item)
+                self._fill(batch)
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
