@@ -26,6 +26,9 @@ from mailgate.store import IngestTx, Store
 log = structlog.get_logger(__name__)
 
 BATCH = 64
+# While intake is busy, small batches: intake's commits queue behind each ingest transaction
+# on the one writer, so a short transaction keeps the 250s flowing.
+BATCH_WHILE_BUSY = 8
 POLL_SECONDS = 5.0
 RETRY_SECONDS = 2.0
 # While intake is busy, ingest takes at most this share of the time: the 250s come first,
@@ -75,7 +78,8 @@ class IngestWorker:
         while not self._stopping:
             self._wake.clear()
             try:
-                rows = await self._store.pending_inbound(limit=BATCH)
+                busy = self._intake_busy()
+                rows = await self._store.pending_inbound(limit=BATCH_WHILE_BUSY if busy else BATCH)
                 if rows:
                     started = time.monotonic()
                     await self.ingest(rows)
