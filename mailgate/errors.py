@@ -24,17 +24,5 @@ class NotFound(MailgateError, LookupError):
     """A ticket, message or quarantined row that the caller named does not exist."""
 
 
-class Rejected(MailgateError):
-    """A policy refusal that carries its own SMTP reply."""
-
-    def __init__(self, code: int, enhanced: str, text: str, /) -> None:
-        super().__init__(code, enhanced, text)
-        self.code, self.enhanced, self.text = code, enhanced, text
-
-    @property
-    def reply(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
-
-
 class Unparseable(MailgateError):
     """A stored message that cannot become a ticket; it goes to quarantine with this reason."""

@@ -58,7 +58,6 @@ class AttachmentPart:
     content_type: str
     content: bytes
     inline: bool = False
-    content_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +74,6 @@ class ParsedMail:
     body_text: str
     body_html: str | None
     attachments: tuple[AttachmentPart, ...] = ()
-    date: datetime | None = None
-    defects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

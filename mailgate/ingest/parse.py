@@ -11,7 +11,6 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import re
-from datetime import datetime
 from email.message import Message as StdMessage
 from email.parser import BytesParser
 
@@ -64,8 +63,6 @@ def _extract(msg: StdMessage) -> ParsedMail:
         body_text=body_text,
         body_html=body.html,
         attachments=tuple(body.attachments),
-        date=_date(headers.get("date", [""])[0]),
-        defects=tuple(sorted({type(d).__name__ for d in msg.defects})),
     )
 
 
@@ -83,13 +80,6 @@ def _first_msgid(value: str) -> str | None:
         return clean_line(match.group(1))
     bare = clean_line(value)
     return bare[:998] or None
-
-
-def _date(value: str) -> datetime | None:
-    try:
-        return email.utils.parsedate_to_datetime(value) if value else None
-    except (ValueError, TypeError, IndexError):
-        return None
 
 
 def normalise_address(addr: str) -> str:
@@ -175,19 +165,17 @@ class _Body:
             if self.html is None:
                 self.html = clean_body(text)
                 return
-        content_id = meta.get("content-id")
         self.attachments.append(
             AttachmentPart(
                 filename=sanitise_filename(filename),
                 content_type=ctype,
                 content=_payload(part),
                 inline=disposition == "inline",
-                content_id=_first_msgid(str(content_id)) if content_id else None,
             )
         )
 
 
-_MIME_HEADERS = frozenset({"content-type", "content-disposition", "content-id"})
+_MIME_HEADERS = frozenset({"content-type", "content-disposition"})
 
 
 def _mime_headers(part: StdMessage) -> StdMessage:
