@@ -11,6 +11,8 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 import structlog
@@ -79,6 +81,24 @@ class MailgateSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
         super().connection_lost(error)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Parse the address of MAIL/RCPT exactly as aiosmtpd 1.4 does, minus its cost.
+
+        aiosmtpd's version defines a typing.Protocol class on every call, which is about 6% of
+        the event loop's time under load (bench/). Same parser, same results otherwise.
+        """
+        if not arg:
+            return "", ""
+        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+        try:
+            address, rest = parse(arg)
+        except HeaderParseError:
+            return None, None
+        addr: str = address.addr_spec
+        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, str):
