@@ -75,8 +75,11 @@ class Store(Protocol):
             StoreUnavailable: nothing was committed; the caller answers 451.
         """
 
-    async def pending_inbound(self, *, limit: int) -> list[InboundRow]:
-        """Return the oldest rows still in state 'received'."""
+    async def pending_inbound(
+        self, *, limit: int, max_bytes: int = 64 * 1024 * 1024
+    ) -> list[InboundRow]:
+        """Return the oldest rows still 'received': at most `limit`, and past the first row,
+        no more than `max_bytes` of raw message in all."""
 
     async def get_inbound(self, inbound_id: str) -> InboundRow | None: ...
 

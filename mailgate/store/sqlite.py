@@ -332,10 +332,20 @@ class SqliteStore:
     async def ingest(self, work: Callable[[IngestTx], T]) -> T:
         return await self._writer.transaction(lambda db: work(_SqliteIngestTx(db)))
 
-    async def pending_inbound(self, *, limit: int) -> list[InboundRow]:
+    async def pending_inbound(
+        self, *, limit: int, max_bytes: int = 64 * 1024 * 1024
+    ) -> list[InboundRow]:
+        # The oldest rows up to `limit`, cut where their sizes add up past `max_bytes` (the
+        # first row always comes), so a backlog of large messages never loads all at once.
         async with self._reader.execute(
-            "SELECT * FROM inbound WHERE state = 'received' ORDER BY received_at, id LIMIT ?",
-            (limit,),
+            "SELECT * FROM inbound WHERE id IN ("
+            " SELECT id FROM ("
+            "  SELECT id, size, sum(size) OVER (ORDER BY received_at, id) AS running FROM ("
+            "   SELECT id, received_at, length(raw) AS size FROM inbound"
+            "   WHERE state = 'received' ORDER BY received_at, id LIMIT ?))"
+            " WHERE running - size < ?) "
+            "ORDER BY received_at, id",
+            (limit, max_bytes),
         ) as cursor:
             return [_inbound_row(row) async for row in cursor]
 

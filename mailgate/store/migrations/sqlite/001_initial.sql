@@ -14,7 +14,7 @@ CREATE TABLE inbound (
     reason       TEXT,                        -- why it was quarantined (no personal data)
     processed_at REAL                         -- unix time ingest finished with it
 );
-CREATE INDEX inbound_received ON inbound (received_at) WHERE state = 'received';
+CREATE INDEX inbound_received ON inbound (received_at, id) WHERE state = 'received';
 CREATE INDEX inbound_quarantined ON inbound (received_at) WHERE state = 'quarantined';
 
 CREATE TABLE requesters (
