@@ -36,8 +36,7 @@ class SmtpConfig:
         local, _, domain = address.rpartition("@")
         if not local:
             return False
-        wanted = f"{local}@{domain.lower()}".lower()
-        return wanted in self.accept or f"@{domain.lower()}" in self.accept
+        return address.lower() in self.accept or f"@{domain.lower()}" in self.accept
 
 
 @dataclass(frozen=True, slots=True)
