@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import Any
@@ -194,7 +194,7 @@ class Listener:
 
     server: asyncio.Server
     handler: Handler
-    sessions: set[MailgateSMTP] = field(default_factory=set)
+    sessions: set[MailgateSMTP]
 
     @property
     def address(self) -> HostPort:
@@ -220,14 +220,13 @@ class Listener:
 
 
 async def start_smtp(
-    config: SmtpConfig, intake: Intake, *, sessions: set[MailgateSMTP] | None = None
+    config: SmtpConfig, intake: Intake, *, sessions: set[MailgateSMTP]
 ) -> Listener:
     """Listen on `config.listen` with `loop.create_server` (no threaded Controller).
 
     `sessions` is kept up to date with the open sessions; intake reads its size.
     """
     handler = Handler(config, intake)
-    sessions = set() if sessions is None else sessions
     factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
         handler,
         sessions=sessions,
