@@ -13,18 +13,23 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from pathlib import Path
 from typing import Any
 
 from mailgate import __version__
 from mailgate.config import Config, config_path, load_config
-from mailgate.errors import ConfigError, MailgateError, NotFound
+from mailgate.errors import ConfigError, MailgateError, NotFound, UsageError
 from mailgate.ingest.prepare import ParserPool
-from mailgate.ingest.text import decode_header_text
+from mailgate.ingest.text import clean_body, decode_header_text
 from mailgate.ingest.worker import IngestWorker
 from mailgate.log import configure_logging
-from mailgate.model import Address, InboundRow, Message, Ticket
+from mailgate.model import Address, InboundRow, Message, OutboxRow, Requester, Ticket
+from mailgate.msgid import message_ids
+from mailgate.outbound.templates import Templates
+from mailgate.reactions import Reactions
 from mailgate.store import SqliteStore, open_store
 
 EX_STARTUP = 3
@@ -56,6 +61,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "received_at": message.received_at.isoformat(),
         "message_id": message.message_id,
         "thread_reason": message.thread_reason,
+        "author": message.author,
         "attachments": [
             {
                 "filename": a.filename,
@@ -82,6 +88,34 @@ def inbound_json(row: InboundRow) -> dict[str, Any]:
         "peer": row.envelope.peer,
         "size": len(row.raw),
         "subject": decode_header_text(str(headers.get("subject", ""))),
+    }
+
+
+def requester_json(requester: Requester) -> dict[str, Any]:
+    return {
+        "email": requester.email,
+        "name": requester.name,
+        "verified": requester.verified,
+        "created_at": requester.created_at.isoformat(),
+        "verified_at": requester.verified_at.isoformat() if requester.verified_at else None,
+    }
+
+
+def outbox_json(row: OutboxRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "state": row.state,
+        "kind": row.item.kind,
+        "ticket_id": row.item.ticket_id,
+        "recipient": row.item.to.email,
+        "cc": list(row.item.cc),
+        "message_id": row.item.message_id,
+        "automatic": row.item.automatic,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "created_at": row.created_at.isoformat(),
+        "next_attempt_at": row.next_attempt_at.isoformat(),
+        "sent_at": row.sent_at.isoformat() if row.sent_at else None,
     }
 
 
@@ -195,7 +229,7 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
         row = await store.get_inbound(args.id)
         assert row is not None
         parser = ParserPool()
-        worker = IngestWorker(store, config, parser=parser)
+        worker = IngestWorker(store, config, parser=parser, msgids=message_ids(config))
         try:
             [outcome] = await worker.ingest([row])
         finally:
@@ -208,7 +242,107 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
 
 
 async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
+    Templates(config.outbound.templates).check()
     print(f"{config.path}: OK")
+    return 0
+
+
+def _read_body(source: str) -> str:
+    """The reply text from a file or stdin ("-"); UsageError if unreadable or empty."""
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+        body = data.decode("utf-8")
+    except OSError as exc:
+        raise UsageError(f"--body-file: {exc.strerror or exc}: {source}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--body-file: not UTF-8 text: {source}") from None
+    if not body.strip():
+        raise UsageError(f"--body-file: the reply is empty: {source}")
+    return clean_body(body)
+
+
+async def cmd_reply(config: Config, args: argparse.Namespace) -> int:
+    body = _read_body(args.body_file)
+    reactions = Reactions(config, message_ids(config))
+    async with open_store(config.storage.database) as store:
+        await _ticket(store, args.id)
+        outbox_id = await store.ingest(
+            lambda tx: reactions.agent_reply(tx, args.id, body, agent=None, at=datetime.now(UTC))
+        )
+    print(f"ticket {args.id}: reply stored, mail queued as outbox {outbox_id}")
+    return 0
+
+
+async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        rows = await store.list_outbox(args.state)
+    if args.json:
+        _print_json([outbox_json(r) for r in rows])
+    else:
+        _table(
+            [
+                (r.id, r.state, r.item.kind, r.item.ticket_id, r.attempts, r.last_error or "")
+                for r in rows
+            ],
+            ("ID", "STATE", "KIND", "TICKET", "ATTEMPTS", "LAST ERROR"),
+        )
+    return 0
+
+
+async def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        if not await store.retry_outbox(args.id):
+            raise NotFound(f"no queued or failed outbox row {args.id}")
+    print(f"outbox {args.id}: due now")
+    return 0
+
+
+async def _requester(store: SqliteStore, email: str) -> Requester:
+    requester = await store.get_requester(email)
+    if requester is None:
+        raise NotFound(f"no requester {email}")
+    return requester
+
+
+async def cmd_requesters_list(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        requesters = await store.list_requesters()
+    if args.json:
+        _print_json([requester_json(r) for r in requesters])
+    else:
+        _table(
+            [
+                (
+                    r.email,
+                    "yes" if r.verified else "no",
+                    r.created_at.isoformat(timespec="seconds"),
+                    r.name or "",
+                )
+                for r in requesters
+            ],
+            ("EMAIL", "VERIFIED", "CREATED", "NAME"),
+        )
+    return 0
+
+
+async def cmd_requesters_show(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        requester = await _requester(store, args.email)
+    if args.json:
+        _print_json(requester_json(requester))
+        return 0
+    print(f"Email:    {requester.email}")
+    print(f"Name:     {requester.name or ''}")
+    print(f"Verified: {'yes' if requester.verified else 'no'}")
+    print(f"Created:  {requester.created_at.isoformat()}")
+    return 0
+
+
+async def cmd_requesters_verify(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        if not await store.verify_requester(args.email):
+            raise NotFound(f"no requester {args.email}")
+    print(f"{args.email}: verified")
     return 0
 
 
@@ -251,6 +385,33 @@ def build_parser() -> argparse.ArgumentParser:
     add("replay", cmd_quarantine_replay, "ingest a quarantined message again", q_sub).add_argument(
         "id", metavar="ID"
     )
+
+    reply = add("reply", cmd_reply, "answer a ticket as an agent; mails the requester")
+    reply.add_argument("id", type=int, metavar="ID")
+    reply.add_argument(
+        "--body-file", required=True, metavar="PATH", help='the reply text (UTF-8); "-" reads stdin'
+    )
+
+    outbox = commands.add_parser("outbox", help="outgoing mail and its delivery state")
+    o_sub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="COMMAND")
+    o_list = add("list", cmd_outbox_list, "list outgoing mail", o_sub)
+    o_list.add_argument("--state", choices=("queued", "sending", "sent", "failed"))
+    o_list.add_argument("--json", action="store_true", help="print JSON")
+    add("retry", cmd_outbox_retry, "make a queued or failed mail due now", o_sub).add_argument(
+        "id", type=int, metavar="ID"
+    )
+
+    requesters = commands.add_parser("requesters", help="the people who wrote in")
+    r_sub = requesters.add_subparsers(dest="requesters_command", required=True, metavar="COMMAND")
+    add("list", cmd_requesters_list, "list requesters", r_sub).add_argument(
+        "--json", action="store_true", help="print JSON"
+    )
+    r_show = add("show", cmd_requesters_show, "show one requester", r_sub)
+    r_show.add_argument("email", metavar="EMAIL")
+    r_show.add_argument("--json", action="store_true", help="print JSON")
+    add("verify", cmd_requesters_verify, "mark a requester's address verified", r_sub).add_argument(
+        "email", metavar="EMAIL"
+    )
     return parser
 
 
@@ -265,6 +426,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = asyncio.run(args.func(config, args))
         return status
+    except UsageError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"mailgate: config error: {exc}", file=sys.stderr)
+        return os.EX_CONFIG
     except NotFound as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
         return 1

@@ -33,10 +33,14 @@ class SmtpConfig:
 
     def accepts(self, address: str) -> bool:
         """Tell whether `address` is one of ours: an exact entry or an `@domain` entry."""
-        local, _, domain = address.rpartition("@")
-        if not local:
-            return False
-        return address.lower() in self.accept or f"@{domain.lower()}" in self.accept
+        return _listed(address, self.accept)
+
+
+def _listed(address: str, entries: tuple[str, ...]) -> bool:
+    local, _, domain = address.rpartition("@")
+    if not local:
+        return False
+    return address.lower() in entries or f"@{domain.lower()}" in entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +54,35 @@ class OutboundConfig:
     transport: str
     directory: Path
     relay: HostPort
+    tls: str
+    username: str | None
+    password: str | None
+    timeout: float
     sender: str
+    sender_name: str | None
+    templates: Path
+    secret_file: Path
+    acknowledge: bool
+    retry_initial: float
+    retry_max: float
+    max_lifetime: float
+    auto_reply_limit: int
+    auto_reply_window: float
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationConfig:
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentsConfig:
+    addresses: tuple[str, ...]
+    expose_address: bool
+
+    def includes(self, address: str) -> bool:
+        """Tell whether `address` is an agent: an exact entry or an `@domain` entry."""
+        return _listed(address, self.addresses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +110,8 @@ class Config:
     outbound: OutboundConfig
     http: HttpConfig
     tickets: TicketsConfig
+    verification: VerificationConfig
+    agents: AgentsConfig
     log: LogConfig
 
 
@@ -129,10 +163,16 @@ def _mailbox(value: Any, base: Path) -> str:
 
 
 def _accept_list(value: Any, base: Path) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value:
+    if not value:
         raise ValueError(
             'expected a non-empty list such as ["support@example.com", "@example.org"]'
         )
+    return _address_list(value, base)
+
+
+def _address_list(value: Any, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError('expected a list such as ["agent@example.com", "@example.org"]')
     entries = []
     for entry in value:
         if isinstance(entry, str) and entry.startswith("@"):
@@ -148,6 +188,21 @@ def _base_url(value: Any, base: Path) -> str:
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
     return url.rstrip("/")
+
+
+def _bool(value: Any, _base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _optional(parse: Parser) -> Parser:
+    """Accept a missing key (None) besides what `parse` accepts."""
+
+    def parse_optional(value: Any, base: Path) -> Any:
+        return None if value is None else parse(value, base)
+
+    return parse_optional
 
 
 def _one_of(*choices: str) -> Parser:
@@ -178,7 +233,20 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "transport": (_one_of("file", "smtp"), "file"),
         "directory": (_path, "var/outbox"),
         "relay": (_host_port, "127.0.0.1:25"),
+        "tls": (_one_of("starttls", "implicit", "none"), "starttls"),
+        "username": (_optional(_text), None),
+        "password": (_optional(_text), None),
+        "timeout": (_seconds, 60),
         "sender": (_mailbox, _REQUIRED),
+        "sender_name": (_optional(_text), None),
+        "templates": (_path, "templates"),
+        "secret_file": (_path, "var/secret.key"),
+        "acknowledge": (_bool, True),
+        "retry_initial": (_seconds, 60),
+        "retry_max": (_seconds, 3600),
+        "max_lifetime": (_seconds, 5 * 24 * 3600),
+        "auto_reply_limit": (_positive_int, 5),
+        "auto_reply_window": (_seconds, 3600),
     },
     "http": {
         "listen": (_host_port, "127.0.0.1:8080"),
@@ -186,6 +254,13 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
     },
     "tickets": {
         "tag_prefix": (_text, "#"),
+    },
+    "verification": {
+        "ttl": (_seconds, 7 * 24 * 3600),
+    },
+    "agents": {
+        "addresses": (_address_list, []),
+        "expose_address": (_bool, False),
     },
     "log": {
         "level": (_one_of("debug", "info", "warning", "error"), "info"),
@@ -242,5 +317,7 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         outbound=OutboundConfig(**values["outbound"]),
         http=HttpConfig(**values["http"]),
         tickets=TicketsConfig(**values["tickets"]),
+        verification=VerificationConfig(**values["verification"]),
+        agents=AgentsConfig(**values["agents"]),
         log=LogConfig(**values["log"]),
     )

@@ -26,3 +26,7 @@ class NotFound(MailgateError, LookupError):
 
 class Unparseable(MailgateError):
     """A stored message that cannot become a ticket; it goes to quarantine with this reason."""
+
+
+class UsageError(MailgateError):
+    """A command-line argument is unusable; the CLI exits with status 2, naming it."""

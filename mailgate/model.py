@@ -7,8 +7,11 @@ from datetime import datetime
 from typing import Literal, NamedTuple
 
 TicketStatus = Literal["open", "closed"]
-ThreadReason = Literal["new", "references", "subject_tag"]
+ThreadReason = Literal["new", "references", "subject_tag", "agent", "bounce"]
 InboundState = Literal["received", "ingested", "quarantined"]
+Author = Literal["customer", "agent", "system"]
+MailKind = Literal["verification", "ticket_created", "agent_reply"]
+OutboxState = Literal["queued", "sending", "sent", "failed"]
 
 
 class HostPort(NamedTuple):
@@ -61,6 +64,18 @@ class AttachmentPart:
 
 
 @dataclass(frozen=True, slots=True)
+class Bounce:
+    """A delivery status notification: the recipients it reports and the mail it returns."""
+
+    failed: tuple[tuple[str, str], ...]  # (recipient, status such as "5.1.1")
+    returned_ids: tuple[str, ...]  # Message-IDs found in the returned message or headers
+
+    @property
+    def permanent(self) -> tuple[str, ...]:
+        return tuple(rcpt for rcpt, status in self.failed if status.startswith("5"))
+
+
+@dataclass(frozen=True, slots=True)
 class ParsedMail:
     """Everything ingest needs from one message, decoded to text."""
 
@@ -74,6 +89,8 @@ class ParsedMail:
     body_text: str
     body_html: str | None
     attachments: tuple[AttachmentPart, ...] = ()
+    automatic: str | None = None  # why the mail is automatic (RFC 3834), if it is
+    bounce: Bounce | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +113,7 @@ class Message:
     message_id: str | None
     received_at: datetime
     thread_reason: ThreadReason
+    author: Author = "customer"
     attachments: tuple[StoredAttachment, ...] = ()
 
 
@@ -121,3 +139,43 @@ class IngestOutcome:
     created: bool = False
     duplicate: bool = False
     reason: str | None = None
+    mails_queued: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    email: str
+    name: str | None
+    verified: bool
+    created_at: datetime
+    verified_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """An outgoing mail to queue: which template, to whom, and the variables it renders.
+
+    `context` holds only what the template shows; `in_reply_to`/`references` thread it.
+    """
+
+    kind: MailKind
+    ticket_id: int
+    to: Address
+    message_id: str
+    automatic: bool
+    context: dict[str, str | int | None]
+    cc: tuple[str, ...] = ()
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    item: OutboxItem
+    state: OutboxState
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    next_attempt_at: datetime
+    sent_at: datetime | None = None

@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 import structlog
 
@@ -19,12 +20,26 @@ from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
 from mailgate.model import HostPort
+from mailgate.msgid import message_ids
+from mailgate.outbound.compose import Composer
+from mailgate.outbound.outbox import OutboundWorker
+from mailgate.outbound.templates import Templates
+from mailgate.outbound.transports import transport_for
 from mailgate.smtp import MailgateSMTP, start_smtp
 from mailgate.store import open_store
+from mailgate.web import build_app, start_web
 
 log = structlog.get_logger(__name__)
 
 WORKER_STOP_SECONDS = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Listening:
+    """Where the daemon listens, once it does (ports may have been 0)."""
+
+    smtp: HostPort
+    http: HostPort
 
 
 def sd_notify(state: str) -> None:
@@ -43,12 +58,26 @@ async def serve(
     config: Config,
     *,
     shutdown: Callable[[], Awaitable[object]],
-    on_ready: Callable[[HostPort], None] = lambda _: None,
+    on_ready: Callable[[Listening], None] = lambda _: None,
 ) -> None:
     """Run the daemon until `shutdown()` returns."""
+    templates = Templates(config.outbound.templates)
+    templates.check()  # a broken template stops the start (exit 78), naming file and line
+    msgids = message_ids(config)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(open_store(config.storage.database))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
+
+        mail_queued = asyncio.Event()
+        outbound = OutboundWorker(
+            store,
+            Composer(config, templates),
+            transport_for(config.outbound, local_hostname=config.smtp.hostname),
+            config.outbound,
+            wake=mail_queued,
+        )
+        outbound_task = asyncio.create_task(outbound.run(), name="outbound-worker")
+        stack.push_async_callback(_stop_worker, outbound, outbound_task)
 
         parser = ParserPool()
         stack.callback(parser.close)
@@ -56,7 +85,15 @@ async def serve(
         committed = asyncio.Event()
         sessions: set[MailgateSMTP] = set()
         intake = Intake(store, on_committed=committed, senders=lambda: len(sessions))
-        worker = IngestWorker(store, config, parser=parser, wake=committed, intake_busy=intake.busy)
+        worker = IngestWorker(
+            store,
+            config,
+            parser=parser,
+            msgids=msgids,
+            wake=committed,
+            mail_queued=mail_queued,
+            intake_busy=intake.busy,
+        )
         # Started before listening: it first ingests what a crash left 'received'.
         worker_task = asyncio.create_task(worker.run(), name="ingest-worker")
         stack.push_async_callback(_stop_worker, worker, worker_task)
@@ -67,18 +104,23 @@ async def serve(
         listener = await start_smtp(config.smtp, intake, sessions=sessions)
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 
-        on_ready(listener.address)
+        runner, http_address = await start_web(config.http, build_app(store, templates))
+        stack.push_async_callback(runner.cleanup)
+
+        on_ready(Listening(listener.address, http_address))
         sd_notify("READY=1")
-        log.info("daemon_started", smtp=str(listener.address))
+        log.info("daemon_started", smtp=str(listener.address), http=str(http_address))
         await shutdown()
         sd_notify("STOPPING=1")
         log.info("daemon_stopping")
     log.info("daemon_stopped")
 
 
-async def _stop_worker(worker: IngestWorker, task: asyncio.Task[None]) -> None:
+async def _stop_worker(worker: IngestWorker | OutboundWorker, task: asyncio.Task[None]) -> None:
     worker.stop()
     try:
         await asyncio.wait_for(task, WORKER_STOP_SECONDS)
     except TimeoutError:
-        log.warning("ingest_worker_cancelled")  # its batch rolls back and is redone on start
+        # Ingest: the batch rolls back and is redone on start. Outbound: rows left 'sending'
+        # are sent again on start (at-least-once).
+        log.warning("worker_cancelled", worker=task.get_name())

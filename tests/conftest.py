@@ -22,7 +22,7 @@ import aiosmtplib
 import pytest
 
 from mailgate.config import Config, load_config
-from mailgate.model import Ticket
+from mailgate.model import HostPort, Ticket
 from mailgate.service import serve
 from mailgate.store import open_store
 
@@ -43,10 +43,18 @@ database = "var/mailgate.db"
 attachments = "var/attachments"
 
 [outbound]
-transport = "file"
+transport = "{transport}"
 directory = "var/outbox"
-relay = "127.0.0.1:2525"
+relay = "127.0.0.1:{relay_port}"
+tls = "none"
+timeout = 5
 sender = "support@example.com"
+templates = "{templates}"
+retry_initial = 0.3
+retry_max = 1
+{outbound_extra}
+[agents]
+addresses = ["agent@example.com", "@staff.example.com"]
 
 [http]
 listen = "127.0.0.1:0"
@@ -70,12 +78,22 @@ def write_config(
     smtp_port: int = 0,
     max_message_size: int = 1024 * 1024,
     log_level: str = "info",
+    relay_port: int | None = None,
+    templates: Path = REPO / "templates",
+    outbound_extra: str = "",
 ) -> Path:
+    """Write a test config; with `relay_port`, outbound mail goes to that SMTP relay."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(
         BASE_CONFIG.format(
-            smtp_port=smtp_port, max_message_size=max_message_size, log_level=log_level
+            smtp_port=smtp_port,
+            max_message_size=max_message_size,
+            log_level=log_level,
+            transport="file" if relay_port is None else "smtp",
+            relay_port=relay_port or 2525,
+            templates=templates,
+            outbound_extra=outbound_extra,
         ),
         encoding="utf-8",
     )
@@ -89,6 +107,7 @@ class Running:
     config: Config
     host: str
     port: int
+    http: HostPort
 
     async def send(
         self,
@@ -155,9 +174,9 @@ async def daemon_running(config: Config) -> AsyncIterator[Running]:
     task = asyncio.create_task(serve(config, shutdown=stop.wait, on_ready=ready.set_result))
     done, _ = await asyncio.wait([task, ready], timeout=10, return_when=asyncio.FIRST_COMPLETED)
     assert ready in done, task.exception() if task.done() else "daemon did not start"
-    address = ready.result()
+    listening = ready.result()
     try:
-        yield Running(config, address.host, address.port)
+        yield Running(config, listening.smtp.host, listening.smtp.port, listening.http)
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)

@@ -1,13 +1,15 @@
 """Ticket threading (ARCHITECTURE rule 4): which ticket a message joins, and why.
 
-A message joins ticket T when its In-Reply-To/References name a Message-ID stored for T, or
-its subject carries T's tag, and its sender is T's requester or a participant. Anything else
-opens a new ticket, so a stranger can never append to someone else's ticket.
+A message joins ticket T when its In-Reply-To/References name a Message-ID stored for T or
+issued by mailgate for T (its HMAC checked), or its subject carries T's tag, and its sender
+is T's requester, a participant or an agent. Anything else opens a new ticket, so a stranger
+can never append to someone else's ticket.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailgate.model import ParsedMail, ThreadReason
@@ -42,14 +44,30 @@ class ThreadMatch:
     reason: ThreadReason
 
 
-def find_thread(tx: IngestTx, mail: ParsedMail, *, tag_prefix: str) -> ThreadMatch:
-    """Choose the ticket `mail` belongs to, checking the sender may post there."""
-    referenced = [*reversed(mail.in_reply_to), *reversed(mail.references)]
-    for ticket_id in tx.tickets_by_message_ids(list(dict.fromkeys(referenced))):
-        if tx.may_post(ticket_id, mail.sender.email):
+def find_thread(
+    tx: IngestTx,
+    mail: ParsedMail,
+    *,
+    tag_prefix: str,
+    own_ticket: Callable[[str], int | None],
+    is_agent: bool = False,
+) -> ThreadMatch:
+    """Choose the ticket `mail` belongs to, checking the sender may post there.
+
+    `own_ticket` maps one of mailgate's Message-IDs to its ticket (None if not ours or forged).
+    """
+
+    def may_post(ticket_id: int) -> bool:
+        if tx.ticket_status(ticket_id) is None:
+            return False
+        return is_agent or tx.may_post(ticket_id, mail.sender.email)
+
+    referenced = list(dict.fromkeys([*reversed(mail.in_reply_to), *reversed(mail.references)]))
+    issued = [t for t in map(own_ticket, referenced) if t is not None]
+    for ticket_id in dict.fromkeys([*issued, *tx.tickets_by_message_ids(referenced)]):
+        if may_post(ticket_id):
             return ThreadMatch(ticket_id, "references")
     for tag in tag_pattern(tag_prefix).findall(mail.subject):
-        ticket_id = int(tag)
-        if tx.ticket_status(ticket_id) and tx.may_post(ticket_id, mail.sender.email):
-            return ThreadMatch(ticket_id, "subject_tag")
+        if may_post(int(tag)):
+            return ThreadMatch(int(tag), "subject_tag")
     return ThreadMatch(None, "new")

@@ -17,6 +17,7 @@ from email.parser import BytesParser
 from email_validator import EmailNotValidError, validate_email
 
 from mailgate.errors import Unparseable
+from mailgate.ingest.classify import automatic_reason, find_bounce
 from mailgate.ingest.text import (
     clean_body,
     clean_line,
@@ -24,7 +25,7 @@ from mailgate.ingest.text import (
     decode_header_text,
     html_to_text,
 )
-from mailgate.model import Address, AttachmentPart, ParsedMail
+from mailgate.model import Address, AttachmentPart, Bounce, ParsedMail
 
 MAX_DEPTH = 50
 MAX_REFERENCES = 100
@@ -63,7 +64,16 @@ def _extract(msg: StdMessage) -> ParsedMail:
         body_text=body_text,
         body_html=body.html,
         attachments=tuple(body.attachments),
+        automatic=automatic_reason(headers),
+        bounce=_safe_bounce(msg),
     )
+
+
+def _safe_bounce(msg: StdMessage) -> Bounce | None:
+    try:
+        return find_bounce(msg)
+    except Exception:  # noqa: BLE001 - a malformed report is kept as an ordinary mail
+        return None
 
 
 def _raw_headers(msg: StdMessage) -> dict[str, list[str]]:

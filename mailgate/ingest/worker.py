@@ -18,9 +18,11 @@ import structlog
 
 from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
-from mailgate.ingest.match import display_subject, find_thread
+from mailgate.ingest.match import ThreadMatch, display_subject, find_thread
 from mailgate.ingest.prepare import AttachmentsUnwritable, ParserCrashed, ParserPool, prepare_all
 from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
+from mailgate.msgid import MessageIds
+from mailgate.reactions import Reactions
 from mailgate.store import IngestTx, Store
 
 log = structlog.get_logger(__name__)
@@ -36,6 +38,8 @@ RETRY_SECONDS = 2.0
 # so a tenth of the event loop's time still ingests several hundred messages a second.
 SHARE_WHILE_BUSY = 0.1
 MAX_PAUSE = 1.0
+# Local parts that never get automatic mail (RFC 3834 section 2, RFC 5321 section 4.5.1).
+_ROLE_SENDERS = frozenset({"mailer-daemon", "postmaster"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,15 +61,22 @@ class IngestWorker:
         config: Config,
         *,
         parser: ParserPool,
+        msgids: MessageIds,
         wake: asyncio.Event | None = None,
+        mail_queued: asyncio.Event | None = None,
         intake_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
         self._parser = parser
+        self._msgids = msgids
+        self._reactions = Reactions(config, msgids)
         self._attachments = config.storage.attachments
         self._tag_prefix = config.tickets.tag_prefix
         self._is_support = config.smtp.accepts
+        self._agents = config.agents
+        self._own_sender = config.outbound.sender.lower()
         self._wake = wake or asyncio.Event()
+        self._mail_queued = mail_queued or asyncio.Event()
         self._intake_busy = intake_busy
         self._stopping = False
 
@@ -117,6 +128,8 @@ class IngestWorker:
             outcomes = [await self._apply_alone(item) for item in prepared]
         for outcome in outcomes:
             _log_outcome(outcome)
+        if any(outcome.mails_queued for outcome in outcomes):
+            self._mail_queued.set()
         return outcomes
 
     async def _prepare(self, rows: Sequence[InboundRow]) -> list[_Prepared]:
@@ -161,14 +174,28 @@ class IngestWorker:
             if duplicate_of is not None:
                 tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
                 return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
-        match = find_thread(tx, mail, tag_prefix=self._tag_prefix)
+        if mail.bounce is not None:
+            bounced = self._bounced_ticket(tx, mail, row)
+            if bounced is not None:
+                return self._apply_bounce(tx, item, mail, bounced, now)
+        automatic = self._automatic_reason(mail, row)
+        is_agent = self._agents.includes(mail.sender.email) and automatic is None
+        match = find_thread(
+            tx,
+            mail,
+            tag_prefix=self._tag_prefix,
+            own_ticket=self._msgids.ticket_of,
+            is_agent=is_agent,
+        )
         if match.ticket_id is None:
             subject = display_subject(mail.subject, self._tag_prefix)
             ticket_id = tx.create_ticket(subject, mail.sender, at=row.received_at)
         else:
             ticket_id = match.ticket_id
-            if tx.ticket_status(ticket_id) == "closed":
-                tx.set_status(ticket_id, "open", at=now)  # a reply reopens the ticket
+            # A reply reopens the ticket; an out-of-office or an agent's answer does not.
+            if tx.ticket_status(ticket_id) == "closed" and automatic is None and not is_agent:
+                tx.set_status(ticket_id, "open", at=now)
+        agent_answer = is_agent and match.ticket_id is not None
         tx.add_message(
             ticket_id,
             mail,
@@ -176,15 +203,95 @@ class IngestWorker:
             reason=match.reason,
             attachments=item.attachments,
             at=row.received_at,
+            author="agent" if agent_answer else "customer",
         )
-        others = {
-            a.email
-            for a in (*mail.to, *mail.cc)
-            if not self._is_support(a.email) and a.email.lower() != mail.sender.email.lower()
-        }
-        tx.add_participants(ticket_id, sorted(others))
+        if agent_answer:
+            self._reactions.relay_agent_reply(
+                tx, ticket_id, mail.body_text, agent=mail.sender, at=now
+            )
+            queued = 1
+        else:
+            tx.add_participants(ticket_id, self._participants(mail))
+            queued = self._customer_mail_reactions(tx, mail, automatic, ticket_id, match, now)
         tx.finish_inbound(row.id, "ingested", reason=None, at=now)
-        return IngestOutcome(row.id, "ingested", ticket_id, created=match.ticket_id is None)
+        return IngestOutcome(
+            row.id, "ingested", ticket_id, created=match.ticket_id is None, mails_queued=queued
+        )
+
+    def _customer_mail_reactions(
+        self,
+        tx: IngestTx,
+        mail: ParsedMail,
+        automatic: str | None,
+        ticket_id: int,
+        match: ThreadMatch,
+        now: datetime,
+    ) -> int:
+        if automatic is not None:
+            log.info("automatic_mail_suppressed", ticket_id=ticket_id, because=automatic)
+            return 0
+        if tx.undeliverable(mail.sender.email):
+            tx.set_undeliverable(mail.sender.email, None, at=now)  # it wrote in again
+        created = match.ticket_id is None
+        return len(
+            self._reactions.after_customer_mail(
+                tx, mail, ticket_id=ticket_id, created=created, at=now
+            )
+        )
+
+    def _participants(self, mail: ParsedMail) -> list[str]:
+        sender = mail.sender.email.lower()
+        return sorted(
+            {
+                a.email
+                for a in (*mail.to, *mail.cc)
+                if not self._is_support(a.email) and a.email.lower() != sender
+            }
+        )
+
+    def _automatic_reason(self, mail: ParsedMail, row: InboundRow) -> str | None:
+        """Why no automatic mail may answer this one (RFC 3834, rule 6), or None."""
+        sender = mail.sender.email
+        if not row.envelope.mail_from:
+            return "null sender"
+        if mail.bounce is not None:
+            return "bounce"
+        if mail.automatic:
+            return mail.automatic
+        for address in (sender, row.envelope.mail_from):
+            if address.partition("@")[0].lower() in _ROLE_SENDERS:
+                return "mailer-daemon"
+        if self._is_support(sender) or sender.lower() == self._own_sender:
+            return "own address"
+        return None
+
+    def _bounced_ticket(self, tx: IngestTx, mail: ParsedMail, row: InboundRow) -> int | None:
+        """The ticket of the mail of ours a bounce returns, if it names one with a valid HMAC."""
+        assert mail.bounce is not None
+        tickets = [t for t in map(self._msgids.ticket_of, mail.bounce.returned_ids) if t]
+        tickets = tickets or self._msgids.find_in(row.raw.decode("latin-1"))
+        return next((t for t in tickets if tx.ticket_status(t) is not None), None)
+
+    def _apply_bounce(
+        self, tx: IngestTx, item: _Prepared, mail: ParsedMail, ticket_id: int, now: datetime
+    ) -> IngestOutcome:
+        """File a bounce as a system note; a permanent failure stops automatic mail there."""
+        assert mail.bounce is not None
+        tx.add_message(
+            ticket_id,
+            mail,
+            inbound_id=item.row.id,
+            reason="bounce",
+            attachments=item.attachments,
+            at=item.row.received_at,
+            author="system",
+        )
+        for recipient, status in mail.bounce.failed:
+            if status.startswith("5"):
+                tx.set_undeliverable(recipient, status, at=now)
+        tx.finish_inbound(item.row.id, "ingested", reason="bounce", at=now)
+        log.info("bounce_filed", ticket_id=ticket_id, permanent=len(mail.bounce.permanent))
+        return IngestOutcome(item.row.id, "ingested", ticket_id)
 
 
 def _log_outcome(outcome: IngestOutcome) -> None:

@@ -8,19 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from mailgate.model import (
     Address,
+    Author,
     Envelope,
     InboundRow,
     InboundState,
+    OutboxItem,
+    OutboxRow,
+    OutboxState,
     ParsedMail,
+    Requester,
     StoredAttachment,
     ThreadReason,
     Ticket,
     TicketStatus,
 )
+
+TokenOutcome = Literal["verified", "used", "expired", "unknown"]
 
 T = TypeVar("T")
 
@@ -52,13 +59,42 @@ class IngestTx(Protocol):
         ticket_id: int,
         mail: ParsedMail,
         *,
-        inbound_id: str,
+        inbound_id: str | None,
         reason: ThreadReason,
         attachments: Sequence[StoredAttachment],
         at: datetime,
-    ) -> int: ...
+        author: Author = "customer",
+    ) -> int:
+        """Store a message on the ticket; `inbound_id` is None for one written by mailgate."""
 
     def add_participants(self, ticket_id: int, emails: Sequence[str]) -> None: ...
+
+    def participants(self, ticket_id: int) -> list[str]: ...
+
+    def ticket_head(self, ticket_id: int) -> tuple[str, Address]:
+        """Return the ticket's subject and requester."""
+
+    def thread_ids(self, ticket_id: int) -> tuple[str | None, list[str]]:
+        """Return the customer's latest Message-ID and the ticket's IDs, oldest first."""
+
+    def requester(self, email: str) -> Requester | None: ...
+
+    def has_live_token(self, email: str, *, at: datetime) -> bool:
+        """Tell whether the requester holds an unused, unexpired verification token."""
+
+    def issue_token(
+        self, email: str, token_hash: str, *, at: datetime, expires_at: datetime
+    ) -> None: ...
+
+    def automatic_mails_since(self, recipient: str, since: datetime) -> int: ...
+
+    def undeliverable(self, email: str) -> bool: ...
+
+    def set_undeliverable(self, email: str, status: str | None, *, at: datetime) -> None:
+        """Mark `email` undeliverable with a DSN status, or clear the mark (status None)."""
+
+    def enqueue(self, item: OutboxItem, *, at: datetime) -> int:
+        """Queue an outgoing mail, due now; return its outbox id."""
 
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None: ...
 
@@ -103,5 +139,33 @@ class Store(Protocol):
 
     async def set_ticket_status(self, ticket_id: int, status: TicketStatus) -> bool:
         """Change the status; False if there is no such ticket."""
+
+    async def list_requesters(self) -> list[Requester]: ...
+
+    async def get_requester(self, email: str) -> Requester | None: ...
+
+    async def verify_requester(self, email: str) -> bool:
+        """Mark the requester verified; False if there is no such requester."""
+
+    async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
+        """Use a verification token once; return the outcome and the requester's email."""
+
+    async def claim_outbox(self, *, limit: int) -> list[OutboxRow]:
+        """Move due 'queued' rows to 'sending', counting the attempt, and return them."""
+
+    async def finish_outbox(
+        self, outbox_id: int, state: OutboxState, *, error: str | None, retry_at: datetime | None
+    ) -> None:
+        """Record an attempt: 'sent', 'failed', or back to 'queued' due at `retry_at`."""
+
+    async def requeue_sending(self) -> int:
+        """After a crash: rows left 'sending' are queued again, due now (at-least-once)."""
+
+    async def next_outbox_due(self) -> datetime | None: ...
+
+    async def list_outbox(self, state: OutboxState | None = None) -> list[OutboxRow]: ...
+
+    async def retry_outbox(self, outbox_id: int) -> bool:
+        """Make a queued or failed row due now; False if there is no such row (or it was sent)."""
 
     async def close(self) -> None: ...

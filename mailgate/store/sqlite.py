@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -25,17 +25,22 @@ import aiosqlite
 from mailgate.errors import StoreError, StoreUnavailable
 from mailgate.model import (
     Address,
+    Author,
     Envelope,
     InboundRow,
     InboundState,
     Message,
+    OutboxItem,
+    OutboxRow,
+    OutboxState,
     ParsedMail,
+    Requester,
     StoredAttachment,
     ThreadReason,
     Ticket,
     TicketStatus,
 )
-from mailgate.store.base import IngestTx
+from mailgate.store.base import IngestTx, TokenOutcome
 
 T = TypeVar("T")
 
@@ -79,10 +84,18 @@ def _migrations() -> list[tuple[int, str]]:
 
 def _migrate(db: sqlite3.Connection) -> None:
     current = int(db.execute("PRAGMA user_version").fetchone()[0])
-    for version, script in _migrations():
-        if version > current:
-            # executescript commits on its own; user_version moves in the same transaction.
-            db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+    # Foreign keys are off while tables are rebuilt (SQLite's documented procedure), so
+    # dropping an old table cascades nowhere; they are checked before going back on.
+    db.execute("PRAGMA foreign_keys = OFF")
+    try:
+        for version, script in _migrations():
+            if version > current:
+                # executescript commits on its own; user_version moves in the same transaction.
+                db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+        if db.execute("PRAGMA foreign_key_check").fetchone() is not None:
+            raise sqlite3.IntegrityError("foreign key check failed after migration")
+    finally:
+        db.execute("PRAGMA foreign_keys = ON")
 
 
 class _Writer:
@@ -140,7 +153,7 @@ class _Writer:
         """Run `work(db)` between BEGIN IMMEDIATE and COMMIT on the writer thread."""
         return await self._call(lambda: self._transaction(work))
 
-    async def statement(self, sql: str, params: Sequence[object]) -> None:
+    async def statement(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> None:
         """Run one statement, atomic (and fsynced) on its own, on the writer thread."""
         assert self._db is not None, "writer not open"
         db = self._db
@@ -231,15 +244,16 @@ class _SqliteIngestTx:
         ticket_id: int,
         mail: ParsedMail,
         *,
-        inbound_id: str,
+        inbound_id: str | None,
         reason: ThreadReason,
         attachments: Sequence[StoredAttachment],
         at: datetime,
+        author: Author = "customer",
     ) -> int:
         row = self._one(
             "INSERT INTO messages (ticket_id, inbound_id, message_id, from_email, from_name, "
-            "subject, body_text, body_html, thread_reason, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "subject, body_text, body_html, thread_reason, author, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 ticket_id,
                 inbound_id,
@@ -250,6 +264,7 @@ class _SqliteIngestTx:
                 mail.body_text,
                 mail.body_html,
                 reason,
+                author,
                 _ts(at),
             ),
         )
@@ -271,6 +286,96 @@ class _SqliteIngestTx:
             "INSERT OR IGNORE INTO participants (ticket_id, email) VALUES (?, ?)",
             [(ticket_id, email) for email in emails],
         )
+
+    def participants(self, ticket_id: int) -> list[str]:
+        rows = self._db.execute(
+            "SELECT email FROM participants WHERE ticket_id = ? ORDER BY email", (ticket_id,)
+        )
+        return [str(row["email"]) for row in rows]
+
+    def ticket_head(self, ticket_id: int) -> tuple[str, Address]:
+        row = self._one(
+            "SELECT t.subject, r.email, r.name FROM tickets t "
+            "JOIN requesters r ON r.id = t.requester_id WHERE t.id = ?",
+            (ticket_id,),
+        )
+        if row is None:
+            raise LookupError(f"no ticket {ticket_id}")
+        return row["subject"], Address(row["email"], row["name"])
+
+    def thread_ids(self, ticket_id: int) -> tuple[str | None, list[str]]:
+        rows = self._db.execute(
+            "SELECT message_id, author FROM messages WHERE ticket_id = ? "
+            "AND message_id IS NOT NULL ORDER BY received_at, id",
+            (ticket_id,),
+        ).fetchall()
+        customer = [row["message_id"] for row in rows if row["author"] == "customer"]
+        return (customer[-1] if customer else None), [row["message_id"] for row in rows]
+
+    def requester(self, email: str) -> Requester | None:
+        row = self._one("SELECT * FROM requesters WHERE email = ?", (email,))
+        return _requester(row) if row else None
+
+    def has_live_token(self, email: str, *, at: datetime) -> bool:
+        row = self._one(
+            "SELECT 1 FROM verification_tokens v JOIN requesters r ON r.id = v.requester_id "
+            "WHERE r.email = ? AND v.used_at IS NULL AND v.expires_at > ? LIMIT 1",
+            (email, _ts(at)),
+        )
+        return row is not None
+
+    def issue_token(
+        self, email: str, token_hash: str, *, at: datetime, expires_at: datetime
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO verification_tokens (requester_id, token_hash, created_at, expires_at) "
+            "SELECT id, ?, ?, ? FROM requesters WHERE email = ?",
+            (token_hash, _ts(at), _ts(expires_at), email),
+        )
+
+    def automatic_mails_since(self, recipient: str, since: datetime) -> int:
+        row = self._one(
+            "SELECT count(*) AS n FROM outbox "
+            "WHERE automatic = 1 AND recipient = ? AND created_at > ?",
+            (recipient, _ts(since)),
+        )
+        return int(row["n"]) if row else 0
+
+    def undeliverable(self, email: str) -> bool:
+        return self._one("SELECT 1 FROM undeliverable WHERE email = ?", (email,)) is not None
+
+    def set_undeliverable(self, email: str, status: str | None, *, at: datetime) -> None:
+        if status is None:
+            self._db.execute("DELETE FROM undeliverable WHERE email = ?", (email,))
+            return
+        self._db.execute(
+            "INSERT INTO undeliverable (email, status, since) VALUES (?, ?, ?) "
+            "ON CONFLICT (email) DO UPDATE SET status = excluded.status",
+            (email, status, _ts(at)),
+        )
+
+    def enqueue(self, item: OutboxItem, *, at: datetime) -> int:
+        row = self._one(
+            "INSERT INTO outbox (kind, ticket_id, recipient, recipient_name, cc, message_id, "
+            "in_reply_to, refs, context, automatic, created_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (
+                item.kind,
+                item.ticket_id,
+                item.to.email,
+                item.to.name,
+                json.dumps(list(item.cc)),
+                item.message_id,
+                item.in_reply_to,
+                json.dumps(list(item.references)),
+                json.dumps(item.context),
+                int(item.automatic),
+                _ts(at),
+                _ts(at),
+            ),
+        )
+        assert row is not None
+        return int(row["id"])
 
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None:
         self._db.execute(
@@ -422,6 +527,141 @@ class SqliteStore:
         )
         return cursor.rowcount == 1
 
+    async def list_requesters(self) -> list[Requester]:
+        async with self._reader.execute("SELECT * FROM requesters ORDER BY id") as cursor:
+            return [_requester(row) async for row in cursor]
+
+    async def get_requester(self, email: str) -> Requester | None:
+        async with self._reader.execute(
+            "SELECT * FROM requesters WHERE email = ?", (email,)
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _requester(row) if row else None
+
+    async def verify_requester(self, email: str) -> bool:
+        cursor = await self._writer.transaction(
+            lambda db: db.execute(
+                "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email = ?",
+                (_now(), email),
+            )
+        )
+        return cursor.rowcount == 1
+
+    async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
+        return await self._writer.transaction(lambda db: _redeem(db, token_hash))
+
+    async def claim_outbox(self, *, limit: int) -> list[OutboxRow]:
+        rows = await self._writer.transaction(
+            lambda db: db.execute(_CLAIM, (_now(), limit)).fetchall()
+        )
+        return sorted((_outbox_row(row) for row in rows), key=lambda r: r.id)
+
+    async def finish_outbox(
+        self, outbox_id: int, state: OutboxState, *, error: str | None, retry_at: datetime | None
+    ) -> None:
+        # A sent verification mail drops its token: from now on only its hash exists.
+        await self._writer.statement(
+            "UPDATE outbox SET state = :state, last_error = :error, "
+            "next_attempt_at = coalesce(:retry_at, next_attempt_at), "
+            "sent_at = CASE WHEN :state = 'sent' THEN :now ELSE sent_at END, "
+            "context = CASE WHEN :state = 'sent' THEN json_remove(context, '$.token') "
+            "ELSE context END WHERE id = :id",
+            {
+                "state": state,
+                "error": error,
+                "retry_at": _ts(retry_at) if retry_at else None,
+                "now": _now(),
+                "id": outbox_id,
+            },
+        )
+
+    async def requeue_sending(self) -> int:
+        cursor = await self._writer.transaction(
+            lambda db: db.execute(
+                "UPDATE outbox SET state = 'queued', next_attempt_at = ? WHERE state = 'sending'",
+                (_now(),),
+            )
+        )
+        return int(cursor.rowcount)
+
+    async def next_outbox_due(self) -> datetime | None:
+        async with self._reader.execute(
+            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return _dt(row[0]) if row and row[0] is not None else None
+
+    async def list_outbox(self, state: OutboxState | None = None) -> list[OutboxRow]:
+        async with self._reader.execute(
+            "SELECT * FROM outbox WHERE ?1 IS NULL OR state = ?1 ORDER BY id", (state,)
+        ) as cursor:
+            return [_outbox_row(row) async for row in cursor]
+
+    async def retry_outbox(self, outbox_id: int) -> bool:
+        cursor = await self._writer.transaction(
+            lambda db: db.execute(
+                "UPDATE outbox SET state = 'queued', next_attempt_at = ? "
+                "WHERE id = ? AND state IN ('queued', 'failed')",
+                (_now(), outbox_id),
+            )
+        )
+        return cursor.rowcount == 1
+
+
+def _requester(row: sqlite3.Row | aiosqlite.Row) -> Requester:
+    return Requester(
+        email=row["email"],
+        name=row["name"],
+        verified=row["verified_at"] is not None,
+        created_at=_dt(row["created_at"]),
+        verified_at=_dt(row["verified_at"]) if row["verified_at"] is not None else None,
+    )
+
+
+def _outbox_row(row: aiosqlite.Row) -> OutboxRow:
+    item = OutboxItem(
+        kind=row["kind"],
+        ticket_id=row["ticket_id"],
+        to=Address(row["recipient"], row["recipient_name"]),
+        message_id=row["message_id"],
+        automatic=bool(row["automatic"]),
+        context=json.loads(row["context"]),
+        cc=tuple(json.loads(row["cc"])),
+        in_reply_to=row["in_reply_to"],
+        references=tuple(json.loads(row["refs"])),
+    )
+    return OutboxRow(
+        id=row["id"],
+        item=item,
+        state=row["state"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        created_at=_dt(row["created_at"]),
+        next_attempt_at=_dt(row["next_attempt_at"]),
+        sent_at=_dt(row["sent_at"]) if row["sent_at"] is not None else None,
+    )
+
+
+def _redeem(db: sqlite3.Connection, token_hash: str) -> tuple[TokenOutcome, str | None]:
+    row = db.execute(
+        "SELECT v.id, v.used_at, v.expires_at, r.email FROM verification_tokens v "
+        "JOIN requesters r ON r.id = v.requester_id WHERE v.token_hash = ?",
+        (token_hash,),
+    ).fetchone()
+    if row is None:
+        return "unknown", None
+    if row["used_at"] is not None:
+        return "used", None
+    now = _now()
+    if row["expires_at"] <= now:
+        return "expired", None
+    db.execute("UPDATE verification_tokens SET used_at = ? WHERE id = ?", (now, row["id"]))
+    db.execute(
+        "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email = ?",
+        (now, row["email"]),
+    )
+    return "verified", str(row["email"])
+
 
 def _ticket(row: aiosqlite.Row, messages: tuple[Message, ...] = ()) -> Ticket:
     return Ticket(
@@ -447,8 +687,16 @@ def _message(row: aiosqlite.Row, attachments: tuple[StoredAttachment, ...]) -> M
         message_id=row["message_id"],
         received_at=_dt(row["received_at"]),
         thread_reason=row["thread_reason"],
+        author=row["author"],
         attachments=attachments,
     )
+
+
+_CLAIM = (
+    "UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id IN ("
+    " SELECT id FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
+    " ORDER BY next_attempt_at, id LIMIT ?) RETURNING *"
+)
 
 
 @asynccontextmanager

@@ -1,0 +1,79 @@
+"""mailgate's own Message-IDs: they name a ticket and prove it with an HMAC.
+
+`mg-<ticket>-<nonce>-<mac>@<hostname>`: a reply whose In-Reply-To/References carry one joins
+that ticket (ARCHITECTURE rule 4) even if mailgate stored nothing for the ID, and a stranger
+cannot mint one for someone else's ticket without the secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from pathlib import Path
+
+from mailgate.config import Config
+from mailgate.errors import ConfigError
+
+SECRET_BYTES = 32
+_MAC_HEX = 32  # 128 bits of HMAC-SHA256
+_OWN_ID = re.compile(r"mg-(\d{1,18})-([0-9a-f]{16})-([0-9a-f]{32})@[^<>\s@]+")
+
+
+def load_secret(path: Path) -> bytes:
+    """Read the HMAC secret, creating it (mode 0600, fsynced) at first start."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_hex(SECRET_BYTES).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+    secret = path.read_bytes().strip()
+    if len(secret) < SECRET_BYTES:
+        raise ValueError(f"{path}: the secret is shorter than {SECRET_BYTES} bytes")
+    return secret
+
+
+class MessageIds:
+    """Mint and verify mailgate's Message-IDs with one secret."""
+
+    def __init__(self, secret: bytes, hostname: str) -> None:
+        self._secret = secret
+        self._hostname = hostname
+
+    def _mac(self, ticket_id: int, nonce: str) -> str:
+        digest = hmac.new(self._secret, f"{ticket_id}-{nonce}".encode(), hashlib.sha256)
+        return digest.hexdigest()[:_MAC_HEX]
+
+    def new(self, ticket_id: int) -> str:
+        """A fresh Message-ID for a mail about `ticket_id`, without angle brackets."""
+        nonce = secrets.token_hex(8)
+        return f"mg-{ticket_id}-{nonce}-{self._mac(ticket_id, nonce)}@{self._hostname}"
+
+    def ticket_of(self, message_id: str) -> int | None:
+        """The ticket an ID of ours names, or None if it is not ours or its HMAC is wrong."""
+        match = _OWN_ID.fullmatch(message_id)
+        if match is None:
+            return None
+        ticket, nonce, mac = match.groups()
+        return int(ticket) if hmac.compare_digest(mac, self._mac(int(ticket), nonce)) else None
+
+    def find_in(self, text: str) -> list[int]:
+        """Tickets named by valid IDs of ours anywhere in `text` (a returned message)."""
+        found = [self.ticket_of(m.group(0)) for m in _OWN_ID.finditer(text)]
+        return list(dict.fromkeys(t for t in found if t is not None))
+
+
+def message_ids(config: Config) -> MessageIds:
+    """The Message-ID minter with the secret from the state directory (made at first start)."""
+    try:
+        secret = load_secret(config.outbound.secret_file)
+    except ValueError as exc:
+        raise ConfigError(f"outbound.secret_file: {exc}") from None
+    return MessageIds(secret, config.smtp.hostname)

@@ -1,0 +1,1 @@
+"""The outgoing side: compose mails from templates, deliver them from the outbox."""

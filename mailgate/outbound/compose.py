@@ -1,0 +1,97 @@
+"""Outbox row -> EmailMessage: templates for the words, code for the headers.
+
+Every header value that can hold customer data (names, subjects, Message-IDs we were sent)
+passes `clean_line`, which removes CR, LF and other controls: this Python (3.11) does not
+refuse them when serialising (CVE-2024-6923), so no customer text can start a header.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import re
+from email.headerregistry import Address as HeaderAddress
+from email.message import EmailMessage
+from email.utils import formatdate
+from typing import Any
+
+from mailgate.config import Config
+from mailgate.ingest.text import clean_line
+from mailgate.model import Address, OutboxItem
+from mailgate.outbound.templates import Templates
+
+_PLAIN_MSGID = re.compile(r"[!-;=?-~]{1,998}")  # printable ASCII without space, < and >
+MAX_SUBJECT = 200
+
+
+class Composer:
+    """Build the message for an outbox row."""
+
+    def __init__(self, config: Config, templates: Templates) -> None:
+        self._templates = templates
+        self._sender = Address(config.outbound.sender, config.outbound.sender_name)
+        self._base_url = config.http.base_url
+        self._tag_prefix = config.tickets.tag_prefix
+        self._ttl_days = max(1, round(config.verification.ttl / 86400))
+
+    @property
+    def sender(self) -> str:
+        return self._sender.email
+
+    def variables(self, item: OutboxItem) -> dict[str, Any]:
+        """What the templates see: the row's context, the tag and the verification link."""
+        found: dict[str, Any] = {**item.context, "tag": self.tag(item.ticket_id)}
+        token = found.pop("token", None)
+        if item.kind == "verification":
+            found["verify_url"] = f"{self._base_url}/verify/{token}"
+            found["ttl_days"] = self._ttl_days
+        return found
+
+    def tag(self, ticket_id: int) -> str:
+        return f"[{self._tag_prefix}{ticket_id}]"
+
+    def compose(self, item: OutboxItem) -> EmailMessage:
+        """Render and assemble; raises ConfigError if a template is broken."""
+        variables = self.variables(item)
+        subject = clean_line(self._templates.mail(item.kind, "subject.txt", variables))
+        tag = self.tag(item.ticket_id)
+        if tag not in subject:
+            subject = f"{subject} {tag}".strip()
+        text = self._templates.mail(item.kind, "txt", variables)
+        html = self._templates.mail(item.kind, "html", variables)
+
+        msg = EmailMessage(policy=email.policy.SMTP)
+        msg["From"] = _mailbox(self._sender)
+        msg["To"] = _mailbox(item.to)
+        if item.cc:
+            msg["Cc"] = ", ".join(_mailbox(Address(cc)) for cc in item.cc)
+        msg["Subject"] = subject[:MAX_SUBJECT]
+        msg["Date"] = formatdate(localtime=False)
+        msg["Message-ID"] = f"<{item.message_id}>"
+        thread = [i for i in item.references if _PLAIN_MSGID.fullmatch(i)]
+        if item.in_reply_to and _PLAIN_MSGID.fullmatch(item.in_reply_to):
+            msg["In-Reply-To"] = f"<{item.in_reply_to}>"
+            thread = [i for i in thread if i != item.in_reply_to] + [item.in_reply_to]
+        if thread:
+            msg["References"] = " ".join(f"<{i}>" for i in thread)
+        if item.automatic:  # RFC 3834; and no Outlook out-of-office in return
+            msg["Auto-Submitted"] = "auto-replied"
+            msg["X-Auto-Response-Suppress"] = "All"
+        msg.set_content(text)
+        msg.add_alternative(html, subtype="html")
+        return msg
+
+
+def _mailbox(address: Address) -> str:
+    """`Name <addr>` with the name cleaned and encoded as RFC 2047 where needed."""
+    name = clean_line(address.name or "")
+    try:
+        return str(HeaderAddress(display_name=name, addr_spec=address.email))
+    except (ValueError, IndexError):  # an addr-spec the header parser will not take apart
+        return address.email
+
+
+def serialise(msg: EmailMessage, recipients: list[str]) -> bytes:
+    """Bytes for the wire: CRLF lines; SMTPUTF8 only when an address needs it."""
+    needs_utf8 = any(not r.isascii() for r in recipients)
+    policy = email.policy.SMTPUTF8 if needs_utf8 else email.policy.SMTP
+    return msg.as_bytes(policy=policy)

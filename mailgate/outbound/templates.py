@@ -1,0 +1,97 @@
+"""The jinja2 sandbox over `templates/`: data in, text out, never code (ARCHITECTURE rule 7).
+
+Sandboxed, `StrictUndefined` (a misspelt variable is an error, not an empty string), and
+autoescaped for `.html` templates. Customer text only ever arrives as a variable.
+`check()` renders every template with sample data, so `mailgate check-config` and start-up
+report a broken template by file and line before any mail needs it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from mailgate.errors import ConfigError
+
+MAIL_KINDS = ("verification", "ticket_created", "agent_reply")
+MAIL_PARTS = ("subject.txt", "txt", "html")
+PAGES = ("verified.html", "token_invalid.html")
+
+_COMMON = {"ticket_id": 42, "tag": "[#42]"}
+SAMPLES: Mapping[str, Mapping[str, Any]] = {
+    "verification": {
+        **_COMMON,
+        "email": "customer@example.org",
+        "verify_url": "https://support.example.com/verify/SAMPLE",
+        "ttl_days": 7,
+    },
+    "ticket_created": _COMMON,
+    "agent_reply": {
+        **_COMMON,
+        "subject": "Printer on fire",
+        "body": "Hello,\nplease unplug it.\n",
+        "requester_name": "Customer",
+        "agent_name": None,
+        "agent_email": None,
+    },
+    "verified.html": {"email": "customer@example.org"},
+    "token_invalid.html": {"reason": "used"},
+}
+
+
+class Templates:
+    """Render mail parts and pages from the folder ops edit."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._env = SandboxedEnvironment(
+            loader=jinja2.FileSystemLoader(folder),
+            undefined=jinja2.StrictUndefined,
+            autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
+            keep_trailing_newline=False,
+        )
+
+    def render(self, name: str, variables: Mapping[str, Any]) -> str:
+        """Render `name` (e.g. "mail/verification.txt").
+
+        Raises:
+            ConfigError: the template is missing or broken; the message names file and line.
+        """
+        try:
+            return self._env.get_template(name).render(variables)
+        except jinja2.TemplateError as exc:
+            raise ConfigError(self._locate(name, exc)) from exc
+
+    def mail(self, kind: str, part: str, variables: Mapping[str, Any]) -> str:
+        return self.render(f"mail/{kind}.{part}", variables)
+
+    def page(self, name: str, variables: Mapping[str, Any]) -> str:
+        return self.render(f"page/{name}", variables)
+
+    def check(self) -> None:
+        """Render every template with sample data; raise ConfigError at the first failure."""
+        for kind in MAIL_KINDS:
+            for part in MAIL_PARTS:
+                self.mail(kind, part, SAMPLES[kind])
+        for page in PAGES:
+            self.page(page, SAMPLES[page])
+
+    def _locate(self, name: str, exc: jinja2.TemplateError) -> str:
+        """'templates/mail/x.html:3: message', from the error or its traceback."""
+        if isinstance(exc, jinja2.TemplateNotFound):
+            return f"{self.folder / name}: template not found"
+        where, line = self.folder / name, getattr(exc, "lineno", None)
+        if isinstance(exc, jinja2.TemplateSyntaxError) and exc.name:
+            where = self.folder / exc.name
+        else:
+            # jinja2 rewrites the traceback so that template lines appear as frames
+            for frame in traceback.extract_tb(exc.__traceback__):
+                if frame.filename.startswith(str(self.folder)):
+                    where, line = Path(frame.filename), frame.lineno
+        suffix = f":{line}" if line else ""
+        return f"{where}{suffix}: {type(exc).__name__}: {exc.message or exc}"

@@ -1,0 +1,1 @@
+"""Personal data rules: tokens now; retention, rights, encryption and audit to come."""
