@@ -98,6 +98,7 @@ def requester_json(requester: Requester) -> dict[str, Any]:
         "verified": requester.verified,
         "created_at": requester.created_at.isoformat(),
         "verified_at": requester.verified_at.isoformat() if requester.verified_at else None,
+        "undeliverable": requester.undeliverable,
     }
 
 
@@ -335,6 +336,8 @@ async def cmd_requesters_show(config: Config, args: argparse.Namespace) -> int:
     print(f"Name:     {requester.name or ''}")
     print(f"Verified: {'yes' if requester.verified else 'no'}")
     print(f"Created:  {requester.created_at.isoformat()}")
+    if requester.undeliverable:
+        print(f"Undeliverable: bounced with {requester.undeliverable}; no automatic mail")
     return 0
 
 

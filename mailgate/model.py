@@ -149,6 +149,7 @@ class Requester:
     verified: bool
     created_at: datetime
     verified_at: datetime | None = None
+    undeliverable: str | None = None  # the DSN status of a permanent bounce, until it writes in
 
 
 @dataclass(frozen=True, slots=True)

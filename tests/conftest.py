@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import json
 import os
 import shutil
@@ -14,12 +15,14 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.parser import BytesParser
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import SMTP
 
 from mailgate.config import Config, load_config
 from mailgate.model import HostPort, Ticket
@@ -282,3 +285,84 @@ def subprocess_daemon(tmp_path: Path) -> Iterator[SubprocessDaemon]:
     daemon = SubprocessDaemon(tmp_path / "daemon")
     yield daemon
     daemon.kill()
+
+
+@dataclass
+class Received:
+    """One mail as the relay got it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+
+    @property
+    def message(self) -> EmailMessage:
+        parsed = BytesParser(policy=email.policy.default).parsebytes(self.raw)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+    def text(self) -> str:
+        body = self.message.get_body(("plain",))
+        assert body is not None
+        return str(body.get_content())  # type: ignore[attr-defined]
+
+
+class Relay:
+    """A real SMTP relay on loopback (aiosmtpd) that records what mailgate delivers.
+
+    `reply` chooses its answer to DATA: None accepts, "550 ..." rejects, "451 ..." defers.
+    `stop()`/`start()` take it off the air and back on the same port.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[Received] = []
+        self.attempts = 0
+        self.reply: str | None = None
+        self._server: asyncio.AbstractServer | None = None
+
+    async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
+        self.attempts += 1
+        if self.reply is not None:
+            return self.reply
+        self.received.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)
+        )
+        return "250 2.0.0 OK"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SMTP(self, hostname="relay.test"), "127.0.0.1", self.port
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def wait_for(self, count: int, *, within: float = 15) -> list[Received]:
+        """Wait until at least `count` mails arrived; return all of them."""
+        deadline = time.monotonic() + within
+        while len(self.received) < count:
+            assert time.monotonic() < deadline, f"relay got {len(self.received)} of {count}"
+            await asyncio.sleep(0.05)
+        return self.received
+
+    def kinds(self) -> list[str]:
+        """What each received mail is, by its template's subject line."""
+        return [r.message["Subject"] for r in self.received]
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[Relay]:
+    server = Relay()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def relay_config(tmp_path: Path, relay: Relay) -> Config:
+    return load_config(write_config(tmp_path, relay_port=relay.port))

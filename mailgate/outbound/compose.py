@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import email.policy
 import re
+from datetime import UTC, datetime
 from email.headerregistry import Address as HeaderAddress
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import format_datetime
 from typing import Any
 
 from mailgate.config import Config
@@ -65,7 +66,7 @@ class Composer:
         if item.cc:
             msg["Cc"] = ", ".join(_mailbox(Address(cc)) for cc in item.cc)
         msg["Subject"] = subject[:MAX_SUBJECT]
-        msg["Date"] = formatdate(localtime=False)
+        msg["Date"] = format_datetime(datetime.now(UTC))
         msg["Message-ID"] = f"<{item.message_id}>"
         thread = [i for i in item.references if _PLAIN_MSGID.fullmatch(i)]
         if item.in_reply_to and _PLAIN_MSGID.fullmatch(item.in_reply_to):

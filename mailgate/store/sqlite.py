@@ -313,7 +313,7 @@ class _SqliteIngestTx:
         return (customer[-1] if customer else None), [row["message_id"] for row in rows]
 
     def requester(self, email: str) -> Requester | None:
-        row = self._one("SELECT * FROM requesters WHERE email = ?", (email,))
+        row = self._one(_REQUESTERS + "WHERE r.email = ?", (email,))
         return _requester(row) if row else None
 
     def has_live_token(self, email: str, *, at: datetime) -> bool:
@@ -528,13 +528,11 @@ class SqliteStore:
         return cursor.rowcount == 1
 
     async def list_requesters(self) -> list[Requester]:
-        async with self._reader.execute("SELECT * FROM requesters ORDER BY id") as cursor:
+        async with self._reader.execute(_REQUESTERS + "ORDER BY r.id") as cursor:
             return [_requester(row) async for row in cursor]
 
     async def get_requester(self, email: str) -> Requester | None:
-        async with self._reader.execute(
-            "SELECT * FROM requesters WHERE email = ?", (email,)
-        ) as cursor:
+        async with self._reader.execute(_REQUESTERS + "WHERE r.email = ?", (email,)) as cursor:
             row = await cursor.fetchone()
         return _requester(row) if row else None
 
@@ -615,6 +613,7 @@ def _requester(row: sqlite3.Row | aiosqlite.Row) -> Requester:
         verified=row["verified_at"] is not None,
         created_at=_dt(row["created_at"]),
         verified_at=_dt(row["verified_at"]) if row["verified_at"] is not None else None,
+        undeliverable=row["undeliverable"],
     )
 
 
@@ -692,6 +691,10 @@ def _message(row: aiosqlite.Row, attachments: tuple[StoredAttachment, ...]) -> M
     )
 
 
+_REQUESTERS = (
+    "SELECT r.*, u.status AS undeliverable FROM requesters r "
+    "LEFT JOIN undeliverable u ON u.email = r.email "
+)
 _CLAIM = (
     "UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id IN ("
     " SELECT id FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
