@@ -18,8 +18,8 @@ from mailgate.config import Config
 from mailgate.errors import ConfigError
 
 SECRET_BYTES = 32
-_MAC_HEX = 32  # 128 bits of HMAC-SHA256
-_OWN_ID = re.compile(r"mg-(\d{1,18})-([0-9a-f]{16})-([0-9a-f]{32})@[^<>\s@]+")
+_MAC_HEX = 24  # 96 bits of HMAC-SHA256: unguessable, and the header stays on one line
+_OWN_ID = re.compile(r"mg-(\d{1,18})-([0-9a-f]{12})-([0-9a-f]{24})@[^<>\s@]+")
 
 
 def load_secret(path: Path) -> bytes:
@@ -53,7 +53,7 @@ class MessageIds:
 
     def new(self, ticket_id: int) -> str:
         """A fresh Message-ID for a mail about `ticket_id`, without angle brackets."""
-        nonce = secrets.token_hex(8)
+        nonce = secrets.token_hex(6)
         return f"mg-{ticket_id}-{nonce}-{self._mac(ticket_id, nonce)}@{self._hostname}"
 
     def ticket_of(self, message_id: str) -> int | None:

@@ -62,7 +62,9 @@ class Composer:
 
         msg = EmailMessage(policy=email.policy.SMTP)
         msg["From"] = _mailbox(self._sender)
-        msg["To"] = _mailbox(item.to)
+        # An automatic mail shows the bare address: a display name is the sender's own text,
+        # and a forged From could use it to make mailgate mail an advertisement.
+        msg["To"] = _mailbox(Address(item.to.email) if item.automatic else item.to)
         if item.cc:
             msg["Cc"] = ", ".join(_mailbox(Address(cc)) for cc in item.cc)
         msg["Subject"] = subject[:MAX_SUBJECT]
