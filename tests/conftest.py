@@ -304,7 +304,7 @@ class Received:
     def text(self) -> str:
         body = self.message.get_body(("plain",))
         assert body is not None
-        return str(body.get_content())  # type: ignore[attr-defined]
+        return str(body.get_content())
 
 
 class Relay:

@@ -275,7 +275,7 @@ async def test_customer_text_is_escaped_in_html_mail(
         [*_, answer] = await relay.wait_for(3)
     html = answer.message.get_body(("html",))
     assert html is not None
-    content = str(html.get_content())  # type: ignore[attr-defined]
+    content = str(html.get_content())
     assert "<script>" not in content and "&lt;script&gt;" in content
     assert "<img" not in content and "&lt;img" in content
     assert "{{ 7*7 }}" in content and "49" not in content
