@@ -23,7 +23,6 @@ from mailgate import __version__
 from mailgate.config import Config, config_path, load_config
 from mailgate.errors import ConfigError, MailgateError, NotFound, UsageError
 from mailgate.ingest.prepare import ParserPool
-from mailgate.ingest.text import clean_body, decode_header_text
 from mailgate.ingest.worker import IngestWorker
 from mailgate.log import configure_logging
 from mailgate.model import Address, InboundRow, Message, OutboxRow, Requester, Ticket
@@ -31,6 +30,7 @@ from mailgate.msgid import message_ids
 from mailgate.outbound.templates import Templates
 from mailgate.reactions import Reactions
 from mailgate.store import SqliteStore, open_store
+from mailgate.text import clean_body, decode_header_text
 
 EX_STARTUP = 3
 Command = Callable[[Config, argparse.Namespace], Awaitable[int]]

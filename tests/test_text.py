@@ -6,7 +6,7 @@ import pytest
 
 from mailgate.ingest.match import display_subject, strip_reply_prefixes
 from mailgate.ingest.parse import sanitise_filename
-from mailgate.ingest.text import clean_line, codec_for, decode_bytes, decode_header_text
+from mailgate.text import clean_line, codec_for, decode_bytes, decode_header_text
 from tests.conftest import Running
 
 

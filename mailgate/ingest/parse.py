@@ -18,14 +18,14 @@ from email_validator import EmailNotValidError, validate_email
 
 from mailgate.errors import Unparseable
 from mailgate.ingest.classify import automatic_reason, find_bounce
-from mailgate.ingest.text import (
+from mailgate.model import Address, AttachmentPart, Bounce, ParsedMail
+from mailgate.text import (
     clean_body,
     clean_line,
     decode_bytes,
     decode_header_text,
     html_to_text,
 )
-from mailgate.model import Address, AttachmentPart, Bounce, ParsedMail
 
 MAX_DEPTH = 50
 MAX_REFERENCES = 100

@@ -16,9 +16,9 @@ from email.utils import format_datetime
 from typing import Any
 
 from mailgate.config import Config
-from mailgate.ingest.text import clean_line
 from mailgate.model import Address, OutboxItem
 from mailgate.outbound.templates import Templates
+from mailgate.text import clean_line
 
 _PLAIN_MSGID = re.compile(r"[!-;=?-~]{1,998}")  # printable ASCII without space, < and >
 MAX_SUBJECT = 200
