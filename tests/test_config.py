@@ -96,6 +96,15 @@ def test_unknown_section_is_an_error(tmp_path: Path) -> None:
         ("smtp", "accept", '["not an address"]'),
         ("http", "base_url", '"ftp://x"'),
         ("outbound", "sender", '"nope"'),
+        ("outbound", "tls", '"ssl"'),
+        ("outbound", "acknowledge", '"yes"'),
+        ("outbound", "retry_initial", "-5"),
+        ("outbound", "auto_reply_limit", "0"),
+        ("outbound", "username", '""'),
+        ("agents", "addresses", '"agent@example.com"'),
+        ("agents", "addresses", '["not an address"]'),
+        ("agents", "expose_address", "1"),
+        ("verification", "ttl", '"a week"'),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, section: str, key: str, value: str) -> None:
@@ -186,6 +195,10 @@ def test_cli_creates_the_database_next_to_the_config(tmp_path: Path) -> None:
         ("close", "notanumber"),
         ("quarantine", "show"),
         ("tickets",),
+        ("reply", "1"),
+        ("outbox", "list", "--state", "lost"),
+        ("outbox", "retry", "x"),
+        ("requesters", "show"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
