@@ -35,7 +35,8 @@ def build_app(store: Store, templates: Templates) -> web.Application:
     app = web.Application()
     app[_STORE_KEY] = store
     app[_TEMPLATES_KEY] = templates
-    app.router.add_get("/verify/{token}", verify)
+    # No HEAD: link checkers send it, and it must not use up the token.
+    app.router.add_get("/verify/{token}", verify, allow_head=False)
     app.router.add_get("/healthz", healthz)
     return app
 

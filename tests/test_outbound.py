@@ -306,3 +306,48 @@ def test_check_config_reports_template_errors(
         result = run_cli("--config", str(path), command)
         assert result.returncode == 78, result.stderr
         assert f"{templates / template}:{line}:" in result.stderr
+
+
+async def test_head_and_health(relay: Relay, relay_config: Config) -> None:
+    """A link checker's HEAD does not use up the token; /healthz answers."""
+    async with daemon_running(relay_config) as running:
+        await running.send(mail(sender="ann@example.org"))
+        await relay.wait_for(2)
+        [verification] = [r for r in relay.received if VERIFY_SUBJECT in r.message["Subject"]]
+        url = f"http://{running.http.host}:{running.http.port}"
+        async with aiohttp.ClientSession() as session:
+            async with session.head(url + link_path(verification)) as response:
+                assert response.status == 405
+            async with session.get(url + "/healthz") as response:
+                assert response.status == 200
+        assert not verified(running, "ann@example.org")
+        status, _ = await get(running, link_path(verification))
+        assert status == 200
+
+
+async def test_acknowledgement_can_be_switched_off(relay: Relay, tmp_path: Path) -> None:
+    path = write_config(tmp_path, relay_port=relay.port, outbound_extra="acknowledge = false\n")
+    async with daemon_running(load_config(path)) as running:
+        await running.send(mail(sender="ann@example.org"))
+        await relay.wait_for(1)
+        await asyncio.sleep(1)
+    assert subjects(relay) == [f"{VERIFY_SUBJECT} [#1]"]
+
+
+async def test_agent_shown_when_configured(relay: Relay, tmp_path: Path) -> None:
+    """With `agents.expose_address`, the relayed answer names the agent."""
+    path = write_config(tmp_path, relay_port=relay.port)
+    path.write_text(
+        path.read_text().replace(
+            '"@staff.example.com"]', '"@staff.example.com"]\nexpose_address = true'
+        )
+    )
+    async with daemon_running(load_config(path)) as running:
+        await running.send(mail(sender="ann@example.org"))
+        await relay.wait_for(2)
+        await running.send(
+            mail(sender="Agent Smith <smith@staff.example.com>", subject="Re: [#1]", body="Hi\n"),
+            sender="smith@staff.example.com",
+        )
+        [*_, relayed] = await relay.wait_for(3)
+    assert "Agent Smith <smith@staff.example.com>, Support" in relayed.text()
