@@ -78,6 +78,7 @@ transport = "file"
 directory = "var/outbox"
 relay = "127.0.0.1:2525"
 sender = "support@example.com"
+templates = "{templates}"
 [http]
 listen = "127.0.0.1:{http_port}"
 base_url = "http://127.0.0.1:{http_port}"
@@ -587,7 +588,11 @@ def run_one(
         while http_port == port:
             http_port = free_port()
         cfg = workdir / "config.toml"
-        cfg.write_text(CONFIG_TEMPLATE.format(smtp_port=port, http_port=http_port))
+        cfg.write_text(
+            CONFIG_TEMPLATE.format(
+                smtp_port=port, http_port=http_port, templates=ROOT / "templates"
+            )
+        )
         cmd = (fake_mailgate_cmd if args.self_test else mailgate_cmd)(cfg)
     server = ServerProcess(target, cmd, port, workdir)
     tag = f"bench-{uuid.uuid4().hex[:12]}-{seq}"

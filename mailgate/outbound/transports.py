@@ -5,6 +5,7 @@ Both raise `DeliveryFailed`, temporary or permanent; the outbox worker decides o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ class FileTransport:
 
     async def send(self, message: bytes, *, sender: str, recipients: Sequence[str]) -> None:
         try:
-            self._write(message)
+            await asyncio.to_thread(self._write, message)  # fsync stays off the event loop
         except OSError as exc:
             raise DeliveryFailed(
                 f"cannot write to the outbox folder: {exc}", permanent=False
