@@ -180,7 +180,8 @@ async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
     print(f"Requester: {f'{requester.name} ' if requester.name else ''}<{requester.email}>")
     print(f"Created:   {ticket.created_at.isoformat()}")
     for m in ticket.messages:
-        print(f"\n--- {m.received_at.isoformat()}  {m.sender.email}  ({m.thread_reason})")
+        author = "" if m.author == "customer" else f"[{m.author}] "
+        print(f"\n--- {m.received_at.isoformat()}  {author}{m.sender.email}  ({m.thread_reason})")
         print(m.body_text)
         for a in m.attachments:
             print(f"[attachment] {a.filename or '(unnamed)'}  {a.content_type}  {a.size} bytes")

@@ -179,7 +179,7 @@ class IngestWorker:
             if bounced is not None:
                 return self._apply_bounce(tx, item, mail, bounced, now)
         automatic = self._automatic_reason(mail, row)
-        is_agent = self._agents.includes(mail.sender.email) and automatic is None
+        is_agent = automatic == "agent"  # a person on the team (their out-of-office is not)
         match = find_thread(
             tx,
             mail,
@@ -193,7 +193,7 @@ class IngestWorker:
         else:
             ticket_id = match.ticket_id
             # A reply reopens the ticket; an out-of-office or an agent's answer does not.
-            if tx.ticket_status(ticket_id) == "closed" and automatic is None and not is_agent:
+            if tx.ticket_status(ticket_id) == "closed" and automatic is None:
                 tx.set_status(ticket_id, "open", at=now)
         agent_answer = is_agent and match.ticket_id is not None
         tx.add_message(
@@ -263,6 +263,8 @@ class IngestWorker:
                 return "mailer-daemon"
         if self._is_support(sender) or sender.lower() == self._own_sender:
             return "own address"
+        if self._agents.includes(sender):
+            return "agent"  # the team's own people need no verification or acknowledgement
         return None
 
     def _bounced_ticket(self, tx: IngestTx, mail: ParsedMail, row: InboundRow) -> int | None:
