@@ -221,10 +221,12 @@ def mail(
 class SubprocessDaemon:
     """`mailgate serve` as its own process, as systemd runs it."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, relay_port: int | None = None) -> None:
         self.folder = folder
         self.port = free_port()
-        self.config_path = write_config(folder, smtp_port=self.port, log_level="warning")
+        self.config_path = write_config(
+            folder, smtp_port=self.port, log_level="warning", relay_port=relay_port
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
