@@ -163,7 +163,8 @@ class Handler:
         self._bind(session)
         raw = envelope.original_content or b""
         stored = Envelope(
-            mail_from=envelope.mail_from or "",
+            # aiosmtpd reports the null sender of MAIL FROM:<> as "<>"; we store it as "".
+            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             rcpt_tos=tuple(envelope.rcpt_tos),
             peer=peer_of(session),
             helo=session.host_name,

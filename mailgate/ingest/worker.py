@@ -288,8 +288,11 @@ class IngestWorker:
             at=item.row.received_at,
             author="system",
         )
+        # Only an address the returned mail went to can be marked: a bounce that names others
+        # would let anyone holding one of our mails silence a third party.
+        sent_to = {a.lower() for i in mail.bounce.returned_ids for a in tx.sent_to(i)}
         for recipient, status in mail.bounce.failed:
-            if status.startswith("5"):
+            if status.startswith("5") and recipient.lower() in sent_to:
                 tx.set_undeliverable(recipient, status, at=now)
         tx.finish_inbound(item.row.id, "ingested", reason="bounce", at=now)
         log.info("bounce_filed", ticket_id=ticket_id, permanent=len(mail.bounce.permanent))

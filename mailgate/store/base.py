@@ -93,6 +93,9 @@ class IngestTx(Protocol):
     def set_undeliverable(self, email: str, status: str | None, *, at: datetime) -> None:
         """Mark `email` undeliverable with a DSN status, or clear the mark (status None)."""
 
+    def sent_to(self, message_id: str) -> list[str]:
+        """The addresses (To and Cc) of the outgoing mail with this Message-ID."""
+
     def enqueue(self, item: OutboxItem, *, at: datetime) -> int:
         """Queue an outgoing mail, due now; return its outbox id."""
 

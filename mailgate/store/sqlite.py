@@ -354,6 +354,10 @@ class _SqliteIngestTx:
             (email, status, _ts(at)),
         )
 
+    def sent_to(self, message_id: str) -> list[str]:
+        row = self._one("SELECT recipient, cc FROM outbox WHERE message_id = ?", (message_id,))
+        return [row["recipient"], *json.loads(row["cc"])] if row else []
+
     def enqueue(self, item: OutboxItem, *, at: datetime) -> int:
         row = self._one(
             "INSERT INTO outbox (kind, ticket_id, recipient, recipient_name, cc, message_id, "
