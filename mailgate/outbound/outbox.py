@@ -100,11 +100,14 @@ class OutboundWorker:
             await self._finish(row, "sent", None)
 
     async def _retry_or_fail(self, row: OutboxRow, error: str) -> None:
-        delay = min(self._config.retry_initial * 2 ** (row.attempts - 1), self._config.retry_max)
-        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
-        if retry_at > row.created_at + timedelta(seconds=self._config.max_lifetime):
+        """Queue the next attempt; the last one falls at `max_lifetime`, then the mail fails."""
+        now = datetime.now(UTC)
+        deadline = row.created_at + timedelta(seconds=self._config.max_lifetime)
+        if now >= deadline:
             await self._finish(row, "failed", f"gave up after {row.attempts} attempts: {error}")
             return
+        delay = min(self._config.retry_initial * 2 ** (row.attempts - 1), self._config.retry_max)
+        retry_at = min(now + timedelta(seconds=delay), deadline)
         await self._store.finish_outbox(row.id, "queued", error=error, retry_at=retry_at)
         log.warning(
             "outbox_deferred", outbox_id=row.id, attempts=row.attempts, delay=delay, error=error

@@ -53,11 +53,20 @@ class FileTransport:
         self._directory.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
         tmp = self._directory / f".{name}.tmp"
-        with open(tmp, "xb") as fh:
-            fh.write(message)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._directory / f"{name}.eml")
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(message)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._directory / f"{name}.eml")
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not fill up with halves
+            raise
+        folder = os.open(self._directory, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename survives a power loss before the row says 'sent'
+        finally:
+            os.close(folder)
 
 
 class SmtpTransport:
