@@ -68,13 +68,17 @@ async def serve(
         store = await stack.enter_async_context(open_store(config.storage.database))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
 
-        mail_queued = asyncio.Event()
+        committed, mail_queued = asyncio.Event(), asyncio.Event()
+        sessions: set[MailgateSMTP] = set()
+        intake = Intake(store, on_committed=committed, senders=lambda: len(sessions))
+
         outbound = OutboundWorker(
             store,
             Composer(config, templates),
             transport_for(config.outbound, local_hostname=config.smtp.hostname),
             config.outbound,
             wake=mail_queued,
+            intake_busy=intake.busy,
         )
         outbound_task = asyncio.create_task(outbound.run(), name="outbound-worker")
         stack.push_async_callback(_stop_worker, outbound, outbound_task)
@@ -82,9 +86,6 @@ async def serve(
         parser = ParserPool()
         stack.callback(parser.close)
         await parser.start()
-        committed = asyncio.Event()
-        sessions: set[MailgateSMTP] = set()
-        intake = Intake(store, on_committed=committed, senders=lambda: len(sessions))
         worker = IngestWorker(
             store,
             config,

@@ -10,6 +10,8 @@ A 5xx fails it at once. Rows a crash left 'sending' are queued again at start
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -28,6 +30,8 @@ log = structlog.get_logger(__name__)
 BATCH = 10
 POLL_SECONDS = 1.0  # rows queued by another process (the CLI's `reply`) are seen this fast
 RETRY_SECONDS = 2.0
+SHARE_WHILE_BUSY = 0.1  # of the event loop's time while intake is busy
+MAX_PAUSE = 1.0
 
 
 class OutboundWorker:
@@ -41,8 +45,10 @@ class OutboundWorker:
         config: OutboundConfig,
         *,
         wake: asyncio.Event | None = None,
+        intake_busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._store = store
+        self._intake_busy = intake_busy
         self._composer = composer
         self._transport = transport
         self._config = config
@@ -63,12 +69,16 @@ class OutboundWorker:
             try:
                 rows = await self._store.claim_outbox(limit=BATCH)
                 if rows:
+                    started = time.monotonic()
                     results = await asyncio.gather(
                         *(self._deliver(row) for row in rows), return_exceptions=True
                     )
                     for row, result in zip(rows, results, strict=True):
                         if isinstance(result, Exception):  # left 'sending' until a restart
                             log.error("outbox_delivery_crashed", outbox_id=row.id, exc_info=result)
+                    if self._intake_busy():  # the 250s come first, as for ingest
+                        spent = time.monotonic() - started
+                        await asyncio.sleep(min(spent * (1 / SHARE_WHILE_BUSY - 1), MAX_PAUSE))
                     continue
                 due = await self._store.next_outbox_due()
             except StoreUnavailable as exc:
