@@ -82,6 +82,8 @@ templates = "{templates}"
 [http]
 listen = "127.0.0.1:{http_port}"
 base_url = "http://127.0.0.1:{http_port}"
+[auth]
+enabled = false
 [log]
 level = "warning"
 """

@@ -30,6 +30,13 @@ class SmtpConfig:
     accept: tuple[str, ...]
     max_message_size: int
     drain_timeout: float
+    max_connections: int
+    max_connections_per_ip: int
+    max_recipients: int
+    max_errors: int
+    timeout: float
+    min_data_rate: int
+    max_received_headers: int
 
     def accepts(self, address: str) -> bool:
         """Tell whether `address` is one of ours: an exact entry or an `@domain` entry."""
@@ -68,6 +75,15 @@ class OutboundConfig:
     max_lifetime: float
     auto_reply_limit: int
     auto_reply_window: float
+    auto_reply_global_limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    enabled: bool
+    dns_timeout: float
+    nameservers: tuple[HostPort, ...]
+    trusted_authserv_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +128,7 @@ class Config:
     tickets: TicketsConfig
     verification: VerificationConfig
     agents: AgentsConfig
+    auth: AuthConfig
     log: LogConfig
 
 
@@ -190,6 +207,12 @@ def _base_url(value: Any, base: Path) -> str:
     return url.rstrip("/")
 
 
+def _host_port_list(value: Any, base: Path) -> tuple[HostPort, ...]:
+    if not isinstance(value, list):
+        raise ValueError('expected a list such as ["127.0.0.1:53"]')
+    return tuple(_host_port(entry, base) for entry in value)
+
+
 def _bool(value: Any, _base: Path) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -224,6 +247,13 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "accept": (_accept_list, _REQUIRED),
         "max_message_size": (_positive_int, 25 * 1024 * 1024),
         "drain_timeout": (_seconds, 30),
+        "max_connections": (_positive_int, 100),
+        "max_connections_per_ip": (_positive_int, 20),
+        "max_recipients": (_positive_int, 100),
+        "max_errors": (_positive_int, 20),
+        "timeout": (_seconds, 300),
+        "min_data_rate": (_positive_int, 500),
+        "max_received_headers": (_positive_int, 100),
     },
     "storage": {
         "database": (_path, "var/mailgate.db"),
@@ -247,6 +277,7 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "max_lifetime": (_seconds, 5 * 24 * 3600),
         "auto_reply_limit": (_positive_int, 5),
         "auto_reply_window": (_seconds, 3600),
+        "auto_reply_global_limit": (_positive_int, 500),
     },
     "http": {
         "listen": (_host_port, "127.0.0.1:8080"),
@@ -261,6 +292,12 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
     "agents": {
         "addresses": (_address_list, []),
         "expose_address": (_bool, False),
+    },
+    "auth": {
+        "enabled": (_bool, True),
+        "dns_timeout": (_seconds, 5),
+        "nameservers": (_host_port_list, []),
+        "trusted_authserv_id": (_optional(_text), None),
     },
     "log": {
         "level": (_one_of("debug", "info", "warning", "error"), "info"),
@@ -319,5 +356,6 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         tickets=TicketsConfig(**values["tickets"]),
         verification=VerificationConfig(**values["verification"]),
         agents=AgentsConfig(**values["agents"]),
+        auth=AuthConfig(**values["auth"]),
         log=LogConfig(**values["log"]),
     )

@@ -59,6 +59,10 @@ retry_max = 1
 [agents]
 addresses = ["agent@example.com", "@staff.example.com"]
 
+[auth]
+# No DNS in tests unless a test brings its own stub server.
+enabled = false
+
 [http]
 listen = "127.0.0.1:0"
 base_url = "http://127.0.0.1:8080"
