@@ -91,6 +91,7 @@ class ParsedMail:
     attachments: tuple[AttachmentPart, ...] = ()
     automatic: str | None = None  # why the mail is automatic (RFC 3834), if it is
     bounce: Bounce | None = None
+    reply_to: tuple[Address, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,8 @@ class Message:
     thread_reason: ThreadReason
     author: Author = "customer"
     attachments: tuple[StoredAttachment, ...] = ()
+    auth: dict[str, object] | None = None  # sender authentication results, if checked
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +130,7 @@ class Ticket:
     updated_at: datetime
     message_count: int
     messages: tuple[Message, ...] = field(default=())
+    flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ def _extract(msg: StdMessage) -> ParsedMail:
         body_html=body.html,
         attachments=tuple(body.attachments),
         automatic=automatic_reason(headers),
+        reply_to=_addresses(headers, "reply-to"),
         bounce=_safe_bounce(msg),
     )
 
