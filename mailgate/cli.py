@@ -49,6 +49,7 @@ def ticket_json(ticket: Ticket) -> dict[str, Any]:
         "created_at": ticket.created_at.isoformat(),
         "updated_at": ticket.updated_at.isoformat(),
         "message_count": ticket.message_count,
+        "flags": list(ticket.flags),
     }
 
 
@@ -62,6 +63,8 @@ def message_json(message: Message) -> dict[str, Any]:
         "message_id": message.message_id,
         "thread_reason": message.thread_reason,
         "author": message.author,
+        "auth": message.auth,
+        "flags": list(message.flags),
         "attachments": [
             {
                 "filename": a.filename,
@@ -176,12 +179,17 @@ async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
         _print_json({**ticket_json(ticket), "messages": [message_json(m) for m in ticket.messages]})
         return 0
     requester = ticket.requester
-    print(f"Ticket #{ticket.id} [{ticket.status}] {ticket.subject}")
+    flags = f" ({', '.join(ticket.flags)})" if ticket.flags else ""
+    print(f"Ticket #{ticket.id} [{ticket.status}] {ticket.subject}{flags}")
     print(f"Requester: {f'{requester.name} ' if requester.name else ''}<{requester.email}>")
     print(f"Created:   {ticket.created_at.isoformat()}")
     for m in ticket.messages:
         author = "" if m.author == "customer" else f"[{m.author}] "
         print(f"\n--- {m.received_at.isoformat()}  {author}{m.sender.email}  ({m.thread_reason})")
+        if m.auth:
+            print(f"Auth: dkim={m.auth['dkim']} spf={m.auth['spf']} dmarc={m.auth['dmarc']}")
+        if m.flags:
+            print(f"Flags: {', '.join(m.flags)}")
         print(m.body_text)
         for a in m.attachments:
             print(f"[attachment] {a.filename or '(unnamed)'}  {a.content_type}  {a.size} bytes")

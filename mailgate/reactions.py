@@ -4,7 +4,7 @@ Ingest calls `after_customer_mail` and `relay_agent_reply` inside its transactio
 `reply` calls `agent_reply`. Composition and delivery happen later, in the outbound worker,
 from the outbox row alone. Automatic mails (verification, acknowledgement) follow RFC 3834
 and ARCHITECTURE rule 6: never to automatic or bounced senders, at most `auto_reply_limit`
-per recipient per window. Agent replies are not automatic.
+per recipient and `auto_reply_global_limit` in all per window. Agent replies are not automatic.
 """
 
 from __future__ import annotations
@@ -80,6 +80,9 @@ class Reactions:
                 why="rate limit",
                 recipient=mask_address(to.email),
             )
+            return None
+        if tx.automatic_mails_since(None, since) >= outbound.auto_reply_global_limit:
+            log.warning("automatic_mail_skipped", kind=kind, ticket_id=ticket_id, why="global cap")
             return None
         return self._enqueue(tx, kind, ticket_id, to, context, automatic=True, at=at)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
 
 from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
+from mailgate.ingest.auth import UNDECIDED, Authenticator, AuthResults
 from mailgate.ingest.match import ThreadMatch, display_subject, find_thread
 from mailgate.ingest.prepare import AttachmentsUnwritable, ParserCrashed, ParserPool, prepare_all
 from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
@@ -38,18 +39,21 @@ RETRY_SECONDS = 2.0
 # so a tenth of the event loop's time still ingests several hundred messages a second.
 SHARE_WHILE_BUSY = 0.1
 MAX_PAUSE = 1.0
+# One message's checks may take this many DNS timeouts in all (DKIM keys, SPF includes, DMARC).
+AUTH_BUDGET_LOOKUPS = 3
 # Local parts that never get automatic mail (RFC 3834 section 2, RFC 5321 section 4.5.1).
 _ROLE_SENDERS = frozenset({"mailer-daemon", "postmaster"})
 
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    """A row and what the parser process made of it."""
+    """A row, what the parser process made of it, and who the sender proved to be."""
 
     row: InboundRow
     mail: ParsedMail | None
     attachments: tuple[StoredAttachment, ...] = ()
     failure: str | None = None  # why it goes to quarantine
+    auth: AuthResults | None = None  # None: not checked ([auth] enabled = false)
 
 
 class IngestWorker:
@@ -77,6 +81,8 @@ class IngestWorker:
         self._own_sender = config.outbound.sender.lower()
         self._wake = wake or asyncio.Event()
         self._mail_queued = mail_queued or asyncio.Event()
+        self._authenticator = Authenticator(config.auth) if config.auth.enabled else None
+        self._auth_budget = config.auth.dns_timeout * AUTH_BUDGET_LOOKUPS
         self._intake_busy = intake_busy
         self._stopping = False
 
@@ -117,7 +123,7 @@ class IngestWorker:
         Raises:
             StoreUnavailable: nothing of the failed transaction was written; retry later.
         """
-        prepared = await self._prepare(rows)
+        prepared = await self._authenticate(await self._prepare(rows))
         try:
             outcomes = await self._store.ingest(
                 lambda tx: [self._apply(tx, item) for item in prepared]
@@ -150,6 +156,30 @@ class IngestWorker:
             for row, r in zip(rows, results, strict=True)
         ]
 
+    async def _authenticate(self, prepared: list[_Prepared]) -> list[_Prepared]:
+        """Check DKIM/SPF/DMARC for each parsed message, in threads, within a time budget."""
+        authenticator = self._authenticator
+        if authenticator is None:
+            return prepared
+
+        async def check(item: _Prepared) -> _Prepared:
+            if item.mail is None:
+                return item
+            domain = item.mail.sender.email.rpartition("@")[2]
+            try:
+                async with asyncio.timeout(self._auth_budget):
+                    auth = await asyncio.to_thread(
+                        authenticator.check, item.row.raw, item.row.envelope, domain
+                    )
+            except TimeoutError:
+                auth = UNDECIDED
+            except Exception:  # a check that breaks proves nothing either way
+                log.exception("authentication_failed", queue_id=item.row.id)
+                auth = UNDECIDED
+            return replace(item, auth=auth)
+
+        return list(await asyncio.gather(*(check(item) for item in prepared)))
+
     async def _apply_alone(self, item: _Prepared) -> IngestOutcome:
         try:
             return await self._store.ingest(lambda tx: self._apply(tx, item))
@@ -178,18 +208,29 @@ class IngestWorker:
             bounced = self._bounced_ticket(tx, mail, row)
             if bounced is not None:
                 return self._apply_bounce(tx, item, mail, bounced, now)
-        automatic = self._automatic_reason(mail, row)
+        flags = _flags(mail, item.auth)
+        # A From that fails DMARC is not who it claims: it joins no ticket, is no agent, and
+        # gets no automatic mail (which would go to the forged address).
+        unverified = "unverified_sender" in flags
+        automatic = "dmarc fail" if unverified else self._automatic_reason(mail, row)
         is_agent = automatic == "agent"  # a person on the team (their out-of-office is not)
-        match = find_thread(
-            tx,
-            mail,
-            tag_prefix=self._tag_prefix,
-            own_ticket=self._msgids.ticket_of,
-            is_agent=is_agent,
+        match = (
+            ThreadMatch(None, "new")
+            if unverified
+            else find_thread(
+                tx,
+                mail,
+                tag_prefix=self._tag_prefix,
+                own_ticket=self._msgids.ticket_of,
+                is_agent=is_agent,
+            )
         )
         if match.ticket_id is None:
             subject = display_subject(mail.subject, self._tag_prefix)
-            ticket_id = tx.create_ticket(subject, mail.sender, at=row.received_at)
+            ticket_flags = ["unverified_sender"] if unverified else []
+            ticket_id = tx.create_ticket(
+                subject, mail.sender, at=row.received_at, flags=ticket_flags
+            )
         else:
             ticket_id = match.ticket_id
             # A reply reopens the ticket; an out-of-office or an agent's answer does not.
@@ -204,6 +245,8 @@ class IngestWorker:
             attachments=item.attachments,
             at=row.received_at,
             author="agent" if agent_answer else "customer",
+            auth=item.auth.as_json() if item.auth else None,
+            flags=flags,
         )
         if agent_answer:
             self._reactions.relay_agent_reply(
@@ -297,6 +340,20 @@ class IngestWorker:
         tx.finish_inbound(item.row.id, "ingested", reason="bounce", at=now)
         log.info("bounce_filed", ticket_id=ticket_id, permanent=len(mail.bounce.permanent))
         return IngestOutcome(item.row.id, "ingested", ticket_id)
+
+
+def _flags(mail: ParsedMail, auth: AuthResults | None) -> list[str]:
+    """What an agent should know before trusting this message."""
+    flags = []
+    if auth is not None and auth.dmarc == "fail":
+        flags.append("unverified_sender")
+    if any(a.email.lower() != mail.sender.email.lower() for a in mail.reply_to):
+        flags.append("reply_to_differs")  # stored and shown; it never changes the requester
+    if auth is not None and any(s.partial_body for s in auth.signatures):
+        flags.append("dkim_partial_body")
+    if auth is not None and auth.forged_results:
+        flags.append("forged_authentication_results")
+    return flags
 
 
 def _log_outcome(outcome: IngestOutcome) -> None:

@@ -6,7 +6,7 @@ together (or not at all) with the inbound rows' new state; the CLI reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Literal, Protocol, TypeVar
 
@@ -52,7 +52,9 @@ class IngestTx(Protocol):
     def may_post(self, ticket_id: int, email: str) -> bool:
         """Tell whether `email` is the ticket's requester or one of its participants."""
 
-    def create_ticket(self, subject: str, requester: Address, *, at: datetime) -> int: ...
+    def create_ticket(
+        self, subject: str, requester: Address, *, at: datetime, flags: Sequence[str] = ()
+    ) -> int: ...
 
     def add_message(
         self,
@@ -64,6 +66,8 @@ class IngestTx(Protocol):
         attachments: Sequence[StoredAttachment],
         at: datetime,
         author: Author = "customer",
+        auth: Mapping[str, object] | None = None,
+        flags: Sequence[str] = (),
     ) -> int:
         """Store a message on the ticket; `inbound_id` is None for one written by mailgate."""
 
@@ -86,7 +90,8 @@ class IngestTx(Protocol):
         self, email: str, token_hash: str, *, at: datetime, expires_at: datetime
     ) -> None: ...
 
-    def automatic_mails_since(self, recipient: str, since: datetime) -> int: ...
+    def automatic_mails_since(self, recipient: str | None, since: datetime) -> int:
+        """Count automatic mails queued since `since`, to `recipient` or (None) to anyone."""
 
     def undeliverable(self, email: str) -> bool: ...
 

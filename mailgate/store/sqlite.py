@@ -222,7 +222,9 @@ class _SqliteIngestTx:
         )
         return row is not None
 
-    def create_ticket(self, subject: str, requester: Address, *, at: datetime) -> int:
+    def create_ticket(
+        self, subject: str, requester: Address, *, at: datetime, flags: Sequence[str] = ()
+    ) -> int:
         # The newest display name wins: requesters fix typos in their mail client's settings.
         row = self._one(
             "INSERT INTO requesters (email, name, created_at) VALUES (?, ?, ?) "
@@ -232,9 +234,9 @@ class _SqliteIngestTx:
         )
         assert row is not None
         row = self._one(
-            "INSERT INTO tickets (subject, requester_id, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?) RETURNING id",
-            (subject, row["id"], _ts(at), _ts(at)),
+            "INSERT INTO tickets (subject, requester_id, created_at, updated_at, flags) "
+            "VALUES (?, ?, ?, ?, ?) RETURNING id",
+            (subject, row["id"], _ts(at), _ts(at), json.dumps(list(flags))),
         )
         assert row is not None
         return int(row["id"])
@@ -249,11 +251,13 @@ class _SqliteIngestTx:
         attachments: Sequence[StoredAttachment],
         at: datetime,
         author: Author = "customer",
+        auth: Mapping[str, object] | None = None,
+        flags: Sequence[str] = (),
     ) -> int:
         row = self._one(
             "INSERT INTO messages (ticket_id, inbound_id, message_id, from_email, from_name, "
-            "subject, body_text, body_html, thread_reason, author, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "subject, body_text, body_html, thread_reason, author, received_at, auth, flags) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 ticket_id,
                 inbound_id,
@@ -266,6 +270,8 @@ class _SqliteIngestTx:
                 reason,
                 author,
                 _ts(at),
+                json.dumps(dict(auth)) if auth is not None else None,
+                json.dumps(list(flags)),
             ),
         )
         assert row is not None
@@ -333,11 +339,11 @@ class _SqliteIngestTx:
             (token_hash, _ts(at), _ts(expires_at), email),
         )
 
-    def automatic_mails_since(self, recipient: str, since: datetime) -> int:
+    def automatic_mails_since(self, recipient: str | None, since: datetime) -> int:
         row = self._one(
-            "SELECT count(*) AS n FROM outbox "
-            "WHERE automatic = 1 AND recipient = ? AND created_at > ?",
-            (recipient, _ts(since)),
+            "SELECT count(*) AS n FROM outbox WHERE automatic = 1 AND created_at > ?1 "
+            "AND (?2 IS NULL OR recipient = ?2)",
+            (_ts(since), recipient),
         )
         return int(row["n"]) if row else 0
 
@@ -676,6 +682,7 @@ def _ticket(row: aiosqlite.Row, messages: tuple[Message, ...] = ()) -> Ticket:
         updated_at=_dt(row["updated_at"]),
         message_count=row["message_count"],
         messages=messages,
+        flags=tuple(json.loads(row["flags"])),
     )
 
 
@@ -692,6 +699,8 @@ def _message(row: aiosqlite.Row, attachments: tuple[StoredAttachment, ...]) -> M
         thread_reason=row["thread_reason"],
         author=row["author"],
         attachments=attachments,
+        auth=json.loads(row["auth"]) if row["auth"] else None,
+        flags=tuple(json.loads(row["flags"])),
     )
 
 
