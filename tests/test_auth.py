@@ -3,6 +3,7 @@ acceptance. Also the header trust boundary (Authentication-Results, X-Mailgate-*
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
 import subprocess
 from collections.abc import AsyncIterator
@@ -14,8 +15,9 @@ from typing import Any
 import dkim
 import pytest
 
-from mailgate.config import Config, load_config
-from mailgate.model import Ticket
+from mailgate.config import AuthConfig, Config, load_config
+from mailgate.ingest.auth import Authenticator
+from mailgate.model import Envelope, HostPort, Ticket
 from tests.conftest import Relay, Running, cli_json, daemon_running, mail, write_config
 from tests.dns_stub import DnsStub, dns_stub
 
@@ -287,3 +289,62 @@ async def test_global_cap_on_automatic_mail(tmp_path: Path, relay: Relay) -> Non
         outbox = cli_json(running, "outbox", "list")
     assert len(tickets) == 5
     assert len(outbox) == 3
+
+
+def authenticator(port: int) -> Authenticator:
+    return Authenticator(
+        AuthConfig(
+            enabled=True,
+            dns_timeout=1,
+            nameservers=(HostPort("127.0.0.1", port),),
+            trusted_authserv_id=None,
+        )
+    )
+
+
+ENVELOPE = Envelope("ann@example.org", ("support@example.com",), "127.0.0.1:40000", "mx.test")
+
+
+@pytest.mark.parametrize(
+    ("policy", "signer", "from_domain", "dmarc"),
+    [
+        ("v=DMARC1; p=reject", "mail.example.org", "example.org", "pass"),  # relaxed: same org
+        ("v=DMARC1; p=reject; adkim=s", "mail.example.org", "example.org", "fail"),
+        ("v=DMARC1; p=reject; adkim=s", "example.org", "example.org", "pass"),
+        ("v=DMARC1; p=none", "other.example", "example.org", "fail"),  # p=none still a policy
+        ("v=spf1 -all", "other.example", "example.org", "none"),  # not a DMARC record
+    ],
+)
+async def test_dmarc_alignment(
+    key: Key, policy: str, signer: str, from_domain: str, dmarc: str
+) -> None:
+    async with dns_stub() as (stub, port):
+        stub.txt(f"_dmarc.{from_domain}", policy)
+        stub.txt(f"sel._domainkey.{signer}", key.dns_record)
+        message = signed(key, raw(mail(sender=f"ann@{from_domain}")), domain=signer)
+        results = await asyncio.to_thread(authenticator(port).check, message, ENVELOPE, from_domain)
+    assert results.dkim == "pass"
+    assert results.dmarc == dmarc
+
+
+async def test_subdomain_falls_back_to_the_organisational_policy(key: Key) -> None:
+    async with dns_stub() as (stub, port):
+        stub.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+        message = raw(mail(sender="ann@eu.example.org"))
+        results = await asyncio.to_thread(
+            authenticator(port).check, message, ENVELOPE, "eu.example.org"
+        )
+        asked = [name for name, _ in stub.queries]
+    assert results.dmarc == "fail"
+    assert asked.index("_dmarc.eu.example.org") < asked.index("_dmarc.example.org")
+
+
+async def test_bad_signature_fails(key: Key) -> None:
+    async with dns_stub() as (stub, port):
+        stub.txt("sel._domainkey.example.org", key.dns_record)
+        message = signed(key, raw(mail(sender="ann@example.org"))).replace(b"on fire", b"OK")
+        results = await asyncio.to_thread(
+            authenticator(port).check, message, ENVELOPE, "example.org"
+        )
+    assert results.dkim == "fail"
+    assert results.signatures[0].result == "fail"
