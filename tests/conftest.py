@@ -40,6 +40,7 @@ hostname = "mailgate.test"
 accept = ["support@example.com", "@help.example.com"]
 max_message_size = {max_message_size}
 drain_timeout = 5
+{smtp_extra}
 
 [storage]
 database = "var/mailgate.db"
@@ -88,8 +89,12 @@ def write_config(
     relay_port: int | None = None,
     templates: Path = REPO / "templates",
     outbound_extra: str = "",
+    smtp_extra: str = "",
 ) -> Path:
-    """Write a test config; with `relay_port`, outbound mail goes to that SMTP relay."""
+    """Write a test config; with `relay_port`, outbound mail goes to that SMTP relay.
+
+    `smtp_extra` and `outbound_extra` are TOML lines added to those sections (limits, ...).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
     path.write_text(
@@ -101,6 +106,7 @@ def write_config(
             relay_port=relay_port or 2525,
             templates=templates,
             outbound_extra=outbound_extra,
+            smtp_extra=smtp_extra,
         ),
         encoding="utf-8",
     )
@@ -280,6 +286,18 @@ def tmpfs(folder: Path, size: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: Path, *, leave: int) -> Path:
+    """Write a ballast file in `folder` so that about `leave` bytes stay free on its disk."""
+    ballast = folder / "ballast"
+    size = shutil.disk_usage(folder).free - leave
+    assert size > 0, "the disk is already fuller than that"
+    with ballast.open("wb") as out:
+        for _ in range(size // (1 << 20)):
+            out.write(bytes(1 << 20))
+        out.write(bytes(size % (1 << 20)))
+    return ballast
 
 
 def eml(name: str) -> bytes:
