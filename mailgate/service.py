@@ -102,7 +102,9 @@ async def serve(
         intake.start()
         stack.push_async_callback(intake.stop)
 
-        listener = await start_smtp(config.smtp, intake, sessions=sessions)
+        listener = await start_smtp(
+            config.smtp, intake, sessions=sessions, spool=config.storage.database.parent
+        )
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 
         runner, http_address = await start_web(config.http, build_app(store, templates))

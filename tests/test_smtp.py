@@ -12,7 +12,16 @@ import pytest
 
 from mailgate.config import load_config
 from mailgate.store import open_store
-from tests.conftest import SUPPORT, Running, daemon_running, eml, mail, tmpfs, write_config
+from tests.conftest import (
+    SUPPORT,
+    Running,
+    daemon_running,
+    eml,
+    fill_disk,
+    mail,
+    tmpfs,
+    write_config,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -125,20 +134,24 @@ async def test_commands_out_of_order_get_enhanced_codes(daemon: Running) -> None
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
-    with tmpfs(tmp_path / "tiny", "2m") as mount:
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", "8m") as mount:
         yield mount
 
 
-async def test_full_disk_answers_451_and_keeps_what_was_stored(tiny_disk: Path) -> None:
-    config = load_config(write_config(tiny_disk, max_message_size=4 * 1024 * 1024))
+async def test_full_disk_answers_451_and_keeps_what_was_stored(small_disk: Path) -> None:
+    # MAIL finds room (1.5 x max_message_size is free); the disk fills before DATA, as when
+    # something else on the machine takes it: the commit fails and the sender is told to retry.
+    config = load_config(write_config(small_disk, max_message_size=2 * 1024 * 1024))
     async with daemon_running(config) as daemon:
         kept = await daemon.send(mail(subject="stored before the disk filled"))
+        assert len(await daemon.tickets()) == 1
         smtp = await client(daemon)
         await smtp.mail("customer@example.org")
         await smtp.rcpt(SUPPORT)
+        fill_disk(small_disk, leave=256 * 1024)
         with pytest.raises(aiosmtplib.SMTPDataError) as refused:
-            await smtp.data(mail(body="z" * 3_000_000).as_bytes())
+            await smtp.data(mail(body="z" * 1_500_000).as_bytes())
         assert refused.value.code == 451
         assert refused.value.message.startswith("4.3.0")
         assert "disk" not in refused.value.message.lower()  # no internals on the wire
