@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -529,3 +530,26 @@ async def test_low_disk_gets_452_431_at_mail(small_disk: Path) -> None:
         )
         ballast.unlink()
         assert await conn.command("MAIL FROM:<customer@example.org>") == "250 2.1.0 Sender OK"
+
+
+# -- memory -------------------------------------------------------------------------------
+
+
+async def test_many_short_lines_do_not_multiply_memory(daemon: Running) -> None:
+    # aiosmtpd 1.4.6 kept a bytearray per line until the final dot: ~90 bytes for each
+    # 2-byte empty line, so 1 MiB of them took ~45 MiB (25 MiB: 2.1 GiB). One buffer now.
+    lines = (daemon.config.smtp.max_message_size - 4096) // 2
+    async with raw(daemon) as conn:
+        await conn.start()
+        assert await conn.command(f"RCPT TO:<{SUPPORT}>") == "250 2.1.5 Recipient OK"
+        assert (await conn.command("DATA")).startswith("354 ")
+        tracemalloc.start()
+        try:
+            await conn.send(message(subject="Empty lines") + b"\r\n" * lines + b".\r\n")
+            assert (await conn.reply()).startswith("250 2.0.0 Queued as ")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024  # the message is 1 MiB
+    [ticket] = await daemon.tickets()
+    assert ticket.subject == "Empty lines"
