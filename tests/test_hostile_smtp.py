@@ -8,7 +8,9 @@ status) and the store (inbound rows, tickets).
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
+import struct
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -508,6 +510,36 @@ async def test_half_close_in_the_middle_of_data_stores_nothing(daemon: Running) 
     assert inbound_count(daemon) == 0
     await daemon.send(mail())
     assert inbound_count(daemon) == 1
+
+
+async def test_reset_right_after_the_final_dot_stores_whole_or_nothing(
+    daemon: Running,
+) -> None:
+    # RST (SO_LINGER 0) instead of a polite close: the session is cancelled wherever it is,
+    # maybe during its commit. The row is whole or absent, and ingested at most once.
+    sent = message(subject="Reset after the dot")
+    for _ in range(5):
+        async with raw(daemon) as conn:
+            await conn.start()
+            assert await conn.command(f"RCPT TO:<{SUPPORT}>") == "250 2.1.5 Recipient OK"
+            assert (await conn.command("DATA")).startswith("354 ")
+            sock = conn.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.writer.write(sent + b".\r\n")
+            await asyncio.sleep(0)
+            conn.writer.transport.abort()
+    await daemon.send(mail(subject="Still serving"))
+    tickets = await daemon.tickets()
+    async with open_store(daemon.config.storage.database) as store:
+        rows = await store.pending_inbound(limit=100)
+    assert rows == []  # everything stored was ingested
+    with sqlite3.connect(daemon.config.storage.database) as db:
+        raws = [r for (r,) in db.execute("SELECT raw FROM inbound")]
+    assert raws.count(sent) == len(raws) - 1  # whole messages only, besides "Still serving"
+    # The same message five times, as a sender retries one that got no 250: stored once.
+    reset = [t for t in tickets if t.subject == "Reset after the dot"]
+    assert [t.message_count for t in reset] == ([1] if len(raws) > 1 else [])
+    assert len(tickets) == len(reset) + 1
 
 
 # -- storage ----------------------------------------------------------------------------
