@@ -167,6 +167,13 @@ def _seconds(value: Any, _base: Path) -> float:
     return float(value)
 
 
+def _positive_seconds(value: Any, base: Path) -> float:
+    seconds = _seconds(value, base)
+    if not seconds:
+        raise ValueError(f"expected a number of seconds > 0, got {value!r}")
+    return seconds
+
+
 def _path(value: Any, base: Path) -> Path:
     path = Path(_text(value, base)).expanduser()
     return path if path.is_absolute() else base / path
@@ -251,7 +258,7 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "max_connections_per_ip": (_positive_int, 20),
         "max_recipients": (_positive_int, 100),
         "max_errors": (_positive_int, 20),
-        "timeout": (_seconds, 300),
+        "timeout": (_positive_seconds, 300),  # 0 would close every session at once
         "min_data_rate": (_positive_int, 500),
         "max_received_headers": (_positive_int, 100),
     },

@@ -91,6 +91,8 @@ def test_unknown_section_is_an_error(tmp_path: Path) -> None:
         ("smtp", "listen", '"127.0.0.1:70000"'),
         ("smtp", "max_message_size", "-1"),
         ("smtp", "max_message_size", '"big"'),
+        ("smtp", "timeout", "0"),
+        ("smtp", "max_connections", "0"),
         ("outbound", "transport", '"carrier-pigeon"'),
         ("smtp", "accept", "[]"),
         ("smtp", "accept", '["not an address"]'),
