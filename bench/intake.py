@@ -70,6 +70,8 @@ listen = "127.0.0.1:{smtp_port}"
 hostname = "bench.localhost"
 accept = ["support@example.com"]
 max_message_size = 10485760
+# All load comes from 127.0.0.1: lift the per-IP limit (default 20) above the 50 connections.
+max_connections_per_ip = 100
 [storage]
 database = "var/mailgate.db"
 attachments = "var/attachments"
