@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 import email.header
 import re
-from html.parser import HTMLParser
+from html import unescape
 
 # Labels that clients put on mail encoded in a superset charset. Decoding with the superset
 # is lossless for the subset and right for what Outlook and friends actually send.
@@ -60,7 +60,7 @@ def decode_header_text(raw: str) -> str:
     unfolded = _FOLD.sub("", raw)
     try:
         chunks = email.header.decode_header(unfolded)
-    except (ValueError, LookupError, AssertionError):  # AssertionError: malformed b/q words
+    except Exception:  # noqa: BLE001 - malformed words raise HeaderParseError, AssertionError...
         chunks = [(unfolded, None)]
     parts = []
     for chunk, charset in chunks:
@@ -84,66 +84,99 @@ def clean_body(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-class _TextExtractor(HTMLParser):
-    _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
-    _BLOCK = frozenset(
-        {
-            "p",
-            "div",
-            "br",
-            "tr",
-            "li",
-            "ul",
-            "ol",
-            "table",
-            "h1",
-            "h2",
-            "h3",
-            "h4",
-            "h5",
-            "h6",
-            "blockquote",
-            "pre",
-            "hr",
-            "section",
-            "article",
-            "header",
-            "footer",
-        }
-    )
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self._skipping = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self._skipping += 1
-        elif tag in self._BLOCK:
-            self.out.append("\n")
-            if tag == "li":
-                self.out.append("- ")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self._skipping = max(0, self._skipping - 1)
-        elif tag in self._BLOCK:
-            self.out.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skipping:
-            self.out.append(re.sub(r"\s+", " ", data))
+# HTML to text is a small tokenizer of its own rather than html.parser: on unterminated tags
+# (`<a <a <a ...`) html.parser rescans to the end of the document for each one, which is
+# quadratic (hours for a megabyte). Here every search moves forward, so the time is linear.
+_SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
+_RAW_TEXT = frozenset({"script", "style"})  # their content is not markup: skip to the end tag
+_BLOCK = frozenset(
+    {
+        "p",
+        "div",
+        "br",
+        "tr",
+        "li",
+        "ul",
+        "ol",
+        "table",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "blockquote",
+        "pre",
+        "hr",
+        "section",
+        "article",
+        "header",
+        "footer",
+    }
+)
+_TAG_NAME = re.compile(r"<(/?)([a-zA-Z][^\t\n\r\f />\x00]*)")
+# The rest of a tag up to its `>`, quoted attribute values included; possessive, so a tag
+# that never ends costs one scan, not a backtracking search.
+_TAG_REST = re.compile(r"""(?:[^>"']++|"[^"]*+"|'[^']*+')*+>""")
+_SPACE = re.compile(r"\s+")
 
 
 def html_to_text(html: str) -> str:
     """Render HTML as readable plain text: visible words, paragraphs kept, no markup or script."""
-    parser = _TextExtractor()
-    try:
-        parser.feed(html)
-        parser.close()
-    except (AssertionError, ValueError):  # malformed markup: keep what was read
-        pass
-    lines = [" ".join(line.split()) for line in "".join(parser.out).splitlines()]
+    out: list[str] = []
+    skipping = 0
+    pos, size = 0, len(html)
+    while pos < size:
+        start = html.find("<", pos)
+        if start < 0:
+            start = size
+        if start > pos and not skipping:
+            out.append(_SPACE.sub(" ", unescape(html[pos:start])))
+        if start == size:
+            break
+        tag = _TAG_NAME.match(html, start)
+        if tag is None and not html.startswith(("<!", "<?", "</"), start):
+            if not skipping:
+                out.append("<")  # `a < b`: a `<` that starts no markup is text
+            pos = start + 1
+            continue
+        pos = _markup_end(html, start, is_tag=tag is not None)
+        if pos < 0:
+            break  # an unterminated tag or comment runs to the end of the document
+        if tag is None:
+            continue  # a comment, doctype or processing instruction
+        closing, name = tag.group(1), tag.group(2).lower()
+        if name in _SKIP:
+            if closing:
+                skipping = max(0, skipping - 1)
+            elif name in _RAW_TEXT:
+                pos = _raw_text_end(html, pos, name)
+            else:
+                skipping += 1
+        elif name in _BLOCK:
+            out.append("\n- " if name == "li" and not closing else "\n")
+    lines = [" ".join(line.split()) for line in "".join(out).splitlines()]
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _markup_end(html: str, start: int, *, is_tag: bool) -> int:
+    """The position after the markup at `start` (a `<`), or -1 if it never ends."""
+    if html.startswith("<!--", start):
+        end = html.find("-->", start + 4)
+        return end + 3 if end >= 0 else -1
+    if is_tag:
+        rest = _TAG_REST.match(html, start + 1)
+        if rest:
+            return rest.end()
+    end = html.find(">", start)  # a declaration, or a tag with an unbalanced quote
+    return end + 1 if end >= 0 else -1
+
+
+def _raw_text_end(html: str, pos: int, name: str) -> int:
+    """The position after `</name>`: script and style hold no markup, only their end tag."""
+    end = re.compile(rf"</{re.escape(name)}[\s/>]", re.IGNORECASE).search(html, pos)
+    if end is None:
+        return len(html)
+    close = html.find(">", end.end() - 1)
+    return close + 1 if close >= 0 else len(html)
