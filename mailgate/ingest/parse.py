@@ -1,23 +1,25 @@
-"""Raw bytes -> ParsedMail, with the stdlib email package.
+"""Raw bytes -> ParsedMail.
 
-The structure is parsed with `policy.default`, and again with `compat32` when that raises.
-Headers are decoded here from their raw values (RFC 2047 words, raw UTF-8, mislabelled
-charsets), the same way under both policies. Raises `Unparseable` only when no usable
-sender can be found; everything else degrades to "what could be read".
+The MIME structure is read by `mime.read_message`, under hard limits (depth, parts, header
+sizes) that hostile mail cannot get past; the stdlib parses only single capped header blocks
+and decodes payloads. Headers are decoded here from their raw values (RFC 2047 words, raw
+UTF-8, mislabelled charsets). Raises `Unparseable` only when no usable sender can be found;
+everything else degrades to "what could be read", and a message cut by a limit says so at
+the end of its body.
 """
 
 from __future__ import annotations
 
-import email.policy
 import email.utils
 import re
+from dataclasses import replace
 from email.message import Message as StdMessage
-from email.parser import BytesParser
 
 from email_validator import EmailNotValidError, validate_email
 
 from mailgate.errors import Unparseable
 from mailgate.ingest.classify import automatic_reason, find_bounce
+from mailgate.ingest.mime import LIMIT_NOTES, MAX_DEPTH, read_message
 from mailgate.model import Address, AttachmentPart, Bounce, ParsedMail
 from mailgate.text import (
     clean_body,
@@ -27,7 +29,6 @@ from mailgate.text import (
     html_to_text,
 )
 
-MAX_DEPTH = 50
 MAX_REFERENCES = 100
 MAX_FILENAME = 255
 _MSGID = re.compile(r"<([^<>\s]{1,998})>")
@@ -36,15 +37,13 @@ _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 def parse_mail(raw: bytes) -> ParsedMail:
     """Parse one message; raise `Unparseable` if it has no usable From."""
-    msg: StdMessage
-    try:
-        msg = BytesParser(policy=email.policy.default).parsebytes(raw)
-        return _extract(msg)
-    except Unparseable:
-        raise
-    except Exception:  # noqa: BLE001 - the stdlib raises anything on hostile input; retry
-        msg = BytesParser(policy=email.policy.compat32).parsebytes(raw)
-        return _extract(msg)
+    msg, limits = read_message(raw)
+    mail = _extract(msg)
+    if not limits:
+        return mail
+    # The agent must know that the ticket does not show all of the message.
+    notes = "\n".join(f"[mailgate: {LIMIT_NOTES[name]}]" for name in sorted(limits))
+    return replace(mail, body_text=f"{mail.body_text}\n\n{notes}".strip())
 
 
 def _extract(msg: StdMessage) -> ParsedMail:
@@ -102,7 +101,7 @@ def normalise_address(addr: str) -> str:
 
 def _parse_addresses(values: list[str]) -> list[Address]:
     found = []
-    for raw_name, raw_addr in email.utils.getaddresses(values):
+    for raw_name, raw_addr in _getaddresses(values):
         addr = decode_header_text(raw_addr)
         try:
             normalised = normalise_address(addr)
@@ -111,6 +110,17 @@ def _parse_addresses(values: list[str]) -> list[Address]:
         name = decode_header_text(raw_name) if raw_name else ""
         found.append(Address(normalised, name or None))
     return found
+
+
+_ADDR_SPEC = re.compile(r"[^\s<>()\[\],;:\"]+@[^\s<>()\[\],;:\"]+")
+
+
+def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
+    """(name, address) pairs; the bare addresses when the stdlib cannot parse the list."""
+    try:
+        return email.utils.getaddresses(values)
+    except Exception:  # noqa: BLE001 - nested comments raise RecursionError, for one
+        return [("", addr) for value in values for addr in _ADDR_SPEC.findall(value)]
 
 
 def _sender(headers: dict[str, list[str]]) -> Address:
@@ -158,18 +168,17 @@ class _Body:
         return html_to_text(self.html) if self.html else ""
 
     def walk(self, part: StdMessage, *, depth: int) -> None:
-        meta = _mime_headers(part)
-        ctype = _content_type(meta)
+        ctype = _content_type(part)
         if part.is_multipart() and ctype.startswith("multipart/") and depth < MAX_DEPTH:
             children = part.get_payload()
             for child in children if isinstance(children, list) else []:
                 if isinstance(child, StdMessage):
                     self.walk(child, depth=depth + 1)
             return
-        disposition = _safe(meta.get_content_disposition) or "inline"
-        filename = _filename(meta)
+        disposition = _safe(part.get_content_disposition) or "inline"
+        filename = _filename(part)
         if ctype in ("text/plain", "text/html") and disposition == "inline" and not filename:
-            text = decode_bytes(_payload(part), _safe(meta.get_content_charset))
+            text = decode_bytes(_payload(part), _safe(part.get_content_charset))
             if ctype == "text/plain":
                 self.plain.append(text)
                 return
@@ -186,23 +195,6 @@ class _Body:
         )
 
 
-_MIME_HEADERS = frozenset({"content-type", "content-disposition"})
-
-
-def _mime_headers(part: StdMessage) -> StdMessage:
-    """Copy `part`'s MIME headers, raw, into a compat32 message.
-
-    policy.default parses a header through its registry on every access and throws the result
-    away; compat32's string-based parameter parsing is many times cheaper and never raises
-    on malformed parameters. Both parser policies feed this the same raw values.
-    """
-    view = StdMessage(policy=email.policy.compat32)
-    for name, value in part.raw_items():
-        if name.lower() in _MIME_HEADERS:
-            view[name] = str(value)
-    return view
-
-
 def _safe(getter: object) -> str | None:
     try:
         value = getter()  # type: ignore[operator]
@@ -211,19 +203,19 @@ def _safe(getter: object) -> str | None:
     return str(value) if value is not None else None
 
 
-def _content_type(meta: StdMessage) -> str:
-    return clean_line(_safe(meta.get_content_type) or "application/octet-stream").lower()
+def _content_type(part: StdMessage) -> str:
+    return clean_line(_safe(part.get_content_type) or "application/octet-stream").lower()
 
 
-def _filename(meta: StdMessage) -> str | None:
-    raw = _safe(meta.get_filename)
+def _filename(part: StdMessage) -> str | None:
+    raw = _safe(part.get_filename)
     return decode_header_text(raw) if raw else None
 
 
 def _payload(part: StdMessage) -> bytes:
-    """Return the decoded content bytes; a message/rfc822 part is kept whole as bytes."""
+    """Return the decoded content bytes; for a message/* part, the raw message it holds."""
     try:
-        if part.is_multipart():
+        if part.is_multipart():  # only a tree built by hand: `read_message` makes none here
             return part.as_bytes()
         data = part.get_payload(decode=True)
     except Exception:  # noqa: BLE001 - bad base64 or a broken nested message
