@@ -2,7 +2,9 @@
 
 Parsing is CPU-bound Python: in the daemon's process it would compete with the event loop for
 the GIL. A child process parses on another core, and a parser that crashes takes down only
-the child (`ParserPool` replaces it and ingest quarantines the message that did it).
+the child (`ParserPool` replaces it and ingest quarantines the message that did it). The
+child is also what makes a time budget possible: a stalled parse is ended by killing the
+process (a thread cannot be stopped), and ingest treats it like a crash.
 """
 
 from __future__ import annotations
@@ -23,9 +25,25 @@ from mailgate.store.blobs import save_blob
 
 T = TypeVar("T")
 
+# The time budget of one call into the parser process. Parsing a message within the limits of
+# `mime.py` takes milliseconds (a 25 MiB one well under a second), so a call that runs this
+# long is stuck: the process is killed. A batch that runs out is redone message by message,
+# each with the whole budget, so only a message that alone takes this long is quarantined.
+PARSE_TIMEOUT = 10.0
+# Starting a process and importing the parser (~0.7 s) is not charged to the first message.
+START_TIMEOUT = 60.0
+
 
 class ParserCrashed(MailgateError):
     """The parser process died (a crash in C code, the OOM killer); it has been replaced."""
+
+    reason = "parser crashed"  # the quarantine reason of a message that does this alone
+
+
+class ParserTimedOut(ParserCrashed):
+    """A call ran past its time budget; the process was killed and will be replaced."""
+
+    reason = "parse timed out"
 
 
 class AttachmentsUnwritable(MailgateError):
@@ -71,32 +89,66 @@ def prepare_all(raws: Sequence[bytes], attachments: Path) -> list[Prepared]:
 
 
 class ParserPool:
-    """One parser process, started on first use and replaced when it dies."""
+    """One parser process, started on first use and replaced when it dies or stalls."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, timeout: float = PARSE_TIMEOUT) -> None:
         self._pool: ProcessPoolExecutor | None = None
+        self._timeout = timeout
 
     async def start(self) -> None:
         """Start the process and import the parser now, not with the first message (~0.7 s)."""
-        await self.run(prepare_all, [], Path())
+        await self._ready()
 
     async def run(self, func: Callable[..., T], *args: object) -> T:
-        """Run `func(*args)` in the parser process.
+        """Run `func(*args)` in the parser process, within the time budget.
 
         Raises:
+            ParserTimedOut: it ran past the budget; the process was killed.
             ParserCrashed: the process died while running it.
         """
-        if self._pool is None:
-            # spawn, not fork: forking a process that runs threads (SQLite's) is unsafe.
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        pool = self._pool
+        loop = asyncio.get_running_loop()
+        pool = await self._ready()
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, func, *args)
+            future = loop.run_in_executor(pool, func, *args)
+        except BrokenProcessPool:  # it died while idle, not of this call: start another
+            self._discard(pool)
+            pool = await self._ready()
+            future = loop.run_in_executor(pool, func, *args)
+        try:
+            return await asyncio.wait_for(future, self._timeout)
+        except TimeoutError as exc:
+            self._discard(pool, kill=True)
+            raise ParserTimedOut(f"no result within {self._timeout:g} s") from exc
         except BrokenProcessPool as exc:
-            if self._pool is pool:
-                self._pool = None
-                pool.shutdown(wait=False, cancel_futures=True)
+            self._discard(pool)
             raise ParserCrashed(str(exc)) from exc
+
+    async def _ready(self) -> ProcessPoolExecutor:
+        """The running pool, or a new one whose process has started and imported the parser."""
+        if self._pool is not None:
+            return self._pool
+        # spawn, not fork: forking a process that runs threads (SQLite's) is unsafe.
+        pool = self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        future = asyncio.get_running_loop().run_in_executor(pool, prepare_all, [], Path())
+        try:
+            await asyncio.wait_for(future, START_TIMEOUT)
+        except TimeoutError as exc:
+            self._discard(pool, kill=True)
+            raise ParserTimedOut("the parser process did not start") from exc
+        except BrokenProcessPool as exc:
+            self._discard(pool)
+            raise ParserCrashed(str(exc)) from exc
+        return pool
+
+    def _discard(self, pool: ProcessPoolExecutor, *, kill: bool = False) -> None:
+        """Stop using `pool`; with `kill`, end its process first (it may be stuck in C code)."""
+        if kill:
+            # ProcessPoolExecutor has no public way to stop a busy worker before Python 3.14.
+            for process in list((pool._processes or {}).values()):
+                process.kill()
+        if self._pool is pool:
+            self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         if self._pool is not None:

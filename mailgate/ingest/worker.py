@@ -144,11 +144,11 @@ class IngestWorker:
             results = await self._parser.run(
                 prepare_all, [row.raw for row in rows], self._attachments
             )
-        except ParserCrashed:
+        except ParserCrashed as exc:  # or ParserTimedOut: a stalled parse is killed alike
             if len(rows) > 1:
                 return [item for row in rows for item in await self._prepare([row])]
-            log.error("parser_crashed", queue_id=rows[0].id)
-            return [_Prepared(rows[0], None, failure="parser crashed")]
+            log.error("parser_crashed", queue_id=rows[0].id, reason=exc.reason)
+            return [_Prepared(rows[0], None, failure=exc.reason)]
         except AttachmentsUnwritable as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [
