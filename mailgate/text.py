@@ -114,6 +114,7 @@ _BLOCK = frozenset(
         "footer",
     }
 )
+_MARKUP_START = re.compile(r"<[a-zA-Z/!?]")
 _TAG_NAME = re.compile(r"<(/?)([a-zA-Z][^\t\n\r\f />\x00]*)")
 # The rest of a tag up to its `>`, quoted attribute values included; possessive, so a tag
 # that never ends costs one scan, not a backtracking search.
@@ -127,19 +128,14 @@ def html_to_text(html: str) -> str:
     skipping = 0
     pos, size = 0, len(html)
     while pos < size:
-        start = html.find("<", pos)
-        if start < 0:
-            start = size
+        # A `<` that starts no markup (`a < b`) is text, found along with the rest of it.
+        found = _MARKUP_START.search(html, pos)
+        start = found.start() if found else size
         if start > pos and not skipping:
             out.append(_SPACE.sub(" ", unescape(html[pos:start])))
         if start == size:
             break
         tag = _TAG_NAME.match(html, start)
-        if tag is None and not html.startswith(("<!", "<?", "</"), start):
-            if not skipping:
-                out.append("<")  # `a < b`: a `<` that starts no markup is text
-            pos = start + 1
-            continue
         pos = _markup_end(html, start, is_tag=tag is not None)
         if pos < 0:
             break  # an unterminated tag or comment runs to the end of the document
