@@ -120,10 +120,14 @@ class Session:
             "outcomes": self.outcomes,
             "findings": list(self.findings.values()),
             "slowest": [
-                {"seconds": round(s, 4), "bytes": n, "us_per_byte": round(s / max(n, 1) * 1e6, 2),
-                 "input": saved}
+                {
+                    "seconds": round(s, 4),
+                    "bytes": n,
+                    "us_per_byte": round(s / max(n, 1) * 1e6, 2),
+                    "input": saved,
+                }
                 for s, n, saved in self.slowest
-            ],  # fmt: skip
+            ],
         }
 
     def dump(self) -> None:
