@@ -28,7 +28,6 @@ import random
 import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -63,9 +62,11 @@ class Session:
 
         self._prepare = prepare
         self._unparseable = Unparseable
-        # Attachment files are fsynced: on a RAM disk that costs nothing.
-        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - our own temp dir
-        self._attachments = Path(tempfile.mkdtemp(prefix="mailgate-fuzz-", dir=shm))
+        # Attachment files are fsynced: on a RAM disk that costs nothing. One fixed folder,
+        # emptied at the start: under atheris the process ends without cleaning up.
+        shm = Path("/dev/shm")  # noqa: S108 - a folder of our own name in it
+        self._attachments = shm / "mailgate-fuzz" if shm.is_dir() else OUT / "attachments"
+        shutil.rmtree(self._attachments, ignore_errors=True)
         self.slow = slow
         self.started = time.monotonic()
         self.executions = 0
