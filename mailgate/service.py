@@ -25,7 +25,8 @@ from mailgate.outbound.compose import Composer
 from mailgate.outbound.outbox import OutboundWorker
 from mailgate.outbound.templates import Templates
 from mailgate.outbound.transports import transport_for
-from mailgate.smtp import MailgateSMTP, start_smtp
+from mailgate.smtp import start_smtp
+from mailgate.smtp_session import MailgateSMTP
 from mailgate.store import open_store
 from mailgate.web import build_app, start_web
 

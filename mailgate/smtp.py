@@ -1,29 +1,21 @@
-"""The SMTP listener: an aiosmtpd handler that is only an adapter, and the session limits.
+"""The SMTP listener: an aiosmtpd handler that is only an adapter, and its server.
 
 `Handler` checks recipients against `[smtp] accept` (never an open relay), refuses mail while
 the store's disk is nearly full and mail that has looped, hands DATA to intake and maps the
-outcome to a reply. `MailgateSMTP` holds what a hostile client must not be able to exhaust:
-connections (in total and per IP), errors, time (an idle timeout and a minimum DATA rate)
-and memory (line and message sizes). Replies carry RFC 3463 enhanced status codes; aiosmtpd's
-own bare replies are rewritten on the way out, and no exception text ever reaches a client.
+outcome to a reply. The session itself and its limits are in `smtp_session.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import re
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from pathlib import Path
-from typing import Any, NoReturn
 
 import structlog
-from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
+from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mailgate.config import SmtpConfig
@@ -31,81 +23,17 @@ from mailgate.errors import StoreUnavailable
 from mailgate.intake import Intake
 from mailgate.log import mask_address
 from mailgate.model import Envelope, HostPort
+from mailgate.smtp_session import (
+    FREE_SPACE_MESSAGES,
+    LOW_STORAGE,
+    MAIL_LOOP,
+    TEMPFAIL,
+    TOO_MANY_RECIPIENTS,
+    MailgateSMTP,
+    peer_of,
+)
 
 log = structlog.get_logger(__name__)
-
-TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
-TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
-TOO_MANY_FROM_PEER = "421 4.7.0 Too many connections from your address, try again later"
-TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
-TOO_MANY_UNKNOWN = "421 4.7.0 Too many unrecognized commands, closing connection"
-IDLE_TIMEOUT = "421 4.4.2 Timeout, closing connection"
-DATA_TOO_SLOW = "421 4.4.2 Data transfer too slow, closing connection"
-TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
-LOW_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
-MAIL_LOOP = "554 5.4.6 Too many Received headers: mail loop detected"
-LINE_TOO_LONG = "500 5.5.6 Line too long"
-MESSAGE_TOO_BIG = "552 5.3.4 Message too big for this system"
-
-# The minimum DATA rate is enforced from this many seconds after DATA (or timeout/10 if
-# smaller): a client gets time to open its window before its average is judged.
-DATA_RATE_GRACE = 10.0
-# A hung-up client that does not read its last reply is aborted (RST) after this long, so a
-# full send buffer cannot keep the connection open.
-HANG_UP_LINGER = 10.0
-# MAIL is refused while the database's filesystem has less free space than this many
-# maximum-size messages (the WAL needs room for the message before the checkpoint).
-FREE_SPACE_MESSAGES = 1.5
-
-# aiosmtpd's replies without enhanced codes (RFC 2034), rewritten as they are sent.
-_ENHANCED = {
-    "250 OK": "250 2.0.0 OK",
-    "221 Bye": "221 2.0.0 Bye",
-    "552 Error: Too much mail data": "552 5.3.4 Message too big for this system",
-    "552 Error: message size exceeds fixed maximum message size": (
-        "552 5.3.4 Message size exceeds fixed maximum message size"
-    ),
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.6 Line too long",
-    "500 Command line too long": "500 5.5.2 Command line too long",
-    "500 Error: bad syntax": "500 5.5.2 Syntax error",
-    "503 Error: need MAIL command": "503 5.5.1 Need MAIL command",
-    "503 Error: need RCPT command": "503 5.5.1 Need RCPT command",
-    "503 Error: nested MAIL command": "503 5.5.1 Nested MAIL command",
-    "503 Error: send HELO first": "503 5.5.1 Send HELO first",
-    "501 Syntax: MAIL FROM: <address>": "501 5.5.4 Syntax: MAIL FROM:<address>",
-    "501 Syntax: MAIL FROM: <address> [SP <mail-parameters>]": (
-        "501 5.5.4 Syntax: MAIL FROM:<address> [SP <mail-parameters>]"
-    ),
-    "501 Syntax: RCPT TO: <address>": "501 5.5.4 Syntax: RCPT TO:<address>",
-    "501 Syntax: RCPT TO: <address> [SP <mail-parameters>]": (
-        "501 5.5.4 Syntax: RCPT TO:<address> [SP <mail-parameters>]"
-    ),
-    "502 EXPN not implemented": "502 5.5.1 EXPN not implemented",
-    "252 Cannot VRFY user, but will accept message and attempt delivery": (
-        "252 2.5.2 Cannot VRFY user, but will accept message"
-    ),
-}
-# Enhanced codes by basic code where aiosmtpd's text varies; else by class (RFC 3463).
-_BY_CODE = {"500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "555": "5.5.4"}
-_CLASS_DEFAULTS = {"4": "4.0.0", "5": "5.5.0"}
-_UNRECOGNIZED = '500 Error: command "'  # aiosmtpd echoes the client's word; we don't
-_BOGUS_GOODBYE = "502 5.5.1 Too many unrecognized commands"  # aiosmtpd's fixed limit of 5
-# Refusals that are not the client's fault (ours, or the session ending anyway): they do not
-# count towards max_errors. 452 4.5.3 counts only past an overshoot allowance (see push).
-_NOT_CLIENT_ERRORS = ("421 ", "451 ", "452 4.3.1 ")
-
-
-def enhance(reply: str) -> str:
-    """Add an enhanced status code to a final reply that lacks one."""
-    if reply in _ENHANCED:
-        return _ENHANCED[reply]
-    if reply.startswith(_UNRECOGNIZED):
-        return "500 5.5.1 Command not recognized"
-    code, sep, text = reply.partition(" ")
-    if sep and len(code) == 3 and code[0] in "45" and not (text[:1].isdigit() and text[1:2] == "."):
-        return f"{code} {_BY_CODE.get(code) or _CLASS_DEFAULTS[code[0]]} {text}"
-    return reply
-
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
@@ -122,299 +50,6 @@ def count_received(raw: bytes) -> int:
     return len(_RECEIVED.findall(raw, 0, end.start() if end else len(raw)))
 
 
-def peer_ip_of(peer: Any) -> str:
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-
-
-class MailgateSMTP(SMTP):
-    """aiosmtpd's protocol with enhanced replies, a registry of live sessions and limits.
-
-    A session that breaks a limit is answered (421 when it is closed) and hung up on: the
-    reply is written, the transport closed and the session task cancelled, so nothing the
-    client pipelined after it is processed and no message of it is stored.
-    """
-
-    # Real clients send DATA lines beyond RFC 5321's 1,000 octets; accept up to 10,000
-    # (aiosmtpd refuses a line when it plus CRLF exceeds this). Commands stay at 512.
-    line_length_limit = 10_002
-
-    def __init__(
-        self,
-        handler: Any,
-        *,
-        sessions: set[MailgateSMTP],
-        limits: SmtpConfig,
-        **kwargs: Any,
-    ) -> None:
-        # aiosmtpd keeps command_size_limits on the class, shared by every session, and grows
-        # MAIL's entry on each EHLO: one client could lift the limit for all. Keep it ours.
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        super().__init__(
-            handler,
-            data_size_limit=limits.max_message_size,
-            timeout=limits.timeout,
-            **kwargs,
-        )
-        self._sessions = sessions
-        self._limits = limits
-        self._grace = min(DATA_RATE_GRACE, limits.timeout / 10)
-        self.peer_ip = ""
-        self._refusal: str | None = None
-        self._hung_up = False
-        self._errors = 0
-        self._excess_rcpts = 0
-        self._data_start: float | None = None  # loop time of DATA, while the data comes in
-        self._data_bytes = 0
-        self._data_last = 0.0
-
-    # -- connections ----------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.peer_ip = peer_ip_of(transport.get_extra_info("peername"))
-        self._refusal = self._admission()
-        if self._refusal is None:
-            self._sessions.add(self)
-        super().connection_made(transport)
-
-    def _admission(self) -> str | None:
-        """Decide at connect, before the banner, whether this session may start."""
-        if len(self._sessions) >= self._limits.max_connections:
-            return TOO_MANY_CONNECTIONS
-        from_peer = sum(1 for s in self._sessions if s.peer_ip == self.peer_ip)
-        if from_peer >= self._limits.max_connections_per_ip:
-            return TOO_MANY_FROM_PEER
-        return None
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self._sessions.discard(self)
-        super().connection_lost(error)
-
-    def eof_received(self) -> bool | None:
-        """Let the session finish what the client sent before its EOF, then hang up.
-
-        aiosmtpd cancels the session at EOF; a client that half-closes right after the final
-        dot still waits for the 250, and its message must be committed and answered, not cut
-        off halfway. Reading past the EOF raises IncompleteReadError (see handle_exception).
-        """
-        return asyncio.StreamReaderProtocol.eof_received(self)
-
-    async def _handle_client(self) -> None:
-        Handler.bind(self.session)
-        if self._refusal is not None:
-            log.warning("smtp_connection_refused", reply=self._refusal)
-            await self._hang_up(self._refusal)
-        await super()._handle_client()
-
-    async def _hang_up(self, reply: str | None) -> NoReturn:
-        """Answer `reply` (if any), close, and end the session task here."""
-        self._hang_up_now(reply)
-        raise asyncio.CancelledError
-
-    def _hang_up_now(self, reply: str | None) -> None:
-        if self._hung_up:
-            return
-        self._hung_up = True
-        if self.transport is not None:
-            if reply is not None:
-                self._writer.write(reply.encode("ascii") + b"\r\n")
-            self.transport.close()  # sends what is buffered first
-            self.loop.call_later(HANG_UP_LINGER, self._abort)
-
-    def _abort(self) -> None:
-        if isinstance(self.transport, asyncio.WriteTransport):  # still flushing: not reading
-            self.transport.abort()
-
-    # -- replies and errors ---------------------------------------------------------------
-
-    async def push(self, status: str | bytes) -> None:
-        if self._hung_up:  # the client is being cut off; it gets nothing more
-            raise asyncio.CancelledError
-        if isinstance(status, bytes):
-            await super().push(status)
-            return
-        reply = enhance(status)
-        if reply.startswith(_BOGUS_GOODBYE):
-            log.warning("smtp_too_many_unrecognized")
-            await self._hang_up(TOO_MANY_UNKNOWN)
-        await super().push(reply)
-        if reply.startswith("452 4.5.3 "):
-            # As Postfix's smtpd_recipient_overshoot_limit: a client may pipeline a list
-            # longer than max_recipients and send the rest later; only a flood counts.
-            self._excess_rcpts += 1
-            if self._excess_rcpts > self._limits.max_recipients:
-                await self._client_error()
-        elif reply[:1] in ("4", "5") and not reply.startswith(_NOT_CLIENT_ERRORS):
-            await self._client_error()
-
-    async def _client_error(self) -> None:
-        self._errors += 1
-        if self._errors >= self._limits.max_errors:
-            log.warning("smtp_too_many_errors", errors=self._errors)
-            await self._hang_up(TOO_MANY_ERRORS)
-
-    async def handle_exception(self, error: Exception) -> str:
-        """Hang up on a client that is gone; anything else is answered 451, never raised."""
-        if isinstance(error, asyncio.IncompleteReadError | ConnectionError):
-            await self._hang_up(None)
-        try:
-            return await super().handle_exception(error)
-        except Exception:  # noqa: BLE001 - aiosmtpd would put this one's text on the wire
-            return TEMPFAIL
-
-    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
-        if self._hung_up:  # never start work (a commit) for a session being cut off
-            raise asyncio.CancelledError
-        return await super()._call_handler_hook(command, *args)
-
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        """Not offered (the EHLO does not list it): a plain refusal, the session goes on."""
-        await self.push("502 5.5.1 STARTTLS not offered")
-
-    @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str) -> None:
-        self.command_size_limits.clear()  # aiosmtpd adds to MAIL's limit on every EHLO
-        await super().smtp_EHLO(hostname)
-
-    # -- DATA: memory and time ------------------------------------------------------------
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd 1.4.6's DATA with the message in one buffer, and timed.
-
-        aiosmtpd keeps a bytearray object per line until the final dot: about 90 bytes of
-        overhead a line, so 25 MiB of empty lines took 2.1 GiB. Here each line is appended to
-        one buffer as it comes (dot-unstuffed), and the same rules hold: only CRLF.CRLF ends
-        the data (RFC 5321 4.1.1.4; no smuggling with bare CR or LF), lines over
-        `line_length_limit` and data over `data_size_limit` are read to the end and refused.
-        """
-        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        self._data_start = self._data_last = self.loop.time()
-        self._data_bytes = 0
-        self._arm(self._data_deadline()[0])
-        try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            content = await self._read_data()
-        finally:
-            self._end_data()  # the final dot is in: the commit is not the client's time
-        if isinstance(content, str):
-            self.envelope = self._create_envelope()
-            await self.push(content)
-            return
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self.envelope = self._create_envelope()
-        await self.push("250 OK" if status is MISSING else status)
-
-    async def _read_data(self) -> bytes | str:
-        """Read up to the final dot: the content, or the refusal if it was over a limit."""
-        data = bytearray()
-        size = 0
-        refusal: str | None = None
-        in_long_line = False  # the last read ended inside a line longer than the reader's limit
-        while True:
-            try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                line = await self._reader.read(exc.consumed)
-                size += len(line)
-                in_long_line = True
-                refusal = refusal or LINE_TOO_LONG
-                data = bytearray()
-                continue
-            if line == b".\r\n" and not in_long_line:
-                return refusal or bytes(data)
-            in_long_line = False
-            size += len(line)
-            if refusal is None and self.data_size_limit and size > self.data_size_limit:
-                refusal = MESSAGE_TOO_BIG
-            if refusal is None and len(line) > self.line_length_limit:
-                refusal = LINE_TOO_LONG
-            if refusal is None:
-                data += memoryview(line)[1:] if line.startswith(b".") else line
-            elif data:
-                data = bytearray()  # let the memory go now, not at the final dot
-
-    def _end_data(self) -> None:
-        if self._data_start is not None:
-            self._data_start = None
-            if self.transport is not None and not self._hung_up:
-                self._reset_timeout()
-
-    def data_received(self, data: bytes) -> None:
-        if self._data_start is not None:
-            self._data_bytes += len(data)
-            self._data_last = self.loop.time()
-        super().data_received(data)
-
-    def _data_deadline(self) -> tuple[float, bool]:
-        """When this DATA is cut off if no more bytes come, and whether for being slow.
-
-        Slow: the average rate since DATA falls below `min_data_rate` at start + bytes/rate
-        (never judged before the grace period). Idle: `timeout` after the last bytes.
-        """
-        assert self._data_start is not None
-        start = self._data_start
-        slow = max(start + self._grace, start + self._data_bytes / self._limits.min_data_rate)
-        idle = self._data_last + self._limits.timeout
-        return min(slow, idle), slow <= idle
-
-    def _arm(self, when: float) -> None:
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()
-        self._timeout_handle = self.loop.call_at(when, self._timeout_cb)
-
-    def _timeout_cb(self) -> None:
-        """aiosmtpd closes silently; we say why. During DATA, check the rate lazily here."""
-        if self.transport is None or self._hung_up:
-            return
-        reply = IDLE_TIMEOUT
-        if self._data_start is not None:
-            deadline, slow = self._data_deadline()
-            if deadline - self.loop.time() > 0.001:
-                self._arm(deadline)  # bytes came since this was armed
-                return
-            if slow:
-                reply = DATA_TOO_SLOW
-                rate = self._data_bytes / max(self.loop.time() - self._data_start, 1e-9)
-                log.warning("smtp_data_too_slow", peer=self.peer_ip, rate=round(rate))
-        if reply == IDLE_TIMEOUT:
-            log.info("smtp_timeout", peer=self.peer_ip)
-        self._hang_up_now(reply)
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """Parse the address of MAIL/RCPT exactly as aiosmtpd 1.4 does, minus its cost.
-
-        aiosmtpd's version defines a typing.Protocol class on every call, which is about 6% of
-        the event loop's time under load (bench/). Same parser, same results otherwise.
-        """
-        if not arg:
-            return "", ""
-        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-        try:
-            address, rest = parse(arg)
-        except HeaderParseError:
-            return None, None
-        addr: str = address.addr_spec
-        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return addr, rest
-
-
-def peer_of(session: Session) -> str:
-    peer = session.peer
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return str(HostPort(str(peer[0]), int(peer[1])))
-    return str(peer)
-
-
 class Handler:
     """aiosmtpd hooks: storage check, RCPT policy, loop check, DATA to intake, errors to 451."""
 
@@ -426,14 +61,6 @@ class Handler:
         self.in_flight = 0  # DATA commits under way; the drain waits for them
         self.idle = asyncio.Event()
         self.idle.set()
-
-    @staticmethod
-    def bind(session: Session | None) -> None:
-        """Put peer and a session id on every log line of this session's task."""
-        if session is not None and not structlog.contextvars.get_contextvars().get("session"):
-            structlog.contextvars.bind_contextvars(
-                peer=peer_of(session), session=uuid.uuid4().hex[:12]
-            )
 
     async def handle_EHLO(
         self,
