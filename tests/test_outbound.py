@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 
 from mailgate.config import Config, load_config
 from tests.conftest import (
+    REPO,
     Received,
     Relay,
     Running,
@@ -295,11 +297,7 @@ def test_check_config_reports_template_errors(
 ) -> None:
     """A broken template fails check-config (exit 78) and serve, naming file and line."""
     templates = tmp_path / "templates"
-    for shipped in (Path(__file__).parent.parent / "templates").rglob("*"):
-        if shipped.is_file():
-            target = templates / shipped.relative_to(shipped.parent.parent.parent / "templates")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(shipped.read_bytes())
+    shutil.copytree(REPO / "templates", templates)
     (templates / template).write_text(source)
     path = write_config(tmp_path, templates=templates)
     for command in ("check-config", "serve"):

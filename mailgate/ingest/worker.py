@@ -273,8 +273,7 @@ class IngestWorker:
         if automatic is not None:
             log.info("automatic_mail_suppressed", ticket_id=ticket_id, because=automatic)
             return 0
-        if tx.undeliverable(mail.sender.email):
-            tx.set_undeliverable(mail.sender.email, None, at=now)  # it wrote in again
+        tx.set_undeliverable(mail.sender.email, None, at=now)  # it wrote in again
         created = match.ticket_id is None
         return len(
             self._reactions.after_customer_mail(

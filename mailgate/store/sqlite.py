@@ -153,6 +153,11 @@ class _Writer:
         """Run `work(db)` between BEGIN IMMEDIATE and COMMIT on the writer thread."""
         return await self._call(lambda: self._transaction(work))
 
+    async def changes_one(self, sql: str, params: Sequence[object]) -> bool:
+        """Run one UPDATE as its own transaction; tell whether it changed a row."""
+        cursor = await self.transaction(lambda db: db.execute(sql, params))
+        return cursor.rowcount == 1
+
     async def statement(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> None:
         """Run one statement, atomic (and fsynced) on its own, on the writer thread."""
         assert self._db is not None, "writer not open"
@@ -478,14 +483,11 @@ class SqliteStore:
             return [_inbound_row(row) async for row in cursor]
 
     async def requeue_inbound(self, inbound_id: str) -> bool:
-        cursor = await self._writer.transaction(
-            lambda db: db.execute(
-                "UPDATE inbound SET state = 'received', reason = NULL, processed_at = NULL "
-                "WHERE id = ? AND state = 'quarantined'",
-                (inbound_id,),
-            )
+        return await self._writer.changes_one(
+            "UPDATE inbound SET state = 'received', reason = NULL, processed_at = NULL "
+            "WHERE id = ? AND state = 'quarantined'",
+            (inbound_id,),
         )
-        return cursor.rowcount == 1
 
     async def list_tickets(self, *, status: TicketStatus | None = None) -> list[Ticket]:
         async with self._reader.execute(
@@ -529,13 +531,10 @@ class SqliteStore:
         return _ticket(row, messages)
 
     async def set_ticket_status(self, ticket_id: int, status: TicketStatus) -> bool:
-        cursor = await self._writer.transaction(
-            lambda db: db.execute(
-                "UPDATE tickets SET status = ?, updated_at = ? WHERE id = ?",
-                (status, _now(), ticket_id),
-            )
+        return await self._writer.changes_one(
+            "UPDATE tickets SET status = ?, updated_at = ? WHERE id = ?",
+            (status, _now(), ticket_id),
         )
-        return cursor.rowcount == 1
 
     async def list_requesters(self) -> list[Requester]:
         async with self._reader.execute(_REQUESTERS + "ORDER BY r.id") as cursor:
@@ -547,13 +546,10 @@ class SqliteStore:
         return _requester(row) if row else None
 
     async def verify_requester(self, email: str) -> bool:
-        cursor = await self._writer.transaction(
-            lambda db: db.execute(
-                "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email = ?",
-                (_now(), email),
-            )
+        return await self._writer.changes_one(
+            "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email = ?",
+            (_now(), email),
         )
-        return cursor.rowcount == 1
 
     async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
         return await self._writer.transaction(lambda db: _redeem(db, token_hash))
@@ -606,14 +602,11 @@ class SqliteStore:
             return [_outbox_row(row) async for row in cursor]
 
     async def retry_outbox(self, outbox_id: int) -> bool:
-        cursor = await self._writer.transaction(
-            lambda db: db.execute(
-                "UPDATE outbox SET state = 'queued', next_attempt_at = ? "
-                "WHERE id = ? AND state IN ('queued', 'failed')",
-                (_now(), outbox_id),
-            )
+        return await self._writer.changes_one(
+            "UPDATE outbox SET state = 'queued', next_attempt_at = ? "
+            "WHERE id = ? AND state IN ('queued', 'failed')",
+            (_now(), outbox_id),
         )
-        return cursor.rowcount == 1
 
 
 def _requester(row: sqlite3.Row | aiosqlite.Row) -> Requester:
