@@ -31,14 +31,45 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardedClient:
+    """The original client, as a trusted proxy in front reported it (Postfix XFORWARD)."""
+
+    addr: str | None = None  # the client's IP address
+    name: str | None = None  # its verified reverse name
+    helo: str | None = None
+    proto: str | None = None  # SMTP or ESMTP
+    ident: str | None = None  # the proxy's queue id
+
+
+@dataclass(frozen=True, slots=True)
 class Envelope:
-    """What the SMTP session saw, stored beside the raw bytes."""
+    """What the SMTP session saw, stored beside the raw bytes.
+
+    `peer` and `helo` are the hop that talked to mailgate; behind a trusted proxy,
+    `forwarded` is the client that talked to the proxy, which SPF judges.
+    """
 
     mail_from: str
     rcpt_tos: tuple[str, ...]
     peer: str
     helo: str | None
     smtputf8: bool = False
+    forwarded: ForwardedClient | None = None
+
+    @property
+    def client_ip(self) -> str:
+        """The IP address of the client that sent the mail into our side (SPF's `i`)."""
+        if self.forwarded is not None and self.forwarded.addr:
+            return self.forwarded.addr
+        host = self.peer.rpartition(":")[0] if ":" in self.peer else self.peer
+        return host.removeprefix("[").removesuffix("]")
+
+    @property
+    def client_helo(self) -> str | None:
+        """The HELO name of that client (SPF's `h`)."""
+        if self.forwarded is not None and self.forwarded.addr:
+            return self.forwarded.helo
+        return self.helo
 
 
 @dataclass(frozen=True, slots=True)
