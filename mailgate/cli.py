@@ -19,9 +19,14 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
+from email_validator import EmailNotValidError
+
 from mailgate import __version__
 from mailgate.config import Config, config_path, load_config
+from mailgate.domains import u_label
 from mailgate.errors import ConfigError, MailgateError, NotFound, UsageError
+from mailgate.ingest.auth import Authenticator
+from mailgate.ingest.parse import normalise_address
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.log import configure_logging
@@ -187,13 +192,22 @@ async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
         author = "" if m.author == "customer" else f"[{m.author}] "
         print(f"\n--- {m.received_at.isoformat()}  {author}{m.sender.email}  ({m.thread_reason})")
         if m.auth:
-            print(f"Auth: dkim={m.auth['dkim']} spf={m.auth['spf']} dmarc={m.auth['dmarc']}")
+            print(_auth_line(m.auth))
         if m.flags:
             print(f"Flags: {', '.join(m.flags)}")
         print(m.body_text)
         for a in m.attachments:
             print(f"[attachment] {a.filename or '(unnamed)'}  {a.content_type}  {a.size} bytes")
     return 0
+
+
+def _auth_line(auth: dict[str, Any]) -> str:
+    """`Trust: authenticated  dkim=pass spf=none dmarc=pass  d=bücher.example:pass`."""
+    line = f"Trust: {auth.get('trust', 'not recorded')}"
+    if "dkim" in auth:
+        line += f"  dkim={auth['dkim']} spf={auth['spf']} dmarc={auth['dmarc']}"
+    signatures = [f"d={u_label(str(s['d']))}:{s['result']}" for s in auth.get("signatures", [])]
+    return "  ".join([line, *signatures])
 
 
 async def cmd_close(config: Config, args: argparse.Namespace) -> int:
@@ -253,7 +267,27 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
 
 async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
     Templates(config.outbound.templates).check()
+    if config.auth.trusted_authserv_id:
+        print(f"auth: the Authentication-Results of {config.auth.trusted_authserv_id} decide")
+    elif config.auth.enabled:
+        authenticator = Authenticator(config.auth)
+        print(f"auth: {await authenticator.dns_state()}")
+        authenticator.close()
+    else:
+        print("auth: off: no mail is authenticated (no agent answers by mail, no renames)")
     print(f"{config.path}: OK")
+    return 0
+
+
+async def cmd_participants_add(config: Config, args: argparse.Namespace) -> int:
+    try:
+        email = normalise_address(args.email)
+    except EmailNotValidError as exc:
+        raise UsageError(f"EMAIL: not a valid address: {exc}") from None
+    async with open_store(config.storage.database) as store:
+        if not await store.add_participant(args.id, email):
+            raise NotFound(f"no ticket {args.id}")
+    print(f"ticket {args.id}: {email} may post")
     return 0
 
 
@@ -397,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("replay", cmd_quarantine_replay, "ingest a quarantined message again", q_sub).add_argument(
         "id", metavar="ID"
     )
+
+    participants = commands.add_parser("participants", help="who may post on a ticket")
+    p_sub = participants.add_subparsers(
+        dest="participants_command", required=True, metavar="COMMAND"
+    )
+    p_add = add("add", cmd_participants_add, "let an address post on a ticket", p_sub)
+    p_add.add_argument("id", type=int, metavar="ID")
+    p_add.add_argument("email", metavar="EMAIL")
 
     reply = add("reply", cmd_reply, "answer a ticket as an agent; mails the requester")
     reply.add_argument("id", type=int, metavar="ID")

@@ -84,6 +84,7 @@ class AuthConfig:
     dns_timeout: float
     nameservers: tuple[HostPort, ...]
     trusted_authserv_id: str | None
+    retry_for: float = 900.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,9 +303,10 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
     },
     "auth": {
         "enabled": (_bool, True),
-        "dns_timeout": (_seconds, 5),
+        "dns_timeout": (_positive_seconds, 5),
         "nameservers": (_host_port_list, []),
         "trusted_authserv_id": (_optional(_text), None),
+        "retry_for": (_seconds, 15 * 60),
     },
     "log": {
         "level": (_one_of("debug", "info", "warning", "error"), "info"),

@@ -82,6 +82,7 @@ class InboundRow:
     state: InboundState
     received_at: datetime
     reason: str | None = None
+    attempts: int = 0  # sender checks that ran into DNS trouble so far
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,37 @@ class Bounce:
 
 
 @dataclass(frozen=True, slots=True)
+class DkimRef:
+    """One DKIM-Signature field as the parser read it; verified later, if it can matter."""
+
+    index: int  # among the message's DKIM-Signature fields, the topmost being 0
+    domain: str  # d=, lower-case A-label
+    selector: str  # s=
+    partial_body: bool = False  # l= signs only part of the body; the rest could be anything
+
+
+@dataclass(frozen=True, slots=True)
+class SenderEvidence:
+    """What the header says about who wrote the message, read from the parser's one view of
+    the header block, for authentication to judge (ARCHITECTURE rule 5)."""
+
+    from_fields: int = 1
+    from_mailboxes: int = 1  # addresses in the first From field
+    bare_line_ending: bool = False  # a CR or LF in the header that is not part of a CRLF
+    signatures: tuple[DkimRef, ...] = ()
+    authentication_results: tuple[str, ...] = ()  # raw values, topmost first
+
+    @property
+    def untrusted_shape(self) -> str | None:
+        """Why no check can vouch for this header, or None (RFC 7489 6.6.1, RFC 5322 2.2)."""
+        if self.bare_line_ending:
+            return "bare_line_ending"
+        if self.from_fields != 1 or self.from_mailboxes != 1:
+            return "multiple_from"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class ParsedMail:
     """Everything ingest needs from one message, decoded to text."""
 
@@ -123,6 +155,7 @@ class ParsedMail:
     automatic: str | None = None  # why the mail is automatic (RFC 3834), if it is
     bounce: Bounce | None = None
     reply_to: tuple[Address, ...] = ()
+    evidence: SenderEvidence = field(default_factory=SenderEvidence)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from mailgate.config import Config, load_config
 from mailgate.model import HostPort, Ticket
 from mailgate.service import serve
 from mailgate.store import open_store
+from tests.dns_stub import shared_dns_stub
 
 SUPPORT = "support@example.com"
 REPO = Path(__file__).resolve().parent.parent
@@ -61,8 +62,12 @@ retry_max = 1
 addresses = ["agent@example.com", "@staff.example.com"]
 
 [auth]
-# No DNS in tests unless a test brings its own stub server.
-enabled = false
+# The shared DNS stub on loopback (tests/dns_stub.py): the domains tests write from by default
+# publish SPF for loopback, so their mail is authenticated; other domains publish nothing.
+enabled = true
+nameservers = ["127.0.0.1:{dns_port}"]
+dns_timeout = {dns_timeout}
+{auth_extra}
 
 [http]
 listen = "127.0.0.1:0"
@@ -72,6 +77,20 @@ base_url = "http://127.0.0.1:8080"
 level = "{log_level}"
 format = "json"
 """
+
+
+# Domains the tests' mail comes from: they publish SPF for loopback (no DMARC record), so
+# their mail is authenticated by an aligned SPF pass, as from a real provider.
+AUTHENTICATED_DOMAINS = ("example.org", "example.com", "staff.example.com", "help.example.com")
+
+
+def shared_dns() -> int:
+    """The port of the run's shared DNS stub, its records set."""
+    stub, port = shared_dns_stub()
+    for domain in AUTHENTICATED_DOMAINS:
+        if (domain, "TXT") not in stub.records:
+            stub.txt(domain, "v=spf1 ip4:127.0.0.0/8 -all")
+    return port
 
 
 def free_port() -> int:
@@ -90,10 +109,14 @@ def write_config(
     templates: Path = REPO / "templates",
     outbound_extra: str = "",
     smtp_extra: str = "",
+    auth_extra: str = "",
+    dns_port: int | None = None,
+    dns_timeout: float = 1,
 ) -> Path:
     """Write a test config; with `relay_port`, outbound mail goes to that SMTP relay.
 
-    `smtp_extra` and `outbound_extra` are TOML lines added to those sections (limits, ...).
+    `smtp_extra`, `outbound_extra` and `auth_extra` are TOML lines added to those sections
+    (limits, ...). DNS is the shared stub unless `dns_port` names another.
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
@@ -107,6 +130,9 @@ def write_config(
             templates=templates,
             outbound_extra=outbound_extra,
             smtp_extra=smtp_extra,
+            auth_extra=auth_extra,
+            dns_port=dns_port or shared_dns(),
+            dns_timeout=dns_timeout,
         ),
         encoding="utf-8",
     )
@@ -390,3 +416,24 @@ async def relay() -> AsyncIterator[Relay]:
 @pytest.fixture
 def relay_config(tmp_path: Path, relay: Relay) -> Config:
     return load_config(write_config(tmp_path, relay_port=relay.port))
+
+
+@dataclass(frozen=True)
+class Key:
+    private_pem: bytes
+    dns_record: str
+
+
+@pytest.fixture(scope="session")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Key:
+    """A real RSA key pair (openssl), its public half published as a DKIM record."""
+    folder = tmp_path_factory.mktemp("dkim")
+    private = folder / "private.pem"
+    subprocess.run(
+        ["openssl", "genrsa", "-out", str(private), "1024"], check=True, capture_output=True
+    )
+    public = subprocess.run(
+        ["openssl", "rsa", "-in", str(private), "-pubout"], check=True, capture_output=True
+    ).stdout.decode()
+    body = "".join(line for line in public.splitlines() if "-----" not in line)
+    return Key(private.read_bytes(), f"v=DKIM1; k=rsa; p={body}")

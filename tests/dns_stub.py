@@ -1,12 +1,14 @@
 """A tiny authoritative DNS server on loopback, so authentication tests never touch the network.
 
 Answers A, TXT and MX from a dict; names it does not know get NXDOMAIN. `silent` names get no
-answer at all (a timeout).
+answer at all (a timeout); `delay` holds every answer back that long; `lose_every = n` drops
+every n-th answer (a lost UDP packet, which the resolver must retry).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,6 +32,9 @@ class DnsStub(asyncio.DatagramProtocol):
         self.records: dict[tuple[str, str], list[str]] = {}
         self.silent: set[str] = set()
         self.queries: list[tuple[str, str]] = []
+        self.delay = 0.0
+        self.lose_every = 0
+        self.lost = 0
         self._transport: asyncio.DatagramTransport | None = None
 
     def add(self, name: str, rtype: str, value: str) -> None:
@@ -49,6 +54,9 @@ class DnsStub(asyncio.DatagramProtocol):
         self.queries.append((name, rtype))
         if name in self.silent:
             return
+        if self.lose_every and len(self.queries) % self.lose_every == 0:
+            self.lost += 1
+            return
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
         values = self.records.get((name, rtype))
@@ -57,7 +65,12 @@ class DnsStub(asyncio.DatagramProtocol):
         elif not any(key[0] == name for key in self.records):
             response.set_rcode(dns.rcode.NXDOMAIN)
         assert self._transport is not None
-        self._transport.sendto(response.to_wire(), addr)
+        if self.delay:
+            asyncio.get_running_loop().call_later(
+                self.delay, self._transport.sendto, response.to_wire(), addr
+            )
+        else:
+            self._transport.sendto(response.to_wire(), addr)
 
 
 @asynccontextmanager
@@ -70,3 +83,31 @@ async def dns_stub() -> AsyncIterator[tuple[DnsStub, int]]:
         yield stub, port
     finally:
         transport.close()
+
+
+_shared: tuple[DnsStub, int] | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_dns_stub() -> tuple[DnsStub, int]:
+    """One stub for the whole test run, serving from a thread of its own, so that daemons in
+    other processes and in any test's event loop can ask it; started on first use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            started: list[tuple[DnsStub, int]] = []
+            ready = threading.Event()
+
+            def serve() -> None:
+                loop = asyncio.new_event_loop()
+                transport, stub = loop.run_until_complete(
+                    loop.create_datagram_endpoint(DnsStub, local_addr=("127.0.0.1", 0))
+                )
+                started.append((stub, int(transport.get_extra_info("sockname")[1])))
+                ready.set()
+                loop.run_forever()
+
+            threading.Thread(target=serve, name="dns-stub", daemon=True).start()
+            ready.wait(10)
+            _shared = started[0]
+        return _shared

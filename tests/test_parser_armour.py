@@ -377,7 +377,7 @@ def test_a_field_whose_name_is_over_the_limit_is_dropped() -> None:
 def test_header_fields_past_the_block_limit_are_dropped() -> None:
     fields = b"".join(b"X-F%d: %s\r\n" % (i, b"v" * 60_000) for i in range(40))  # 2.4 MB
     raw = head("Block") + fields + b"X-Last: seen\r\n\r\nbody\r\n"
-    msg, limits = mime.read_message(raw)
+    msg, limits, _header = mime.read_message(raw)
     assert limits == {"header block"}
     assert sum(len(name) + len(value) for name, value in msg.raw_items()) < mime.MAX_HEADER_BLOCK
     assert msg["X-Last"] is None and msg["Subject"] == "Block"
@@ -386,7 +386,7 @@ def test_header_fields_past_the_block_limit_are_dropped() -> None:
 
 def test_more_header_fields_than_the_limit() -> None:
     raw = head("Many") + b"X: y\r\n" * 100_000 + b"\r\nbody\r\n"
-    msg, limits = mime.read_message(raw)
+    msg, limits, _header = mime.read_message(raw)
     assert limits == {"header block"}
     assert len(msg.keys()) == mime.MAX_HEADER_FIELDS
 
@@ -397,7 +397,7 @@ def test_mime_parameters_are_capped() -> None:
         b"Content-Type: text/plain; charset=utf-8" + b";" * 5000 + b"; name=late.txt\r\n\r\nx",
         b"Content-Type: application/pdf; name=" + b"n" * 10_000 + b".pdf\r\n\r\ny",
     )
-    msg, limits = mime.read_message(raw)
+    msg, limits, _header = mime.read_message(raw)
     assert limits == {"parameter field"}
     first, second = children(msg)
     assert first.get_content_charset() == "utf-8" and first.get_param("name") is None
@@ -441,7 +441,7 @@ def test_delimiters_as_rfc_2046_has_them() -> None:
         b"--outer  \nContent-Type: application/x-a\n\nA\r\n"
         b"--outer--\nepilogue\n"
     )
-    msg, limits = mime.read_message(raw)
+    msg, limits, _header = mime.read_message(raw)
     assert not limits
     alternative, attachment = children(msg)
     assert [p.get_payload() for p in children(alternative)] == ["plain words"]

@@ -1,36 +1,51 @@
-"""Sender authentication after the 250: DKIM (dkimpy), SPF (pyspf), DMARC alignment.
+"""Sender authentication after the 250: DKIM, SPF and DMARC (RFC 7489), in three steps.
 
-Authentication decides trust, never acceptance: the results are stored per message, and a
-From that fails DMARC (its domain publishes a policy, and neither an aligned DKIM signature
-nor an aligned SPF pass backs it) cannot join an existing ticket and gets no automatic mail.
+1. `Authenticator.lookup` (the daemon, asyncio): the DNS the verdict needs, each message on its
+   own, within a time budget. Only what can align with the From domain is looked up: DKIM keys
+   of signatures whose `d=` shares the From's organisational domain (at most MAX_CHECKED) and
+   SPF when the MAIL FROM (or HELO) domain does; the lookups an attacker adds by signing with
+   other domains cost nothing. DKIM keys and DMARC records come from dnspython's asyncio
+   resolver (short tries, retried, as stub resolvers do); pyspf, which is blocking, runs in a
+   thread pool of its own sized for DNS waits.
+2. `verify_signatures` (the parser process): dkimpy checks the fetched keys against the one
+   view of the header that the parser read (`mime.HeaderView`) and the body as received, under
+   the parser's time budget, where a quadratic header cannot stall the daemon.
+3. `Lookup.results`: the DMARC result from both, with a flag for an aligned pass.
+
 Behind an MTA that already verified the mail, `[auth] trusted_authserv_id` makes mailgate read
-that MTA's Authentication-Results instead (RFC 8601); other headers claiming the same id were
-forged by the sender and are ignored.
-
-All lookups go through one dnspython resolver with `[auth] dns_timeout` as its lifetime, so
-tests can point it at a stub server on loopback. The checks are blocking library calls; the
-worker runs them in threads.
+that MTA's Authentication-Results instead (RFC 8601); other headers claiming the same id came
+with the message and are ignored. Domains are compared as A-labels (`domains.py`).
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-from collections.abc import Sequence
+import asyncio
+import contextvars
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import authres
 import dkim
+import dns.asyncresolver
 import dns.exception
+import dns.name
 import dns.resolver
 import spf
+import structlog
 from publicsuffixlist import PublicSuffixList
 
 from mailgate.config import AuthConfig
-from mailgate.model import Envelope
+from mailgate.domains import a_label, in_dns
+from mailgate.ingest.mime import read_header
+from mailgate.model import DkimRef, Envelope, ParsedMail
+
+log = structlog.get_logger(__name__)
 
 Result = Literal["pass", "fail", "none", "temperror"]
+SignatureResult = Literal["pass", "fail", "temperror", "skipped"]
 _SPF_RESULTS: dict[str, Result] = {
     "pass": "pass",
     "fail": "fail",
@@ -41,13 +56,21 @@ _SPF_RESULTS: dict[str, Result] = {
     "temperror": "temperror",
 }
 _RESULTS: set[str] = {"pass", "fail", "none", "temperror"}
-MAX_SIGNATURES = 10
+MAX_CHECKED = 3  # DKIM signatures verified per message (aligned ones, topmost first)
+RETRY_AFTER = 1.0  # seconds before a DNS query is sent again (a lost UDP answer)
+# One message's lookups may take this many `dns_timeout`s in all: they run at once, but the
+# DMARC record of a subdomain falls back to the organisational domain's, one after the other.
+BUDGET_LOOKUPS = 3
+SPF_THREADS = 32  # pyspf blocks on DNS: threads that wait, not compute
+
+T = TypeVar("T")
+R = TypeVar("R", bound=dns.resolver.BaseResolver)
 
 
 @dataclass(frozen=True, slots=True)
 class DkimSignature:
     domain: str
-    result: Result
+    result: SignatureResult  # skipped: it could not align with From, so it was not checked
     partial_body: bool = False  # l= signed only part of the body; the rest could be anything
 
 
@@ -56,6 +79,8 @@ class AuthResults:
     dkim: Result
     spf: Result
     dmarc: Result
+    aligned: bool = False  # a DKIM (full body) or SPF pass aligned with the From domain
+    policy: str | None = None  # the p= of the From domain's DMARC record, if one was found
     signatures: tuple[DkimSignature, ...] = ()
     source: str = "mailgate"  # or the trusted MTA's authserv-id
     forged_results: int = 0  # Authentication-Results headers that claimed the trusted id
@@ -66,72 +91,295 @@ class AuthResults:
             "dkim": self.dkim,
             "spf": self.spf,
             "dmarc": self.dmarc,
+            "aligned": self.aligned,
+            "policy": self.policy,
             "source": self.source,
             "signatures": [
                 {"d": s.domain, "result": s.result, "partial_body": s.partial_body}
                 for s in self.signatures
             ],
             "forged_results": self.forged_results,
+            "notes": list(self.notes),
         }
-
-
-UNDECIDED = AuthResults(dkim="temperror", spf="temperror", dmarc="temperror")
 
 
 class TempError(Exception):
     """A DNS lookup timed out or found no server: the result is temperror, not fail."""
 
 
-class Authenticator:
-    """Checks one message at a time; safe to call from several threads."""
+# One DKIM verification for the parser process: (signature index, key record name, record).
+VerifyJob = tuple[int, str, bytes]
 
-    def __init__(self, config: AuthConfig) -> None:
-        self._config = config
-        self._resolver = dns.resolver.Resolver(configure=not config.nameservers)
-        if config.nameservers:
-            self._resolver.nameservers = [ns.host for ns in config.nameservers]
-            self._resolver.nameserver_ports = {ns.host: ns.port for ns in config.nameservers}
-        self._resolver.lifetime = config.dns_timeout
-        self._resolver.timeout = config.dns_timeout
-        self._psl = PublicSuffixList()
-        # pyspf looks names up through this module-level hook; ours uses the same resolver.
-        spf.DNSLookup = self._spf_lookup
 
-    def check(self, raw: bytes, envelope: Envelope, from_domain: str) -> AuthResults:
-        if self._config.trusted_authserv_id:
-            return self._trusted(raw, self._config.trusted_authserv_id)
-        signatures = self._dkim(raw)
-        spf_result, spf_domain = self._spf(envelope)
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What DNS said for one message: enough to decide, once its signatures are verified."""
+
+    from_domain: str
+    policy: dict[str, str] | TempError | None = None
+    spf: Result = "none"
+    spf_domain: str = ""
+    checked: tuple[DkimRef, ...] = ()
+    keys: dict[int, bytes | TempError] = field(default_factory=dict)  # by signature index
+    skipped: tuple[DkimRef, ...] = ()
+    final: AuthResults | None = None  # decided without verification (trusted MTA, ...)
+
+    @property
+    def jobs(self) -> list[VerifyJob]:
+        """The signatures to verify in the parser process, with their keys."""
+        return [
+            (ref.index, _key_name(ref), key)
+            for ref in self.checked
+            if isinstance(key := self.keys.get(ref.index, b""), bytes) and key
+        ]
+
+    def results(self, verified: dict[int, bool], psl: PublicSuffixList) -> AuthResults:
+        """Combine DNS and the parser process's verifications (`verified`, by index)."""
+        if self.final is not None:
+            return self.final
+        signatures = [
+            DkimSignature(ref.domain, _signature_result(ref, self.keys, verified), ref.partial_body)
+            for ref in self.checked
+        ] + [DkimSignature(ref.domain, "skipped", ref.partial_body) for ref in self.skipped]
+        policy = self.policy
+        strict_dkim = isinstance(policy, dict) and policy.get("adkim", "r") == "s"
+        strict_spf = isinstance(policy, dict) and policy.get("aspf", "r") == "s"
+        dkim_aligned = any(
+            s.result == "pass" and not s.partial_body
+            for s, ref in zip(signatures, self.checked, strict=False)
+            if _aligned(psl, ref.domain, self.from_domain, strict=strict_dkim)
+        )
+        spf_aligned = self.spf == "pass" and _aligned(
+            psl, self.spf_domain, self.from_domain, strict=strict_spf
+        )
+        aligned = dkim_aligned or spf_aligned
+        checked = signatures[: len(self.checked)]
+        dkim_result = _overall(checked)
+        dmarc: Result
+        if isinstance(policy, TempError):
+            dmarc = "temperror"
+        elif policy is None:
+            dmarc = "none"
+        elif aligned:
+            dmarc = "pass"
+        elif dkim_result == "temperror" or self.spf == "temperror":
+            dmarc = "temperror"  # an aligned check that could still pass did not answer
+        else:
+            dmarc = "fail"
         return AuthResults(
-            dkim=_overall(signatures),
-            spf=spf_result,
-            dmarc=self._dmarc(from_domain.lower(), signatures, spf_result, spf_domain),
+            dkim=dkim_result,
+            spf=self.spf,
+            dmarc=dmarc,
+            aligned=aligned,
+            policy=policy.get("p", "none") if isinstance(policy, dict) else None,
             signatures=tuple(signatures),
         )
 
+
+def verify_signatures(raw: bytes, jobs: Sequence[VerifyJob]) -> dict[int, bool]:
+    """Verify DKIM signatures of `raw` with keys fetched beforehand (in the parser process).
+
+    dkimpy gets the header fields exactly as `mime.read_header` split them, so it judges the
+    same From that becomes the requester, and never parses the raw header itself (its parser
+    is quadratic in folded lines).
+    """
+    if not jobs:
+        return {}
+    header = read_header(raw)
+    verifier = dkim.DKIM(b"")
+    verifier.headers = [[name, value] for name, value in header.fields()]
+    verifier.body = _CRLF.sub(b"\r\n", raw[header.body_start :])
+    records = {name: key for _index, name, key in jobs}
+
+    def fetched(name: bytes, timeout: float = 5) -> bytes | None:
+        return records.get(_name(name))
+
+    found: dict[int, bool] = {}
+    for index in (job[0] for job in jobs):
+        try:
+            found[index] = bool(verifier.verify(idx=index, dnsfunc=fetched))
+        except Exception:  # noqa: BLE001 - malformed signatures and keys raise anything
+            found[index] = False
+    return found
+
+
+_CRLF = re.compile(rb"\r?\n")  # dkimpy's own reading of body lines
+
+
+def _name(raw_name: bytes | str) -> str:
+    text = raw_name.decode("ascii", "replace") if isinstance(raw_name, bytes) else raw_name
+    return text.rstrip(".").lower()
+
+
+def _key_name(ref: DkimRef) -> str:
+    return f"{ref.selector}._domainkey.{ref.domain}".lower()
+
+
+def _signature_result(
+    ref: DkimRef, keys: dict[int, bytes | TempError], verified: dict[int, bool]
+) -> SignatureResult:
+    key = keys.get(ref.index)
+    if isinstance(key, TempError):
+        return "temperror"
+    return "pass" if verified.get(ref.index) else "fail"
+
+
+class Authenticator:
+    """Looks up what one message's verdict needs; safe to use for many messages at once."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self._config = config
+        self._psl = PublicSuffixList()
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._spf_resolver: dns.resolver.Resolver | None = None
+        configure = not config.nameservers
+        try:
+            self._resolver = _configured(dns.asyncresolver.Resolver(configure=configure), config)
+            self._spf_resolver = _configured(dns.resolver.Resolver(configure=configure), config)
+        except dns.resolver.NoResolverConfiguration:
+            log.warning(
+                "dns_unavailable",
+                effect="no nameserver is configured: mail is ingested unauthenticated at once",
+            )
+        self._spf_pool = ThreadPoolExecutor(SPF_THREADS, thread_name_prefix="spf")
+        self.budget = config.dns_timeout * BUDGET_LOOKUPS
+
+    @property
+    def psl(self) -> PublicSuffixList:
+        return self._psl
+
+    @property
+    def dns_configured(self) -> bool:
+        return self._resolver is not None
+
+    def close(self) -> None:
+        self._spf_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def dns_state(self) -> str:
+        """What authentication can do with the DNS it has, in a sentence for ops."""
+        if self._resolver is None:
+            return (
+                "no nameserver is configured: sender checks cannot run, so every mail becomes"
+                " a ticket at once, unauthenticated (it cannot act as an agent, rename a"
+                " requester or add participants)"
+            )
+        try:
+            await self._txt("_dmarc.mailgate-dns-probe.invalid")
+        except TempError:
+            return (
+                f"DNS does not answer: mail from a domain in the DNS waits up to"
+                f" {self._config.retry_for:g} s (retried with backoff) for its sender checks,"
+                " then becomes a ticket as unauthenticated; mail from a dotless, .localhost,"
+                " .local or .invalid domain becomes a ticket at once"
+            )
+        return "DNS answers: sender checks run"
+
+    async def lookup(self, mail: ParsedMail, envelope: Envelope) -> Lookup:
+        """Ask DNS what this message's verdict needs, within the budget; never raises."""
+        from_domain = a_label(mail.sender.email.rpartition("@")[2])
+        if self._config.trusted_authserv_id:
+            return Lookup(
+                from_domain,
+                final=self._trusted(
+                    mail.evidence.authentication_results,
+                    self._config.trusted_authserv_id,
+                    from_domain,
+                ),
+            )
+        if not in_dns(from_domain) or self._resolver is None:
+            why = "no DNS resolver" if self._resolver is None else "domain outside the DNS"
+            return Lookup(from_domain, final=AuthResults("none", "none", "none", notes=(why,)))
+        org = self._org(from_domain)
+        refs = mail.evidence.signatures
+        aligned = [r for r in refs if org is not None and self._org(r.domain) == org]
+        checked = tuple(aligned[:MAX_CHECKED])
+        skipped = tuple(r for r in refs if r not in checked)
+        spf_sender = _spf_sender(envelope)
+        spf_domain = a_label(spf_sender.rpartition("@")[2])
+        check_spf = org is not None and self._org(spf_domain) == org and bool(envelope.client_ip)
+
+        async with asyncio.TaskGroup() as group:
+            policy = group.create_task(self._within(self._dmarc_policy(from_domain)))
+            keys = {ref.index: group.create_task(self._within(self._key(ref))) for ref in checked}
+            spf_result = group.create_task(
+                self._within(self._spf(envelope, spf_sender, spf_domain)) if check_spf else _none()
+            )
+        return Lookup(
+            from_domain,
+            policy=policy.result(),
+            spf=_spf_of(spf_result.result()),
+            spf_domain=spf_domain,
+            checked=checked,
+            keys={index: task.result() for index, task in keys.items()},
+            skipped=skipped,
+        )
+
+    async def _within(self, lookup: Awaitable[T]) -> T | TempError:
+        """Run one lookup within the message's budget; TempError past it or on DNS trouble."""
+        try:
+            async with asyncio.timeout(self.budget):
+                return await lookup
+        except TimeoutError:
+            return TempError("budget exceeded")
+        except TempError as exc:
+            return exc
+
     # -- DNS --
 
-    def _txt(self, name: str) -> list[str]:
+    async def _txt(self, name: str) -> list[str]:
+        assert self._resolver is not None
         try:
-            answer = self._resolver.resolve(name, "TXT")
+            answer = await self._resolver.resolve(name, "TXT")
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
             raise TempError(str(exc)) from exc
         except dns.exception.DNSException:
-            return []
+            return []  # a name that cannot exist (bad label, too long) has no records
         return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
 
-    def _dkim_dns(self, name: bytes, timeout: int = 5) -> bytes:
-        records = self._txt(name.decode("ascii", "replace").rstrip("."))
+    async def _key(self, ref: DkimRef) -> bytes:
+        records = await self._txt(_key_name(ref))
         return records[0].encode() if records else b""
 
-    def _spf_lookup(
-        self, name: str, qtype: str, tcpfallback: bool = True, timeout: float = 30
-    ) -> list[tuple[tuple[str, str], object]]:
+    async def _dmarc_policy(self, domain: str) -> dict[str, str] | None:
+        """The DMARC record of the From domain, else of its organisational domain."""
+        candidates = [domain]
+        organisational = self._org(domain)
+        if organisational and organisational != domain:
+            candidates.append(organisational)
+        for name in candidates:
+            records = [_tags(r) for r in await self._txt(f"_dmarc.{name}")]
+            policies = [tags for tags in records if tags.get("v") == "DMARC1"]
+            if len(policies) == 1:  # several records: none applies (RFC 7489 6.6.3)
+                return policies[0]
+        return None
+
+    async def _spf(self, envelope: Envelope, sender: str, domain: str) -> Result:
+        """SPF for the original client (the one behind a trusted proxy) and MAIL FROM."""
+        context = contextvars.copy_context()
+        context.run(_SPF_LOOKUP.set, self._spf_lookup)
+        helo = envelope.client_helo or domain
+        budget = self.budget
+        loop = asyncio.get_running_loop()
+
+        def check() -> Result:
+            local = sender.rpartition("@")[0]
+            try:
+                result, _explanation = spf.check2(
+                    i=envelope.client_ip, s=f"{local}@{domain}", h=helo, querytime=budget
+                )
+            except Exception:  # noqa: BLE001 - pyspf raises on odd input; no pass then
+                return "temperror"
+            return _SPF_RESULTS.get(str(result).lower(), "none")
+
+        return await loop.run_in_executor(self._spf_pool, context.run, check)
+
+    def _spf_lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], object]]:
         """pyspf's DNSLookup contract: [((name, qtype), data), ...]; TempError on timeout."""
+        assert self._spf_resolver is not None
         try:
-            answer = self._resolver.resolve(name, qtype)
+            answer = self._spf_resolver.resolve(name, qtype)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
@@ -148,96 +396,19 @@ class Authenticator:
                 found.append(((name, qtype), rdata.strings))
         return found
 
-    # -- the checks --
-
-    def _dkim(self, raw: bytes) -> list[DkimSignature]:
-        try:
-            verifier = dkim.DKIM(raw)
-        except Exception:  # noqa: BLE001 - a message dkimpy cannot even read has no valid signature
-            return []
-        count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
-        found = []
-        for index in range(min(count, MAX_SIGNATURES)):
-            result: Result
-            try:
-                result = "pass" if verifier.verify(idx=index, dnsfunc=self._dkim_dns) else "fail"
-            except TempError:
-                result = "temperror"
-            except Exception:  # noqa: BLE001 - malformed signatures raise anything
-                result = "fail"
-            fields = verifier.signature_fields or {}
-            domain = fields.get(b"d", b"").decode("ascii", "replace").lower()
-            found.append(DkimSignature(domain, result, partial_body=b"l" in fields))
-        return found
-
-    def _spf(self, envelope: Envelope) -> tuple[Result, str]:
-        """SPF for the connecting IP and MAIL FROM (HELO for the null sender)."""
-        ip = _peer_ip(envelope.peer)
-        helo = envelope.helo or ""
-        sender = envelope.mail_from or (f"postmaster@{helo}" if helo else "")
-        domain = sender.rpartition("@")[2].lower()
-        if not ip or not domain:
-            return "none", domain
-        try:
-            result, _explanation = spf.check2(
-                i=ip, s=sender, h=helo or domain, querytime=self._config.dns_timeout
-            )
-        except Exception:  # noqa: BLE001 - pyspf raises on odd input; no pass then
-            return "temperror", domain
-        return _SPF_RESULTS.get(str(result).lower(), "none"), domain
-
-    def _dmarc(
-        self,
-        from_domain: str,
-        signatures: Sequence[DkimSignature],
-        spf_result: Result,
-        spf_domain: str,
-    ) -> Result:
-        try:
-            policy = self._dmarc_policy(from_domain)
-        except TempError:
-            return "temperror"
-        if policy is None:
-            return "none"
-        strict_dkim = policy.get("adkim", "r") == "s"
-        strict_spf = policy.get("aspf", "r") == "s"
-        dkim_aligned = any(
-            s.result == "pass"
-            and not s.partial_body
-            and self._aligned(s.domain, from_domain, strict_dkim)
-            for s in signatures
-        )
-        spf_aligned = spf_result == "pass" and self._aligned(spf_domain, from_domain, strict_spf)
-        return "pass" if dkim_aligned or spf_aligned else "fail"
-
-    def _dmarc_policy(self, domain: str) -> dict[str, str] | None:
-        """The DMARC record of the From domain, else of its organisational domain."""
-        candidates = [domain]
-        organisational = self._psl.privatesuffix(domain)
-        if organisational and organisational != domain:
-            candidates.append(organisational)
-        for name in candidates:
-            for record in self._txt(f"_dmarc.{name}"):
-                tags = _tags(record)
-                if tags.get("v") == "DMARC1":
-                    return tags
-        return None
-
-    def _aligned(self, domain: str, from_domain: str, strict: bool) -> bool:
-        if not domain:
-            return False
-        if strict:
-            return domain == from_domain
-        return self._psl.privatesuffix(domain) == self._psl.privatesuffix(from_domain) is not None
+    def _org(self, domain: str) -> str | None:
+        """The organisational domain (RFC 7489 3.2), from the public suffix list."""
+        found = self._psl.privatesuffix(domain) if domain else None
+        return str(found) if found else None
 
     # -- behind a trusted MTA --
 
-    def _trusted(self, raw: bytes, authserv_id: str) -> AuthResults:
+    def _trusted(self, values: Sequence[str], authserv_id: str, from_domain: str) -> AuthResults:
         """Read the first Authentication-Results with our MTA's id; the rest are forgeries."""
-        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
         trusted: dict[str, Result] = {}
+        aligned = False
         seen, forged = False, 0
-        for value in headers.get_all("Authentication-Results") or []:
+        for value in values:
             try:
                 parsed = authres.AuthenticationResultsHeader.parse(
                     f"Authentication-Results: {value}"
@@ -255,13 +426,76 @@ class Authenticator:
                 if method in ("dkim", "spf", "dmarc") and method not in trusted:
                     mapped = _SPF_RESULTS.get(outcome, "none") if method == "spf" else outcome
                     trusted[method] = mapped if mapped in _RESULTS else "fail"  # type: ignore[assignment]
+                if outcome == "pass" and method in ("dkim", "spf"):
+                    aligned = aligned or self._aligned_property(result, from_domain)
         return AuthResults(
             dkim=trusted.get("dkim", "none"),
             spf=trusted.get("spf", "none"),
             dmarc=trusted.get("dmarc", "none"),
+            aligned=aligned,
             source=authserv_id,
             forged_results=forged,
         )
+
+    def _aligned_property(self, result: object, from_domain: str) -> bool:
+        """Tell whether a trusted dkim/spf pass names a domain aligned with the From."""
+        for prop in getattr(result, "properties", ()):
+            name = f"{prop.type}.{prop.name}".lower()
+            if name in ("header.d", "header.i", "smtp.mailfrom", "smtp.helo"):
+                domain = a_label(str(prop.value).rpartition("@")[2])
+                if _aligned(self._psl, domain, from_domain, strict=False):
+                    return True
+        return False
+
+
+def _configured(resolver: R, config: AuthConfig) -> R:
+    """`resolver` with our nameservers, short tries retried, and `dns_timeout` in all."""
+    if config.nameservers:
+        resolver.nameservers = [ns.host for ns in config.nameservers]
+        resolver.nameserver_ports = {ns.host: ns.port for ns in config.nameservers}
+    resolver.timeout = min(RETRY_AFTER, config.dns_timeout)
+    resolver.lifetime = config.dns_timeout
+    return resolver
+
+
+# pyspf looks names up through a module-level hook. It is set once, here, to a dispatcher:
+# each SPF check runs in a context that carries its own Authenticator's lookup.
+_SPF_LOOKUP: contextvars.ContextVar[Callable[[str, str], list[tuple[tuple[str, str], object]]]]
+_SPF_LOOKUP = contextvars.ContextVar("spf_lookup")
+
+
+def _spf_dispatch(
+    name: str, qtype: str, tcpfallback: bool = True, timeout: float = 30
+) -> list[tuple[tuple[str, str], object]]:
+    return _SPF_LOOKUP.get()(name, qtype)
+
+
+spf.DNSLookup = _spf_dispatch
+
+
+def _spf_sender(envelope: Envelope) -> str:
+    """The identity SPF checks: MAIL FROM, or postmaster@HELO for the null sender."""
+    if envelope.mail_from:
+        return envelope.mail_from
+    helo = envelope.client_helo or ""
+    return f"postmaster@{helo}" if helo else ""
+
+
+def _spf_of(value: Result | TempError) -> Result:
+    return "temperror" if isinstance(value, TempError) else value
+
+
+async def _none() -> Result:
+    return "none"
+
+
+def _aligned(psl: PublicSuffixList, domain: str, from_domain: str, *, strict: bool) -> bool:
+    if not domain:
+        return False
+    if strict:
+        return domain == from_domain
+    org = psl.privatesuffix(domain)
+    return org is not None and org == psl.privatesuffix(from_domain)
 
 
 def _overall(signatures: Sequence[DkimSignature]) -> Result:
@@ -281,8 +515,3 @@ def _tags(record: str) -> dict[str, str]:
         if sep:
             tags[key.strip().lower()] = value.strip()
     return tags
-
-
-def _peer_ip(peer: str) -> str:
-    host = peer.rpartition(":")[0] if ":" in peer else peer
-    return host.removeprefix("[").removesuffix("]")

@@ -3,7 +3,9 @@
 A message joins ticket T when its In-Reply-To/References name a Message-ID stored for T or
 issued by mailgate for T (its HMAC checked), or its subject carries T's tag, and its sender
 is T's requester, a participant or an agent. Anything else opens a new ticket, so a stranger
-can never append to someone else's ticket.
+can never append to someone else's ticket. A stored Message-ID names the ticket of the
+message that carried it from that sender: a stranger who copies someone's Message-ID onto a
+ticket of their own cannot make replies to it land there.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ def find_thread(
 
     referenced = list(dict.fromkeys([*reversed(mail.in_reply_to), *reversed(mail.references)]))
     issued = [t for t in map(own_ticket, referenced) if t is not None]
-    for ticket_id in dict.fromkeys([*issued, *tx.tickets_by_message_ids(referenced)]):
+    stored = tx.tickets_by_message_ids(referenced, mail.sender.email)
+    for ticket_id in dict.fromkeys([*issued, *stored]):
         if may_post(ticket_id):
             return ThreadMatch(ticket_id, "references")
     for tag in tag_pattern(tag_prefix).findall(mail.subject):

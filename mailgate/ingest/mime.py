@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import email.policy
 import re
+from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesParser
+from typing import NamedTuple
 
 MAX_DEPTH = 50  # multipart nesting; a deeper multipart is kept as one unread part
 MAX_PARTS = 1000  # MIME parts, the message itself included; the rest is not read
@@ -52,6 +54,8 @@ LIMIT_NOTES = {
 }
 
 _EOL = re.compile(rb"\r\n|\r|\n")
+_BARE_EOL = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 # A header or continuation line, as the feedparser tells them from the body (its headerRE).
 _HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
 # Header lines (complete, with their line endings), as many as follow; possessive: no
@@ -63,11 +67,50 @@ _PARAMETERS = re.compile(rb"(?:[^;]*+;){%d}" % MAX_PARAMETERS)  # up to the last
 _FIELD = re.compile(rb"[^\r\n]++(?:\r\n|\r|\n)?(?:[\t ][^\r\n]*+(?:\r\n|\r|\n)?)*+")
 
 
-def read_message(raw: bytes) -> tuple[Message, frozenset[str]]:
+@dataclass(frozen=True, slots=True)
+class HeaderView:
+    """The message's own header block as the reader split it: the one view of the header
+    that every reader (the stdlib, DKIM, the From that becomes the requester) gets.
+
+    A line ends at CRLF, CR or LF alike (as the stdlib's parser reads it); `block` is capped
+    as the limits say. `bare_line_ending` tells that some line did not end with CRLF: other
+    software (dkimpy splits only at CRLF and LF) would have read other fields.
+    """
+
+    block: bytes
+    body_start: int  # offset of the body in the raw message
+    bare_line_ending: bool
+
+    def fields(self) -> list[tuple[bytes, bytes]]:
+        """(name, value) of each field, in order; the value's lines end with CRLF."""
+        found = []
+        for match in _FIELD.finditer(self.block):
+            name, colon, value = match.group().partition(b":")
+            if colon and _FIELD_NAME.fullmatch(name):
+                found.append((name, _EOL.sub(b"\r\n", value.rstrip(b"\r\n")) + b"\r\n"))
+        return found
+
+
+class ReadMessage(NamedTuple):
+    message: Message
+    limits: frozenset[str]
+    header: HeaderView
+
+
+def read_message(raw: bytes) -> ReadMessage:
     """Parse `raw` into a compat32 message tree; also name the limits it ran into."""
     reader = _Reader(raw)
     root = reader.part(depth=0, fences=())
-    return root, frozenset(reader.limits)
+    assert reader.header is not None
+    return ReadMessage(root, frozenset(reader.limits), reader.header)
+
+
+def read_header(raw: bytes) -> HeaderView:
+    """Read only the message's own header block, exactly as `read_message` reads it."""
+    reader = _Reader(raw)
+    reader.root_header()
+    assert reader.header is not None
+    return reader.header
 
 
 class _Reader:
@@ -80,6 +123,16 @@ class _Reader:
         self.limits: set[str] = set()
         self._searches: dict[tuple[bytes, ...], re.Pattern[bytes]] = {}
         self._headers_parser = BytesParser(policy=email.policy.compat32)
+        self.header: HeaderView | None = None  # the message's own, once read
+
+    def root_header(self) -> Message:
+        """Read the message's own header block (at `pos` 0) and keep its view."""
+        start = self.pos
+        msg, block = self._headers((), MAX_HEADER_FIELDS)
+        self.header = HeaderView(
+            block, self.pos, _BARE_EOL.search(self.raw, start, self.pos) is not None
+        )
+        return msg
 
     def part(self, *, depth: int, fences: tuple[bytes, ...]) -> Message:
         """Read one part from `pos`: its headers, then its body up to the next delimiter.
@@ -87,7 +140,7 @@ class _Reader:
         `fences` are the delimiters (`--boundary`) of the enclosing multiparts, innermost last.
         """
         self.parts += 1
-        msg = self._headers(fences, MAX_PART_HEADER_FIELDS if depth else MAX_HEADER_FIELDS)
+        msg = self.root_header() if not depth else self._headers(fences, MAX_PART_HEADER_FIELDS)[0]
         delimiter = _delimiter(msg)
         if delimiter is not None and depth >= MAX_DEPTH:
             self.limits.add("depth")
@@ -134,8 +187,9 @@ class _Reader:
                 break
         msg.set_payload(children)
 
-    def _headers(self, fences: tuple[bytes, ...], max_fields: int) -> Message:
-        """Read a header block into a message, each field and the block capped."""
+    def _headers(self, fences: tuple[bytes, ...], max_fields: int) -> tuple[Message, bytes]:
+        """Read a header block into a message, each field and the block capped; also return
+        the block as the stdlib parsed it."""
         raw, start = self.raw, self.pos
         end = _match_end(_HEADER_LINES, raw, start)
         if end < len(raw) and _HEADER_LINE.match(raw, end) and not _EOL.search(raw, end):
@@ -153,7 +207,7 @@ class _Reader:
             block = self._capped(start, end, max_fields)
         if block and not block.endswith((b"\n", b"\r")):
             block += b"\n"
-        return self._headers_parser.parsebytes(block + b"\n", headersonly=True)
+        return self._headers_parser.parsebytes(block + b"\n", headersonly=True), block
 
     def _capped(self, start: int, end: int, max_fields: int) -> bytes:
         """The header fields in `raw[start:end]`, each cut at MAX_HEADER_FIELD, as many as fit

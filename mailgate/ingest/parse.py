@@ -15,12 +15,14 @@ import re
 from dataclasses import replace
 from email.message import Message as StdMessage
 
+from dkim.util import parse_tag_value
 from email_validator import EmailNotValidError, validate_email
 
+from mailgate.domains import a_label
 from mailgate.errors import Unparseable
 from mailgate.ingest.classify import automatic_reason, find_bounce
 from mailgate.ingest.mime import LIMIT_NOTES, MAX_DEPTH, read_message
-from mailgate.model import Address, AttachmentPart, Bounce, ParsedMail
+from mailgate.model import Address, AttachmentPart, Bounce, DkimRef, ParsedMail, SenderEvidence
 from mailgate.text import (
     clean_body,
     clean_line,
@@ -33,14 +35,16 @@ MAX_REFERENCES = 100
 MAX_ADDRESSES = 100  # kept from one address header
 MAX_ADDRESSES_READ = 1000  # looked at in one address header, valid or not
 MAX_FILENAME = 255
+MAX_SIGNATURES = 10  # DKIM-Signature fields read; authentication checks fewer still
+MAX_AUTHENTICATION_RESULTS = 20
 _MSGID = re.compile(r"<([^<>\s]{1,998})>")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
 def parse_mail(raw: bytes) -> ParsedMail:
     """Parse one message; raise `Unparseable` if it has no usable From."""
-    msg, limits = read_message(raw)
-    mail = _extract(msg)
+    msg, limits, header = read_message(raw)
+    mail = _extract(msg, bare_line_ending=header.bare_line_ending)
     if not limits:
         return mail
     # The agent must know that the ticket does not show all of the message.
@@ -48,9 +52,18 @@ def parse_mail(raw: bytes) -> ParsedMail:
     return replace(mail, body_text=f"{mail.body_text}\n\n{notes}".strip())
 
 
-def _extract(msg: StdMessage) -> ParsedMail:
+def _extract(msg: StdMessage, *, bare_line_ending: bool) -> ParsedMail:
     headers = _raw_headers(msg)
     sender = _sender(headers)
+    evidence = SenderEvidence(
+        from_fields=len(headers["from"]),
+        from_mailboxes=sum(1 for _name, addr in _getaddresses(headers["from"][:1]) if addr),
+        bare_line_ending=bare_line_ending,
+        signatures=_dkim_signatures(headers.get("dkim-signature", [])),
+        authentication_results=tuple(headers.get("authentication-results", []))[
+            :MAX_AUTHENTICATION_RESULTS
+        ],
+    )
     body = _Body()
     body.walk(msg, depth=0)
     body_text = body.text()
@@ -68,7 +81,23 @@ def _extract(msg: StdMessage) -> ParsedMail:
         automatic=automatic_reason(headers),
         reply_to=_addresses(headers, "reply-to"),
         bounce=_safe_bounce(msg),
+        evidence=evidence,
     )
+
+
+def _dkim_signatures(values: list[str]) -> tuple[DkimRef, ...]:
+    """The DKIM-Signature fields that name a domain and a selector (the first few)."""
+    found = []
+    for index, value in enumerate(values[:MAX_SIGNATURES]):
+        try:
+            tags = parse_tag_value(value.encode("utf-8", "surrogateescape"))
+            domain = tags[b"d"].decode("utf-8").strip()
+            selector = tags[b"s"].decode("ascii").strip()
+        except Exception:  # noqa: BLE001, S112 - a malformed signature can verify nothing
+            continue
+        if domain and selector:
+            found.append(DkimRef(index, a_label(domain), selector, partial_body=b"l" in tags))
+    return tuple(found)
 
 
 def _safe_bounce(msg: StdMessage) -> Bounce | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mailgate.errors import MailgateError, Unparseable
+from mailgate.ingest.auth import VerifyJob, verify_signatures
 from mailgate.ingest.parse import parse_mail
 from mailgate.model import ParsedMail, StoredAttachment
 from mailgate.store.blobs import save_blob
@@ -86,6 +87,12 @@ def prepare(raw: bytes, attachments: Path) -> Prepared:
 
 def prepare_all(raws: Sequence[bytes], attachments: Path) -> list[Prepared]:
     return [prepare(raw, attachments) for raw in raws]
+
+
+def verify_all(jobs: Sequence[tuple[bytes, Sequence[VerifyJob]]]) -> list[dict[int, bool]]:
+    """DKIM verification of each message with its fetched keys (see `auth.verify_signatures`):
+    here, under the parser's time budget, a hostile header cannot stall the daemon."""
+    return [verify_signatures(raw, message_jobs) for raw, message_jobs in jobs]
 
 
 class ParserPool:

@@ -1,9 +1,12 @@
 """The ingest worker: turns 'received' rows into tickets or quarantine, after the 250.
 
 It runs in the daemon beside the SMTP listener, woken by intake commits and polling now and
-then for rows requeued from the CLI. Each batch is parsed in the parser process, then applied
-in one transaction together with the rows' new state, so a crash at any point leaves each row
-either untouched ('received', done again on restart) or completely done.
+then for rows requeued from the CLI. Rows are parsed in batches in the parser process; each
+message's sender checks (DNS) then run on their own, so a slow answer holds up only its own
+message; the messages whose checks are done are verified (DKIM, in the parser process again)
+and applied in one transaction together with the rows' new state, so a crash at any point
+leaves each row either untouched ('received', done again on restart) or completely done. A
+message whose checks ran into DNS trouble stays 'received' and is checked again later.
 """
 
 from __future__ import annotations
@@ -12,15 +15,22 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
 from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
-from mailgate.ingest.auth import UNDECIDED, Authenticator, AuthResults
+from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
 from mailgate.ingest.match import ThreadMatch, display_subject, find_thread
-from mailgate.ingest.prepare import AttachmentsUnwritable, ParserCrashed, ParserPool, prepare_all
+from mailgate.ingest.prepare import (
+    AttachmentsUnwritable,
+    ParserCrashed,
+    ParserPool,
+    prepare_all,
+    verify_all,
+)
+from mailgate.ingest.trust import UNCHECKED, Verdict, decide
 from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
 from mailgate.msgid import MessageIds
 from mailgate.reactions import Reactions
@@ -39,8 +49,16 @@ RETRY_SECONDS = 2.0
 # so a tenth of the event loop's time still ingests several hundred messages a second.
 SHARE_WHILE_BUSY = 0.1
 MAX_PAUSE = 1.0
-# One message's checks may take this many DNS timeouts in all (DKIM keys, SPF includes, DMARC).
-AUTH_BUDGET_LOOKUPS = 3
+# Messages whose sender checks are under way at once, and their raw bytes in all: the rest
+# wait in the store.
+MAX_IN_FLIGHT = 256
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+# A message whose checks ran into DNS trouble is checked again after this long (or an eighth
+# of `[auth] retry_for`, if less), doubling up to AUTH_RETRY_MAX, until `retry_for`.
+AUTH_RETRY_INITIAL = 15.0
+AUTH_RETRY_MAX = 300.0
+# The trust flags that a ticket carries from the message that opened it.
+_TICKET_FLAGS = frozenset({"unverified_sender", "unauthenticated"})
 # Local parts that never get automatic mail (RFC 3834 section 2, RFC 5321 section 4.5.1).
 _ROLE_SENDERS = frozenset({"mailer-daemon", "postmaster"})
 
@@ -53,11 +71,13 @@ class _Prepared:
     mail: ParsedMail | None
     attachments: tuple[StoredAttachment, ...] = ()
     failure: str | None = None  # why it goes to quarantine
+    lookup: Lookup | None = None  # what DNS said ([auth] enabled)
     auth: AuthResults | None = None  # None: not checked ([auth] enabled = false)
+    verdict: Verdict | None = None  # None (with a mail): undecided, check again later
 
 
 class IngestWorker:
-    """Ingest rows in batches; `run()` until `stop()`."""
+    """Ingest rows; `run()` until `stop()`."""
 
     def __init__(
         self,
@@ -82,56 +102,102 @@ class IngestWorker:
         self._wake = wake or asyncio.Event()
         self._mail_queued = mail_queued or asyncio.Event()
         self._authenticator = Authenticator(config.auth) if config.auth.enabled else None
-        self._auth_budget = config.auth.dns_timeout * AUTH_BUDGET_LOOKUPS
+        self._retry_for = timedelta(seconds=config.auth.retry_for)
         self._intake_busy = intake_busy
+        self._checks: dict[str, asyncio.Task[_Prepared]] = {}  # under way, by row id
+        self._checks_bytes = 0  # their raw messages in all
         self._stopping = False
 
     def stop(self) -> None:
-        """Finish the batch under way, then return from `run()`."""
+        """Finish the work under way, then return from `run()`; checks still waiting on DNS
+        are dropped (their rows stay 'received' and are done again at the next start)."""
         self._stopping = True
         self._wake.set()
 
     async def run(self) -> None:
-        while not self._stopping:
-            self._wake.clear()
-            try:
-                busy = self._intake_busy()
-                rows = await self._store.pending_inbound(limit=BATCH_WHILE_BUSY if busy else BATCH)
-                if rows:
-                    started = time.monotonic()
-                    await self.ingest(rows)
-                    if self._intake_busy():
-                        spent = time.monotonic() - started
-                        await asyncio.sleep(min(spent * (1 / SHARE_WHILE_BUSY - 1), MAX_PAUSE))
-                    continue
-            except StoreUnavailable as exc:
-                log.warning("ingest_store_unavailable", error=str(exc))
-                await asyncio.sleep(RETRY_SECONDS)
-                continue
-            except Exception:
-                log.exception("ingest_batch_failed")
-                await asyncio.sleep(RETRY_SECONDS)
-                continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
-            except TimeoutError:
-                pass
+        if self._authenticator is not None:
+            log.info("authentication_dns", state=await self._authenticator.dns_state())
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                try:
+                    if not await self._step():
+                        await self._idle()
+                except StoreUnavailable as exc:
+                    log.warning("ingest_store_unavailable", error=str(exc))
+                    await asyncio.sleep(RETRY_SECONDS)
+                except Exception:
+                    log.exception("ingest_batch_failed")
+                    await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            for task in self._checks.values():
+                task.cancel()
+            await asyncio.gather(*self._checks.values(), return_exceptions=True)
+            self._checks.clear()
+            if self._authenticator is not None:
+                self._authenticator.close()
+
+    async def _step(self) -> bool:
+        """Take in new rows and finish the messages whose checks are done; False if idle."""
+        started = time.monotonic()
+        busy = self._intake_busy()
+        worked = False
+        if len(self._checks) < MAX_IN_FLIGHT and self._checks_bytes < MAX_IN_FLIGHT_BYTES:
+            rows = await self._store.pending_inbound(
+                limit=min(BATCH_WHILE_BUSY if busy else BATCH, MAX_IN_FLIGHT - len(self._checks)),
+                exclude=list(self._checks),
+            )
+            if rows:
+                worked = True
+                for item in await self._prepare(rows):
+                    self._checks[item.row.id] = asyncio.create_task(self._check(item))
+                    self._checks_bytes += len(item.row.raw)
+                await asyncio.sleep(0)  # checks that need no DNS are done at once
+        done = [task.result() for task in self._checks.values() if task.done()]
+        if done:
+            worked = True
+            for item in done:
+                del self._checks[item.row.id]
+                self._checks_bytes -= len(item.row.raw)
+            await self._finish(done)
+        if worked and self._intake_busy():
+            spent = time.monotonic() - started
+            await asyncio.sleep(min(spent * (1 / SHARE_WHILE_BUSY - 1), MAX_PAUSE))
+        return worked
+
+    async def _idle(self) -> None:
+        """Wait for new rows, a check that finishes, or the next poll."""
+        wake = asyncio.create_task(self._wake.wait())
+        try:
+            await asyncio.wait(
+                [wake, *self._checks.values()],
+                timeout=POLL_SECONDS,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            wake.cancel()
 
     async def ingest(self, rows: Sequence[InboundRow]) -> list[IngestOutcome]:
-        """Ingest `rows`; each ends 'ingested' or 'quarantined', never lost.
+        """Ingest `rows` now; each ends 'ingested', 'quarantined', or 'received' again if its
+        sender checks must be retried later. Never lost.
 
         Raises:
             StoreUnavailable: nothing of the failed transaction was written; retry later.
         """
-        prepared = await self._authenticate(await self._prepare(rows))
+        prepared = await self._prepare(rows)
+        return await self._finish(list(await asyncio.gather(*map(self._check, prepared))))
+
+    async def _finish(self, items: list[_Prepared]) -> list[IngestOutcome]:
+        """Verify the checked messages' signatures, decide, and apply them in one transaction."""
+        items = await self._decide(items)
         try:
             outcomes = await self._store.ingest(
-                lambda tx: [self._apply(tx, item) for item in prepared]
+                lambda tx: [self._apply(tx, item) for item in items]
             )
         except StoreUnavailable:
             raise
         except Exception:  # noqa: BLE001 - one bad message must not hold up the batch
-            outcomes = [await self._apply_alone(item) for item in prepared]
+            outcomes = [await self._apply_alone(item) for item in items]
         for outcome in outcomes:
             _log_outcome(outcome)
         if any(outcome.mails_queued for outcome in outcomes):
@@ -156,29 +222,52 @@ class IngestWorker:
             for row, r in zip(rows, results, strict=True)
         ]
 
-    async def _authenticate(self, prepared: list[_Prepared]) -> list[_Prepared]:
-        """Check DKIM/SPF/DMARC for each parsed message, in threads, within a time budget."""
+    async def _check(self, item: _Prepared) -> _Prepared:
+        """Ask DNS what the sender's verdict needs; on its own, within the budget."""
+        authenticator = self._authenticator
+        if item.mail is None or authenticator is None:
+            return item
+        try:
+            lookup = await authenticator.lookup(item.mail, item.row.envelope)
+        except Exception:  # a check that breaks proves nothing either way: check again later
+            log.exception("authentication_failed", queue_id=item.row.id)
+            return item
+        return replace(item, lookup=lookup)
+
+    async def _decide(self, items: list[_Prepared]) -> list[_Prepared]:
+        """Verify DKIM in the parser process, then give each message its trust level."""
         authenticator = self._authenticator
         if authenticator is None:
-            return prepared
-
-        async def check(item: _Prepared) -> _Prepared:
+            return [replace(item, verdict=UNCHECKED) for item in items]
+        jobs = [(i.row.raw, i.lookup.jobs) for i in items if i.lookup is not None and i.lookup.jobs]
+        verified = iter(await self._verify(jobs))
+        now = datetime.now(UTC)
+        decided = []
+        for item in items:
             if item.mail is None:
-                return item
-            domain = item.mail.sender.email.rpartition("@")[2]
-            try:
-                async with asyncio.timeout(self._auth_budget):
-                    auth = await asyncio.to_thread(
-                        authenticator.check, item.row.raw, item.row.envelope, domain
-                    )
-            except TimeoutError:
-                auth = UNDECIDED
-            except Exception:  # a check that breaks proves nothing either way
-                log.exception("authentication_failed", queue_id=item.row.id)
-                auth = UNDECIDED
-            return replace(item, auth=auth)
+                decided.append(item)
+                continue
+            final = now >= item.row.received_at + self._retry_for
+            if item.lookup is None:  # the check broke
+                decided.append(replace(item, verdict=UNCHECKED if final else None))
+                continue
+            checked = next(verified) if item.lookup.jobs else {}
+            auth = item.lookup.results(checked, authenticator.psl)
+            verdict = decide(auth, item.mail.evidence, final=final)
+            decided.append(replace(item, auth=auth, verdict=verdict))
+        return decided
 
-        return list(await asyncio.gather(*(check(item) for item in prepared)))
+    async def _verify(self, jobs: list[tuple[bytes, list[VerifyJob]]]) -> list[dict[int, bool]]:
+        """Verify signatures in the parser process; a message that kills it verifies nothing."""
+        if not jobs:
+            return []
+        try:
+            return await self._parser.run(verify_all, jobs)
+        except ParserCrashed as exc:
+            if len(jobs) > 1:
+                return [found for job in jobs for found in await self._verify([job])]
+            log.error("dkim_verification_crashed", reason=exc.reason)
+            return [{}]
 
     async def _apply_alone(self, item: _Prepared) -> IngestOutcome:
         try:
@@ -208,35 +297,47 @@ class IngestWorker:
             bounced = self._bounced_ticket(tx, mail, row)
             if bounced is not None:
                 return self._apply_bounce(tx, item, mail, bounced, now)
-        flags = _flags(mail, item.auth)
-        # A From that fails DMARC is not who it claims: it joins no ticket, is no agent, and
-        # gets no automatic mail (which would go to the forged address).
-        unverified = "unverified_sender" in flags
-        automatic = "dmarc fail" if unverified else self._automatic_reason(mail, row)
-        is_agent = automatic == "agent"  # a person on the team (their out-of-office is not)
+        if item.verdict is None:
+            return self._defer(tx, row, now)
+        verdict = item.verdict
+        trusted = verdict.trust == "authenticated"
+        failed = verdict.trust == "failed"
+        flags = [*verdict.flags, *_flags(mail, item.auth)]
+        # A failed sender is not who it claims: it joins no ticket, is no agent, and gets no
+        # automatic mail (which would go to the forged address).
+        automatic = "untrusted sender" if failed else self._automatic_reason(mail, row)
+        claims_agent = automatic == "agent"  # a person on the team (their out-of-office is not)
         match = (
             ThreadMatch(None, "new")
-            if unverified
+            if failed
             else find_thread(
                 tx,
                 mail,
                 tag_prefix=self._tag_prefix,
                 own_ticket=self._msgids.ticket_of,
-                is_agent=is_agent,
+                is_agent=claims_agent,
             )
         )
+        on_ticket = match.ticket_id is not None
         if match.ticket_id is None:
             subject = display_subject(mail.subject, self._tag_prefix)
-            ticket_flags = ["unverified_sender"] if unverified else []
             ticket_id = tx.create_ticket(
-                subject, mail.sender, at=row.received_at, flags=ticket_flags
+                subject,
+                mail.sender,
+                at=row.received_at,
+                flags=[f for f in verdict.flags if f in _TICKET_FLAGS],
+                rename=trusted,
             )
         else:
             ticket_id = match.ticket_id
             # A reply reopens the ticket; an out-of-office or an agent's answer does not.
             if tx.ticket_status(ticket_id) == "closed" and automatic is None:
                 tx.set_status(ticket_id, "open", at=now)
-        agent_answer = is_agent and match.ticket_id is not None
+        # An agent's answer is relayed to the customer only when the agent is proven; else it
+        # is a note that only agents see.
+        relayed = claims_agent and on_ticket and trusted
+        note = claims_agent and on_ticket and not trusted
+        auth = {**item.auth.as_json(), "trust": verdict.trust} if item.auth else None
         tx.add_message(
             ticket_id,
             mail,
@@ -244,22 +345,43 @@ class IngestWorker:
             reason=match.reason,
             attachments=item.attachments,
             at=row.received_at,
-            author="agent" if agent_answer else "customer",
-            auth=item.auth.as_json() if item.auth else None,
-            flags=flags,
+            author="agent" if relayed else "system" if note else "customer",
+            auth=auth or {"trust": verdict.trust, "source": "not checked"},
+            flags=[*flags, "not_relayed"] if note else flags,
         )
-        if agent_answer:
+        if relayed:
             self._reactions.relay_agent_reply(
                 tx, ticket_id, mail.body_text, agent=mail.sender, at=now
             )
             queued = 1
+        elif note:
+            log.warning("agent_mail_not_authenticated", ticket_id=ticket_id, queue_id=row.id)
+            queued = 0
         else:
-            tx.add_participants(ticket_id, self._participants(mail))
-            queued = self._customer_mail_reactions(tx, mail, automatic, ticket_id, match, now)
+            if trusted:  # only a proven sender may let others post on the ticket
+                tx.add_participants(ticket_id, self._participants(mail))
+            queued = self._customer_mail_reactions(
+                tx, mail, automatic, ticket_id, match, now, trusted=trusted
+            )
         tx.finish_inbound(row.id, "ingested", reason=None, at=now)
         return IngestOutcome(
             row.id, "ingested", ticket_id, created=match.ticket_id is None, mails_queued=queued
         )
+
+    def _defer(self, tx: IngestTx, row: InboundRow, now: datetime) -> IngestOutcome:
+        """DNS trouble: leave the row 'received' and check it again later, as an MTA defers;
+        the last check falls at `retry_for` after it arrived, and that one decides."""
+        initial = min(AUTH_RETRY_INITIAL, self._retry_for.total_seconds() / 8)
+        delay = timedelta(seconds=min(initial * 2**row.attempts, AUTH_RETRY_MAX))
+        retry_at = min(now + delay, row.received_at + self._retry_for)
+        tx.defer_inbound(row.id, retry_at=retry_at)
+        log.info(
+            "authentication_deferred",
+            queue_id=row.id,
+            attempts=row.attempts + 1,
+            retry_in=round((retry_at - now).total_seconds(), 1),
+        )
+        return IngestOutcome(row.id, "received", reason="authentication deferred")
 
     def _customer_mail_reactions(
         self,
@@ -269,11 +391,14 @@ class IngestWorker:
         ticket_id: int,
         match: ThreadMatch,
         now: datetime,
+        *,
+        trusted: bool,
     ) -> int:
         if automatic is not None:
             log.info("automatic_mail_suppressed", ticket_id=ticket_id, because=automatic)
             return 0
-        tx.set_undeliverable(mail.sender.email, None, at=now)  # it wrote in again
+        if trusted:  # it wrote in again; a claim to be that address proves nothing
+            tx.set_undeliverable(mail.sender.email, None, at=now)
         created = match.ticket_id is None
         return len(
             self._reactions.after_customer_mail(
@@ -342,10 +467,8 @@ class IngestWorker:
 
 
 def _flags(mail: ParsedMail, auth: AuthResults | None) -> list[str]:
-    """What an agent should know before trusting this message."""
+    """What an agent should know before trusting this message, besides its trust level."""
     flags = []
-    if auth is not None and auth.dmarc == "fail":
-        flags.append("unverified_sender")
     if any(a.email.lower() != mail.sender.email.lower() for a in mail.reply_to):
         flags.append("reply_to_differs")  # stored and shown; it never changes the requester
     if auth is not None and any(s.partial_body for s in auth.signatures):
@@ -356,6 +479,8 @@ def _flags(mail: ParsedMail, auth: AuthResults | None) -> list[str]:
 
 
 def _log_outcome(outcome: IngestOutcome) -> None:
+    if outcome.state == "received":
+        return  # deferred, logged as such
     if outcome.state == "quarantined":
         log.warning("message_quarantined", queue_id=outcome.inbound_id, reason=outcome.reason)
     elif outcome.duplicate:

@@ -44,8 +44,13 @@ class IngestTx(Protocol):
     def duplicate_ticket(self, message_id: str, sender: str) -> int | None:
         """Return the ticket already holding this Message-ID from this sender, if any."""
 
-    def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[int]:
-        """Return tickets holding any of `message_ids`, newest message first."""
+    def tickets_by_message_ids(self, message_ids: Sequence[str], sender: str) -> list[int]:
+        """Return the tickets that `message_ids` name for `sender`, newest message first.
+
+        An ID names the tickets of the messages that carried it from `sender`; failing those,
+        the ticket of its one carrier. An ID carried by several senders (a copy planted by a
+        stranger) names nothing for anyone else.
+        """
 
     def ticket_status(self, ticket_id: int) -> TicketStatus | None: ...
 
@@ -53,8 +58,16 @@ class IngestTx(Protocol):
         """Tell whether `email` is the ticket's requester or one of its participants."""
 
     def create_ticket(
-        self, subject: str, requester: Address, *, at: datetime, flags: Sequence[str] = ()
-    ) -> int: ...
+        self,
+        subject: str,
+        requester: Address,
+        *,
+        at: datetime,
+        flags: Sequence[str] = (),
+        rename: bool = False,
+    ) -> int:
+        """Open a ticket, adding the requester if new; `rename` lets a known one's display
+        name change (only an authenticated sender's may)."""
 
     def add_message(
         self,
@@ -106,6 +119,9 @@ class IngestTx(Protocol):
 
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None: ...
 
+    def defer_inbound(self, inbound_id: str, *, retry_at: datetime) -> None:
+        """Leave the row 'received' until `retry_at`, counting one more attempt."""
+
     def finish_inbound(
         self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
     ) -> None: ...
@@ -120,10 +136,15 @@ class Store(Protocol):
         """
 
     async def pending_inbound(
-        self, *, limit: int, max_bytes: int = 64 * 1024 * 1024
+        self,
+        *,
+        limit: int,
+        max_bytes: int = 64 * 1024 * 1024,
+        exclude: Sequence[str] = (),
     ) -> list[InboundRow]:
-        """Return the oldest rows still 'received': at most `limit`, and past the first row,
-        no more than `max_bytes` of raw message in all."""
+        """Return the oldest rows still 'received' and due (not deferred to later), but those
+        in `exclude`: at most `limit`, and past the first row, no more than `max_bytes` of raw
+        message in all."""
 
     async def get_inbound(self, inbound_id: str) -> InboundRow | None: ...
 
@@ -154,6 +175,9 @@ class Store(Protocol):
 
     async def verify_requester(self, email: str) -> bool:
         """Mark the requester verified; False if there is no such requester."""
+
+    async def add_participant(self, ticket_id: int, email: str) -> bool:
+        """Let `email` post on the ticket (an agent's decision); False if no such ticket."""
 
     async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
         """Use a verification token once; return the outcome and the requester's email."""

@@ -179,6 +179,7 @@ def _inbound_row(row: aiosqlite.Row) -> InboundRow:
         state=row["state"],
         received_at=_dt(row["received_at"]),
         reason=row["reason"],
+        attempts=row["attempts"],
     )
 
 
@@ -203,14 +204,21 @@ class _SqliteIngestTx:
         )
         return int(row["ticket_id"]) if row else None
 
-    def tickets_by_message_ids(self, message_ids: Sequence[str]) -> list[int]:
+    def tickets_by_message_ids(self, message_ids: Sequence[str], sender: str) -> list[int]:
         if not message_ids:
             return []
+        # Each ID names the tickets of the messages that carried it from `sender`; failing
+        # those, the ticket of its carrier if only one sender ever carried it. A copy of an ID
+        # that came from someone else is ambiguous, and an ambiguous ID names nothing.
         rows = self._db.execute(
-            "SELECT ticket_id FROM messages "
-            "WHERE message_id IN (SELECT value FROM json_each(?)) "
-            "GROUP BY ticket_id ORDER BY max(received_at) DESC",
-            (json.dumps(list(message_ids)),),
+            "SELECT m.ticket_id FROM messages m "
+            "JOIN (SELECT message_id, count(DISTINCT from_email) AS senders, "
+            "      max(from_email = ?2) AS own FROM messages "
+            "      WHERE message_id IN (SELECT value FROM json_each(?1)) GROUP BY message_id) c "
+            "ON c.message_id = m.message_id "
+            "WHERE (c.own AND m.from_email = ?2) OR (NOT c.own AND c.senders = 1) "
+            "GROUP BY m.ticket_id ORDER BY max(m.received_at) DESC",
+            (json.dumps(list(message_ids)), sender),
         )
         return [int(row["ticket_id"]) for row in rows]
 
@@ -228,14 +236,22 @@ class _SqliteIngestTx:
         return row is not None
 
     def create_ticket(
-        self, subject: str, requester: Address, *, at: datetime, flags: Sequence[str] = ()
+        self,
+        subject: str,
+        requester: Address,
+        *,
+        at: datetime,
+        flags: Sequence[str] = (),
+        rename: bool = False,
     ) -> int:
-        # The newest display name wins: requesters fix typos in their mail client's settings.
+        # With `rename`, the newest display name wins: requesters fix typos in their mail
+        # client's settings. Otherwise a known requester keeps the name it has.
         row = self._one(
             "INSERT INTO requesters (email, name, created_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (email) DO UPDATE SET name = coalesce(excluded.name, requesters.name) "
+            "ON CONFLICT (email) DO UPDATE SET name = CASE WHEN ? "
+            "THEN coalesce(excluded.name, requesters.name) ELSE requesters.name END "
             "RETURNING id",
-            (requester.email, requester.name, _ts(at)),
+            (requester.email, requester.name, _ts(at), rename),
         )
         assert row is not None
         row = self._one(
@@ -398,6 +414,12 @@ class _SqliteIngestTx:
             (status, _ts(at), ticket_id),
         )
 
+    def defer_inbound(self, inbound_id: str, *, retry_at: datetime) -> None:
+        self._db.execute(
+            "UPDATE inbound SET attempts = attempts + 1, retry_at = ? WHERE id = ?",
+            (_ts(retry_at), inbound_id),
+        )
+
     def finish_inbound(
         self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
     ) -> None:
@@ -453,19 +475,24 @@ class SqliteStore:
         return await self._writer.transaction(lambda db: work(_SqliteIngestTx(db)))
 
     async def pending_inbound(
-        self, *, limit: int, max_bytes: int = 64 * 1024 * 1024
+        self,
+        *,
+        limit: int,
+        max_bytes: int = 64 * 1024 * 1024,
+        exclude: Sequence[str] = (),
     ) -> list[InboundRow]:
-        # The oldest rows up to `limit`, cut where their sizes add up past `max_bytes` (the
+        # The oldest due rows up to `limit`, cut where their sizes add up past `max_bytes` (the
         # first row always comes), so a backlog of large messages never loads all at once.
         async with self._reader.execute(
             "SELECT * FROM inbound WHERE id IN ("
             " SELECT id FROM ("
             "  SELECT id, size, sum(size) OVER (ORDER BY received_at, id) AS running FROM ("
             "   SELECT id, received_at, length(raw) AS size FROM inbound"
-            "   WHERE state = 'received' ORDER BY received_at, id LIMIT ?))"
+            "   WHERE state = 'received' AND (retry_at IS NULL OR retry_at <= ?)"
+            "   AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?))"
             " WHERE running - size < ?) "
             "ORDER BY received_at, id",
-            (limit, max_bytes),
+            (_now(), json.dumps(list(exclude)), limit, max_bytes),
         ) as cursor:
             return [_inbound_row(row) async for row in cursor]
 
@@ -550,6 +577,18 @@ class SqliteStore:
             "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email = ?",
             (_now(), email),
         )
+
+    async def add_participant(self, ticket_id: int, email: str) -> bool:
+        def add(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM tickets WHERE id = ?", (ticket_id,)).fetchone() is None:
+                return False
+            db.execute(
+                "INSERT OR IGNORE INTO participants (ticket_id, email) VALUES (?, ?)",
+                (ticket_id, email),
+            )
+            return True
+
+        return await self._writer.transaction(add)
 
     async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
         return await self._writer.transaction(lambda db: _redeem(db, token_hash))
