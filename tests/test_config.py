@@ -71,7 +71,7 @@ def test_test_config_is_valid(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     result = check(path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{path}: OK"
+    assert result.stdout.splitlines()[-1] == f"{path}: OK"
 
 
 def test_unknown_key_is_an_error(tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_env_var_chooses_the_file(tmp_path: Path) -> None:
     path = write_config(tmp_path / "from-env")
     result = run_cli("check-config", env={"MAILGATE_CONFIG": str(path)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{path}: OK"
+    assert result.stdout.splitlines()[-1] == f"{path}: OK"
 
 
 def test_env_var_pointing_at_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_config_option_wins_over_env_var(tmp_path: Path) -> None:
     broken.write_text("this is not toml\n", encoding="utf-8")
     result = run_cli("--config", str(chosen), "check-config", env={"MAILGATE_CONFIG": str(broken)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{chosen}: OK"
+    assert result.stdout.splitlines()[-1] == f"{chosen}: OK"
 
 
 def test_relative_paths_resolve_against_the_config_folder(
