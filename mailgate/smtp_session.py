@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import uuid
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
@@ -36,6 +37,9 @@ LOW_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 MAIL_LOOP = "554 5.4.6 Too many Received headers: mail loop detected"
 LINE_TOO_LONG = "500 5.5.6 Line too long"
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for this system"
+NOT_UTF8 = "501 5.5.2 Syntax error: not UTF-8"
+CONTROL_CHARACTER = "501 5.5.2 Syntax error: control character"
+NEEDS_SMTPUTF8 = "501 5.5.2 Syntax error: non-ASCII address without SMTPUTF8"
 
 # The minimum DATA rate is enforced from this many seconds after DATA (or timeout/10 if
 # smaller): a client gets time to open its window before its average is judged.
@@ -83,6 +87,12 @@ _BOGUS_GOODBYE = "502 5.5.1 Too many unrecognized commands"  # aiosmtpd's fixed 
 # Refusals that are not the client's fault (ours, or the session ending anyway): they do not
 # count towards max_errors. 452 4.5.3 counts only past an overshoot allowance (see push).
 _NOT_CLIENT_ERRORS = ("421 ", "451 ", "452 4.3.1 ")
+# aiosmtpd decodes a command's argument as UTF-8 with surrogateescape: each byte that is not
+# UTF-8 becomes a lone surrogate, which no UTF-8 encoder (SQLite's included) accepts.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: none belongs in a
+# host name or an address, and each could split or forge a header built from one.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def enhance(reply: str) -> str:
@@ -95,6 +105,24 @@ def enhance(reply: str) -> str:
     if sep and len(code) == 3 and code[0] in "45" and not (text[:1].isdigit() and text[1:2] == "."):
         return f"{code} {_BY_CODE.get(code) or _CLASS_DEFAULTS[code[0]]} {text}"
     return reply
+
+
+def argument_fault(arg: str | None, *, ascii_only: bool = False) -> str | None:
+    """The refusal for a command argument that must not reach the session, or None.
+
+    An argument that is not UTF-8 or holds a control character would be kept in the session
+    (HELO) or the envelope, and a string that cannot be stored fails the group commit it
+    shares with other sessions' messages; so it is refused at its command.
+    """
+    if not arg:
+        return None
+    if _SURROGATE.search(arg):
+        return NOT_UTF8
+    if _CONTROL.search(arg):
+        return CONTROL_CHARACTER
+    if ascii_only and not arg.isascii():
+        return NEEDS_SMTPUTF8
+    return None
 
 
 def peer_ip_of(peer: Any) -> str:
@@ -258,10 +286,53 @@ class MailgateSMTP(SMTP):
         """Not offered (the EHLO does not list it): a plain refusal, the session goes on."""
         await self.push("502 5.5.1 STARTTLS not offered")
 
+    # -- command arguments: UTF-8, no controls, ASCII addresses unless SMTPUTF8 ----------
+
+    async def _refused(self, command: str, arg: str | None, *, ascii_only: bool = False) -> bool:
+        """Answer 501 5.5.2 for an argument `argument_fault` refuses; tell whether it did."""
+        fault = argument_fault(arg, ascii_only=ascii_only)
+        if fault is None:
+            return False
+        log.info("smtp_argument_refused", command=command, reply=fault)
+        await self.push(fault)
+        return True
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._refused("HELO", hostname):
+            await super().smtp_HELO(hostname)
+
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._refused("EHLO", hostname):
+            return
         self.command_size_limits.clear()  # aiosmtpd adds to MAIL's limit on every EHLO
         await super().smtp_EHLO(hostname)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not await self._refused("MAIL", arg, ascii_only=not self._declares_smtputf8(arg)):
+            await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        smtputf8 = self.envelope is not None and bool(self.envelope.smtp_utf8)
+        if not await self._refused("RCPT", arg, ascii_only=not smtputf8):
+            await super().smtp_RCPT(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        """aiosmtpd echoes the argument in its reply: never one that is not clean text."""
+        if not await self._refused("VRFY", arg):
+            await super().smtp_VRFY(arg)
+
+    def _declares_smtputf8(self, arg: str | None) -> bool:
+        """Tell whether a MAIL argument carries the SMTPUTF8 parameter (RFC 6531)."""
+        path = self._strip_command_keyword("FROM:", arg or "")
+        if path is None:
+            return False
+        _, params = self._getaddr(path)
+        return params is not None and "SMTPUTF8" in params.upper().split()
 
     # -- DATA: memory and time ------------------------------------------------------------
 

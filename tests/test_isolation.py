@@ -1,0 +1,179 @@
+"""No client can hurt another: bytes one session sends never cost another session its 250.
+
+Command arguments that are not UTF-8 (or not ASCII without SMTPUTF8), or hold control
+characters, are refused at their command, so they never reach a group commit shared with
+other sessions' messages; and a batch the store refuses for one row's data is retried
+message by message, so only that message is answered 451.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mailgate.store import open_store
+from tests.conftest import SUPPORT, Running, mail
+from tests.test_hostile_smtp import inbound_count, limited, message, raw
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+HONEST_SENDERS = 40
+
+
+async def hostile_sessions(
+    daemon: Running, ehlo: bytes, mail_from: bytes, stop: asyncio.Event
+) -> list[str]:
+    """Open session after session that tries to get `ehlo` and `mail_from` stored.
+
+    Each session walks a whole transaction and sends its message when DATA is granted: a
+    server that kept the bad bytes would put them into a commit beside honest mail.
+    """
+    replies: list[str] = []
+    while not stop.is_set():
+        async with raw(daemon) as conn:
+            await conn.greeting()
+            replies.append(await conn.command(b"EHLO " + ehlo))
+            replies.append(await conn.command(b"MAIL FROM:<" + mail_from + b">"))
+            replies.append(await conn.command(f"RCPT TO:<{SUPPORT}>"))
+            data = await conn.command("DATA")
+            replies.append(data)
+            if data.startswith("354 "):
+                await conn.send(message(subject="Hostile") + b".\r\n")
+                replies.append(await conn.reply())
+            assert await conn.command("QUIT") == "221 2.0.0 Bye"
+    return replies
+
+
+async def test_bad_bytes_in_commands_cost_honest_senders_nothing(tmp_path: Path) -> None:
+    async with limited(tmp_path, "max_connections_per_ip = 100") as daemon:
+        stop = asyncio.Event()
+        hostile = [
+            asyncio.create_task(hostile_sessions(daemon, b"\xff", b"h@example.org", stop)),
+            asyncio.create_task(hostile_sessions(daemon, b"client.example", b"\xe9@x", stop)),
+        ]
+        await asyncio.sleep(0.05)  # the hostile loops are under way before the honest mail
+        subjects = [f"Honest {n}" for n in range(HONEST_SENDERS)]
+        queue_ids = await asyncio.gather(*(daemon.send(mail(subject=s)) for s in subjects))
+        stop.set()
+        bad_ehlo, bad_mail = await asyncio.gather(*hostile)
+
+        assert len(set(queue_ids)) == HONEST_SENDERS  # each got its own 250
+        assert set(bad_ehlo) == {
+            "501 5.5.2 Syntax error: not UTF-8",
+            "503 5.5.1 Send HELO first",
+        }
+        assert set(bad_mail) == {
+            "250 HELP",  # the last line of the EHLO reply
+            "501 5.5.2 Syntax error: not UTF-8",
+            "503 5.5.1 Need MAIL command",
+            "503 5.5.1 Need RCPT command",
+        }
+        async with open_store(daemon.config.storage.database) as store:
+            for queue_id in queue_ids:
+                assert await store.get_inbound(queue_id) is not None
+        assert inbound_count(daemon) == HONEST_SENDERS
+        tickets = await daemon.tickets()
+        assert sorted(t.subject for t in tickets) == sorted(subjects)
+
+
+async def test_latin1_helo_gets_501_and_the_session_can_then_ehlo_and_send(
+    daemon: Running,
+) -> None:
+    async with raw(daemon) as conn:
+        await conn.greeting()
+        assert await conn.command(b"HELO caf\xe9.example") == "501 5.5.2 Syntax error: not UTF-8"
+        assert await conn.command("MAIL FROM:<customer@example.org>") == (
+            "503 5.5.1 Send HELO first"
+        )
+        assert (await conn.command("EHLO client.example")).startswith("250 ")
+        assert await conn.command("MAIL FROM:<customer@example.org>") == "250 2.1.0 Sender OK"
+        assert await conn.command(f"RCPT TO:<{SUPPORT}>") == "250 2.1.5 Recipient OK"
+        assert (await conn.command("DATA")).startswith("354 ")
+        await conn.send(message(subject="After a Latin-1 HELO") + b".\r\n")
+        queued = await conn.reply()
+        assert queued.startswith("250 2.0.0 Queued as ")
+    async with open_store(daemon.config.storage.database) as store:
+        row = await store.get_inbound(queued.rsplit(" ", 1)[1])
+    assert row is not None
+    assert row.envelope.helo == "client.example"
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [
+        (b"EHLO client\x00.example", "501 5.5.2 Syntax error: control character"),
+        (b"HELO client\x1b[2J.example", "501 5.5.2 Syntax error: control character"),
+        (b"EHLO client\r.example", "501 5.5.2 Syntax error: control character"),
+        (b"EHLO client\xc2\x85.example", "501 5.5.2 Syntax error: control character"),  # NEL
+        (b"EHLO \xed\xa0\x80.example", "501 5.5.2 Syntax error: not UTF-8"),  # a surrogate
+    ],
+    ids=repr,
+)
+async def test_bad_helo_argument_is_refused(daemon: Running, command: bytes, reply: str) -> None:
+    async with raw(daemon) as conn:
+        await conn.greeting()
+        assert await conn.command(command) == reply
+        assert await conn.command("MAIL FROM:<a@example.org>") == "503 5.5.1 Send HELO first"
+
+
+@pytest.mark.parametrize(
+    ("mail_from", "rcpt_to", "reply"),
+    [
+        (b"<\xe9@example.org>", None, "501 5.5.2 Syntax error: not UTF-8"),
+        (b"<a\x00b@example.org>", None, "501 5.5.2 Syntax error: control character"),
+        (
+            "<jos\u00e9@example.org>".encode(),
+            None,
+            "501 5.5.2 Syntax error: non-ASCII address without SMTPUTF8",
+        ),
+        (b"<a@example.org>", b"<\xfc@help.example.com>", "501 5.5.2 Syntax error: not UTF-8"),
+        (
+            b"<a@example.org>",
+            b"<a\tb@help.example.com>",
+            "501 5.5.2 Syntax error: control character",
+        ),
+        (
+            b"<a@example.org>",
+            "<j\u00fcrgen@help.example.com>".encode(),
+            "501 5.5.2 Syntax error: non-ASCII address without SMTPUTF8",
+        ),
+    ],
+    ids=repr,
+)
+async def test_bad_address_argument_is_refused_and_nothing_is_stored(
+    daemon: Running, mail_from: bytes, rcpt_to: bytes | None, reply: str
+) -> None:
+    async with raw(daemon) as conn:
+        await conn.greeting()
+        assert (await conn.command("EHLO client.example")).startswith("250 ")
+        answer = await conn.command(b"MAIL FROM:" + mail_from)
+        if rcpt_to is None:
+            assert answer == reply
+            assert await conn.command(f"RCPT TO:<{SUPPORT}>") == "503 5.5.1 Need MAIL command"
+        else:
+            assert answer == "250 2.1.0 Sender OK"
+            assert await conn.command(b"RCPT TO:" + rcpt_to) == reply
+            assert await conn.command("DATA") == "503 5.5.1 Need RCPT command"
+    assert inbound_count(daemon) == 0
+
+
+async def test_utf8_addresses_with_smtputf8_are_accepted_and_stored(daemon: Running) -> None:
+    sender, recipient = "jos\u00e9@example.org", "j\u00fcrgen@help.example.com"
+    async with raw(daemon) as conn:
+        await conn.greeting()
+        assert (await conn.command("EHLO client.example")).startswith("250 ")
+        assert await conn.command(f"MAIL FROM:<{sender}> SMTPUTF8".encode()) == (
+            "250 2.1.0 Sender OK"
+        )
+        assert await conn.command(f"RCPT TO:<{recipient}>".encode()) == "250 2.1.5 Recipient OK"
+        assert (await conn.command("DATA")).startswith("354 ")
+        await conn.send(message(subject="Internationalised") + b".\r\n")
+        queued = await conn.reply()
+        assert queued.startswith("250 2.0.0 Queued as ")
+    async with open_store(daemon.config.storage.database) as store:
+        row = await store.get_inbound(queued.rsplit(" ", 1)[1])
+    assert row is not None
+    assert (row.envelope.mail_from, row.envelope.rcpt_tos) == (sender, (recipient,))
+    assert row.envelope.smtputf8
