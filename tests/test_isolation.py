@@ -9,10 +9,14 @@ message by message, so only that message is answered 451.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
 
+from mailgate.errors import StoreError
+from mailgate.intake import Intake
+from mailgate.model import Envelope
 from mailgate.store import open_store
 from tests.conftest import SUPPORT, Running, mail
 from tests.test_hostile_smtp import inbound_count, limited, message, raw
@@ -177,3 +181,36 @@ async def test_utf8_addresses_with_smtputf8_are_accepted_and_stored(daemon: Runn
     assert row is not None
     assert (row.envelope.mail_from, row.envelope.rcpt_tos) == (sender, (recipient,))
     assert row.envelope.smtputf8
+
+
+# -- intake: a batch the store refuses for one row is retried without it -----------------
+
+
+def envelope(helo: str) -> Envelope:
+    return Envelope(
+        mail_from="customer@example.org", rcpt_tos=(SUPPORT,), peer="127.0.0.1:1", helo=helo
+    )
+
+
+async def test_a_row_the_store_refuses_costs_only_its_own_message(tmp_path: Path) -> None:
+    # A lone surrogate cannot be encoded for SQLite: the batch's one INSERT fails. Each
+    # message is then committed alone, and only the bad one is refused.
+    database = tmp_path / "mailgate.db"
+    async with open_store(database) as store:
+        intake = Intake(store, senders=lambda: 5)  # waits for the others to share a commit
+        intake.start()
+        try:
+            helos = ["one.example", "two.example", "bad\udce9.example", "four.example", "five"]
+            receives = [intake.receive(envelope(h), b"Subject: x\r\n\r\n") for h in helos]
+            results = await asyncio.gather(*receives, return_exceptions=True)
+        finally:
+            await intake.stop()
+        assert isinstance(results[2], StoreError)
+        stored = [r for r in results if isinstance(r, str)]
+        assert len(stored) == 4
+        for queue_id, helo in zip(results, helos, strict=True):
+            if isinstance(queue_id, str):
+                row = await store.get_inbound(queue_id)
+                assert row is not None and row.envelope.helo == helo
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT count(*) FROM inbound").fetchone() == (4,)
