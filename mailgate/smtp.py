@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -190,14 +191,34 @@ class Listener:
         log.info("smtp_drained", closed_sessions=len(transports))
 
 
+def raise_descriptor_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit, as far as the system lets us.
+
+    Each SMTP session holds a descriptor, and the soft limit is often 1,024 while the hard
+    one is far higher: the sessions refused for lack of descriptors (`FD_RESERVE`) should be
+    refused at the limit ops chose, not at a default.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # macOS: an infinite hard limit is above OPEN_MAX
+        log.warning("descriptor_limit_kept", soft=soft, hard=hard, error=str(exc))
+        return
+    log.info("descriptor_limit_raised", soft=soft, to=hard)
+
+
 async def start_smtp(
     config: SmtpConfig, intake: Intake, *, sessions: set[MailgateSMTP], spool: Path
 ) -> Listener:
     """Listen on `config.listen` with `loop.create_server` (no threaded Controller).
 
     `sessions` is kept up to date with the open sessions; intake reads its size. `spool` is
-    the folder of the database, whose free space MAIL checks.
+    the folder of the database, whose free space MAIL checks. The descriptor limit is raised
+    first (see `raise_descriptor_limit`).
     """
+    raise_descriptor_limit()
     handler = Handler(config, intake, spool=spool)
     factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
         handler,

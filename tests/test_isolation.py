@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,8 @@ from mailgate.errors import StoreError
 from mailgate.intake import Intake
 from mailgate.model import Envelope
 from mailgate.store import open_store
-from tests.conftest import SUPPORT, Running, mail
-from tests.test_hostile_smtp import inbound_count, limited, message, raw
+from tests.conftest import SUPPORT, Running, SubprocessDaemon, mail
+from tests.test_hostile_smtp import Raw, inbound_count, limited, message, raw
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -214,3 +215,91 @@ async def test_a_row_the_store_refuses_costs_only_its_own_message(tmp_path: Path
                 assert row is not None and row.envelope.helo == helo
     with sqlite3.connect(database) as db:
         assert db.execute("SELECT count(*) FROM inbound").fetchone() == (4,)
+
+
+# -- file descriptors: a full descriptor table refuses new sessions, never breaks the rest --
+
+
+async def open_session(port: int) -> tuple[Raw, str]:
+    """Connect to the daemon on `port`; the connection and its first reply line."""
+    conn = Raw(*await asyncio.open_connection("127.0.0.1", port))
+    return conn, await conn.reply()
+
+
+async def deliver(conn: Raw, subject: str) -> str:
+    """Send one message on a greeted session; its queue id."""
+    assert (await conn.command("EHLO client.example")).startswith("250 ")
+    assert await conn.command("MAIL FROM:<customer@example.org>") == "250 2.1.0 Sender OK"
+    assert await conn.command(f"RCPT TO:<{SUPPORT}>") == "250 2.1.5 Recipient OK"
+    assert (await conn.command("DATA")).startswith("354 ")
+    await conn.send(message(subject=subject) + b".\r\n")
+    queued = await conn.reply()
+    assert queued.startswith("250 2.0.0 Queued as "), queued
+    return queued.rsplit(" ", 1)[1]
+
+
+def inbound_states(database: Path) -> dict[str, str]:
+    with sqlite3.connect(database) as db:
+        return dict(db.execute("SELECT id, state FROM inbound").fetchall())
+
+
+async def wait_ingested(database: Path, queue_id: str) -> None:
+    deadline = time.monotonic() + 15
+    while inbound_states(database).get(queue_id) != "ingested":
+        assert time.monotonic() < deadline, inbound_states(database)
+        await asyncio.sleep(0.05)
+
+
+async def test_at_the_descriptor_limit_new_sessions_get_421_and_the_daemon_works_on(
+    tmp_path: Path,
+) -> None:
+    # Soft limit 48, hard 128: the daemon raises the soft limit to 128 at start (with 48 and
+    # 64 descriptors in reserve it could take no session at all), then refuses sessions
+    # while fewer than 64 are left.
+    daemon = SubprocessDaemon(
+        tmp_path / "daemon",
+        smtp_extra="max_connections = 500\nmax_connections_per_ip = 500",
+        nofile=(48, 128),
+    )
+    daemon.start()
+    held: list[Raw] = []
+    try:
+        refusal = None
+        for _ in range(128):
+            conn, first = await open_session(daemon.port)
+            if not first.startswith("220 "):
+                refusal = first
+                assert await conn.closed()
+                conn.close()
+                break
+            held.append(conn)
+        assert refusal == "421 4.7.0 Server busy, try again later"
+        assert len(held) >= 16, len(held)
+
+        # At the limit, a session already open still delivers: the database, and the parser
+        # process that ingest talks to through pipes, kept their reserve.
+        at_limit = await deliver(held[0], "At the descriptor limit")
+        await wait_ingested(daemon.database, at_limit)
+
+        for conn in held:
+            conn.close()
+        held.clear()
+        deadline = time.monotonic() + 15
+        while True:  # the daemon closes its side of each idle session as it sees the EOF
+            conn, first = await open_session(daemon.port)
+            if first.startswith("220 "):
+                break
+            assert first == "421 4.7.0 Server busy, try again later"
+            conn.close()
+            assert time.monotonic() < deadline, "descriptors were not released"
+            await asyncio.sleep(0.05)
+        held.append(conn)
+        after = await deliver(conn, "After the idle sessions left")
+        await wait_ingested(daemon.database, after)
+    finally:
+        for conn in held:
+            conn.close()
+        daemon.kill()
+    log = (daemon.folder / "daemon.log").read_text(encoding="utf-8")
+    assert "out of system resource" not in log  # asyncio's EMFILE at accept(): never reached
+    assert "smtp_descriptors_low" in log
