@@ -30,7 +30,9 @@ from mailgate.smtp_session import (
     MAIL_LOOP,
     TEMPFAIL,
     TOO_MANY_RECIPIENTS,
+    XFORWARD_EHLO,
     MailgateSMTP,
+    TransactionEnvelope,
     peer_of,
 )
 
@@ -73,7 +75,10 @@ class Handler:
     ) -> list[str]:
         session.host_name = hostname
         last = responses.pop()  # "250 HELP" closes the list; keep it last
-        return [*responses, "250-ENHANCEDSTATUSCODES", last]
+        extensions = ["250-ENHANCEDSTATUSCODES"]
+        if isinstance(server, MailgateSMTP) and server.xforward_allowed:
+            extensions.append(XFORWARD_EHLO)  # to [smtp] trusted_proxies only
+        return [*responses, *extensions, last]
 
     async def handle_MAIL(
         self,
@@ -121,6 +126,9 @@ class Handler:
             peer=peer_of(session),
             helo=session.host_name,
             smtputf8=bool(envelope.smtp_utf8),
+            # Behind a trusted proxy: the client that talked to it (peer and helo stay the
+            # proxy's, so the stored envelope records both hops).
+            forwarded=envelope.forwarded if isinstance(envelope, TransactionEnvelope) else None,
         )
         # The commit is its own task, shielded: a session cancelled now (client gone, drain)
         # leaves the commit to finish (the row is whole or absent, never half-written) and
@@ -152,7 +160,14 @@ class Handler:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
-        log.info("message_queued", queue_id=queue_id, size=len(raw), rcpts=len(stored.rcpt_tos))
+        client = {"client": stored.client_ip} if stored.forwarded is not None else {}
+        log.info(
+            "message_queued",
+            queue_id=queue_id,
+            size=len(raw),
+            rcpts=len(stored.rcpt_tos),
+            **client,
+        )
         return queue_id
 
     async def handle_exception(self, error: Exception) -> str:

@@ -1,10 +1,13 @@
 """The SMTP session: aiosmtpd's protocol with enhanced replies, and the session limits.
 
 `MailgateSMTP` holds what a hostile client must not be able to exhaust: connections (in total
-and per IP), errors, time (an idle timeout and a minimum DATA rate) and memory (line and
-message sizes, DATA in one buffer). Replies carry RFC 3463 enhanced status codes; aiosmtpd's
-own bare replies are rewritten on the way out, and no exception text ever reaches a client.
-The handler that decides what to do with mail is in `smtp.py`.
+and per IP), file descriptors, errors, time (an idle timeout and a minimum DATA rate) and
+memory (line and message sizes, DATA in one buffer). Command arguments that are not UTF-8 or
+hold controls are refused at their command, so no session keeps a value the store could not
+take. Replies carry RFC 3463 enhanced status codes; aiosmtpd's own bare replies are rewritten
+on the way out, and no exception text ever reaches a client. A trusted proxy may name the
+original client with XFORWARD (`TransactionEnvelope`). The handler that decides what to do
+with mail is in `smtp.py`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import ipaddress
 import os
 import re
 import resource
@@ -22,9 +26,10 @@ from typing import Any, NoReturn
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mailgate.config import SmtpConfig
-from mailgate.model import HostPort
+from mailgate.model import ForwardedClient, HostPort
 
 log = structlog.get_logger(__name__)
 
@@ -44,6 +49,10 @@ MESSAGE_TOO_BIG = "552 5.3.4 Message too big for this system"
 NOT_UTF8 = "501 5.5.2 Syntax error: not UTF-8"
 CONTROL_CHARACTER = "501 5.5.2 Syntax error: control character"
 NEEDS_SMTPUTF8 = "501 5.5.2 Syntax error: non-ASCII address without SMTPUTF8"
+XFORWARD_EHLO = "250-XFORWARD NAME ADDR PROTO HELO IDENT"
+XFORWARD_OK = "250 2.0.0 Ok"
+XFORWARD_NOT_PERMITTED = "550 5.7.0 XFORWARD not permitted from your address"
+XFORWARD_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
 
 # The minimum DATA rate is enforced from this many seconds after DATA (or timeout/10 if
 # smaller): a client gets time to open its window before its average is judged.
@@ -135,6 +144,104 @@ def argument_fault(arg: str | None, *, ascii_only: bool = False) -> str | None:
     return None
 
 
+# -- XFORWARD (Postfix's XFORWARD_README) ------------------------------------------------
+
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+_XFORWARD_UNKNOWN = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")  # any case
+_XTEXT = re.compile(r"(?:[^+]|\+[0-9A-Fa-f]{2})*")  # RFC 3461 xtext ("+" and two hex digits)
+_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+_PRINTABLE = re.compile(r"[!-~]+")  # after decoding: no controls, spaces or non-ASCII
+
+
+class XforwardError(ValueError):
+    """An XFORWARD argument that is not `attribute=value ...`; the text is the reply's."""
+
+
+def parse_xforward(arg: str) -> dict[str, str | None]:
+    """The attributes an XFORWARD argument sets, decoded; None for an unknown value.
+
+    Values are xtext, at most 255 characters, and decoded must be printable ASCII without
+    white space (the README's Note 1), so no value from the proxy can carry CR, LF or other
+    controls into the envelope. ADDR must be an IP address (an "IPV6:" prefix is dropped).
+
+    Raises:
+        XforwardError: the reply text (501 5.5.4) names what is wrong, never the value.
+    """
+    tokens = arg.split()
+    if not tokens:
+        raise XforwardError("Syntax: XFORWARD attribute=value ...")
+    attributes: dict[str, str | None] = {}
+    for token in tokens:
+        name, sep, encoded = token.partition("=")
+        name = name.upper()
+        if name not in XFORWARD_ATTRIBUTES:
+            raise XforwardError("Bad XFORWARD attribute name")
+        if not sep or not encoded or len(encoded) > 255 or not _XTEXT.fullmatch(encoded):
+            raise XforwardError(f"Bad XFORWARD {name} syntax")
+        value = _XTEXT_HEX.sub(lambda m: chr(int(m[1], 16)), encoded)
+        if value.upper() in _XFORWARD_UNKNOWN:
+            attributes[name] = None
+        elif not _PRINTABLE.fullmatch(value):
+            raise XforwardError(f"Bad XFORWARD {name} syntax")
+        else:
+            attributes[name] = _xforward_value(name, value)
+    return attributes
+
+
+def _xforward_value(name: str, value: str) -> str:
+    """Check (and normalise) one known attribute value by its name."""
+    if name == "ADDR":
+        if value[:5].upper() == "IPV6:":
+            value = value[5:]
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise XforwardError("Bad XFORWARD ADDR syntax") from None
+    if name == "PORT" and not (value.isdigit() and int(value) <= 65535):
+        raise XforwardError("Bad XFORWARD PORT syntax")
+    if name == "PROTO" and len(value) > 64:
+        raise XforwardError("Bad XFORWARD PROTO syntax")
+    if name == "SOURCE" and value.upper() not in ("LOCAL", "REMOTE"):
+        raise XforwardError("Bad XFORWARD SOURCE syntax")
+    return value
+
+
+class TransactionEnvelope(SmtpEnvelope):
+    """aiosmtpd's envelope, with what a trusted proxy said about the client by XFORWARD.
+
+    aiosmtpd starts a new envelope when a transaction ends (after DATA, at RSET, HELO and
+    EHLO), which is exactly when XFORWARD's attributes reset: they hold for the next MAIL
+    transaction only, so a proxy's cached connection never lends one client's to another.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.xforward: dict[str, str | None] | None = None  # None: no XFORWARD yet
+
+    def forward(self, attributes: dict[str, str | None]) -> None:
+        """Apply one XFORWARD: the first makes every attribute unknown, then each overwrites."""
+        if self.xforward is None:
+            self.xforward = dict.fromkeys(XFORWARD_ATTRIBUTES)
+        self.xforward.update(attributes)
+
+    @property
+    def forwarded(self) -> ForwardedClient | None:
+        """The original client, or None when no XFORWARD came for this transaction.
+
+        An unknown ADDR means the proxy's own (local) submission: its other client attributes
+        are ignored, as the README says; IDENT (the proxy's queue id) still names the message.
+        PORT and SOURCE are accepted and not kept.
+        """
+        if self.xforward is None:
+            return None
+        x = self.xforward
+        if x["ADDR"] is None:
+            return ForwardedClient(ident=x["IDENT"])
+        return ForwardedClient(
+            addr=x["ADDR"], name=x["NAME"], helo=x["HELO"], proto=x["PROTO"], ident=x["IDENT"]
+        )
+
+
 def descriptor_headroom() -> int | None:
     """How many more file descriptors this process may open, or None if it cannot tell.
 
@@ -206,6 +313,7 @@ class MailgateSMTP(SMTP):
         self._limits = limits
         self._grace = min(DATA_RATE_GRACE, limits.timeout / 10)
         self.peer_ip = ""
+        self.xforward_allowed = False  # a trusted proxy: XFORWARD advertised and honoured
         self._refusal: str | None = None
         self._hung_up = False
         self._errors = 0
@@ -218,6 +326,7 @@ class MailgateSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.peer_ip = peer_ip_of(transport.get_extra_info("peername"))
+        self.xforward_allowed = self._limits.trusts(self.peer_ip)
         self._refusal = self._admission()
         if self._refusal is None:
             self._sessions.add(self)
@@ -360,6 +469,35 @@ class MailgateSMTP(SMTP):
         """aiosmtpd echoes the argument in its reply: never one that is not clean text."""
         if not await self._refused("VRFY", arg):
             await super().smtp_VRFY(arg)
+
+    # -- XFORWARD from a trusted proxy ----------------------------------------------------
+
+    def _create_envelope(self) -> TransactionEnvelope:
+        return TransactionEnvelope()
+
+    @syntax("XFORWARD attribute=value ...", when="xforward_allowed")
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        """Postfix's XFORWARD: the client behind the proxy, for the next transaction.
+
+        Only from `[smtp] trusted_proxies` (anyone else could forge the client SPF judges),
+        only outside a transaction (before MAIL, or after DATA or RSET).
+        """
+        if not self.xforward_allowed:
+            log.warning("smtp_xforward_refused")
+            await self.push(XFORWARD_NOT_PERMITTED)
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, TransactionEnvelope)
+        if envelope.mail_from is not None:
+            await self.push(XFORWARD_IN_TRANSACTION)
+            return
+        try:
+            attributes = parse_xforward(arg or "")
+        except XforwardError as exc:
+            await self.push(f"501 5.5.4 {exc}")
+            return
+        envelope.forward(attributes)
+        await self.push(XFORWARD_OK)
 
     def _declares_smtputf8(self, arg: str | None) -> bool:
         """Tell whether a MAIL argument carries the SMTPUTF8 parameter (RFC 6531)."""
