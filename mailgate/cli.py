@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -86,6 +87,7 @@ def message_json(message: Message) -> dict[str, Any]:
 def inbound_json(row: InboundRow) -> dict[str, Any]:
     # compat32: raw values that never raise; decode_header_text does the decoding.
     headers = BytesHeaderParser(policy=compat32).parsebytes(row.raw[:65536])
+    forwarded = row.envelope.forwarded
     return {
         "id": row.id,
         "state": row.state,
@@ -94,6 +96,9 @@ def inbound_json(row: InboundRow) -> dict[str, Any]:
         "mail_from": row.envelope.mail_from,
         "rcpt_tos": list(row.envelope.rcpt_tos),
         "peer": row.envelope.peer,
+        "helo": row.envelope.helo,
+        # Behind a trusted proxy (XFORWARD): the client that talked to it; peer is the proxy.
+        "forwarded": dataclasses.asdict(forwarded) if forwarded is not None else None,
         "size": len(row.raw),
         "subject": decode_header_text(str(headers.get("subject", ""))),
     }

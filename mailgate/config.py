@@ -7,6 +7,7 @@ Relative paths are resolved against the config file's folder, not the working di
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -18,6 +19,8 @@ from email_validator import EmailNotValidError, validate_email
 
 from mailgate.errors import ConfigError
 from mailgate.model import HostPort
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 ENV_VAR = "MAILGATE_CONFIG"
 DEFAULT_PATH = Path("config.toml")
@@ -37,10 +40,24 @@ class SmtpConfig:
     timeout: float
     min_data_rate: int
     max_received_headers: int
+    trusted_proxies: tuple[Network, ...] = ()
 
     def accepts(self, address: str) -> bool:
         """Tell whether `address` is one of ours: an exact entry or an `@domain` entry."""
         return _listed(address, self.accept)
+
+    def trusts(self, ip: str) -> bool:
+        """Tell whether the peer at `ip` is a proxy whose XFORWARD is believed.
+
+        An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d and is judged as a.b.c.d.
+        """
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies)
 
 
 def _listed(address: str, entries: tuple[str, ...]) -> bool:
@@ -221,6 +238,21 @@ def _host_port_list(value: Any, base: Path) -> tuple[HostPort, ...]:
     return tuple(_host_port(entry, base) for entry in value)
 
 
+def _network_list(value: Any, _base: Path) -> tuple[Network, ...]:
+    """Addresses and networks, e.g. ["127.0.0.1", "10.0.0.0/8", "::1"]; host bits must be 0."""
+    if not isinstance(value, list):
+        raise ValueError('expected a list such as ["127.0.0.1", "10.0.0.0/8", "::1"]')
+    networks = []
+    for entry in value:
+        if not isinstance(entry, str):
+            raise ValueError(f"expected addresses or networks as strings, got {entry!r}")
+        try:
+            networks.append(ipaddress.ip_network(entry))
+        except ValueError as exc:
+            raise ValueError(f"not an IP address or network: {exc}") from None
+    return tuple(networks)
+
+
 def _bool(value: Any, _base: Path) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -262,6 +294,7 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "timeout": (_positive_seconds, 300),  # 0 would close every session at once
         "min_data_rate": (_positive_int, 500),
         "max_received_headers": (_positive_int, 100),
+        "trusted_proxies": (_network_list, []),
     },
     "storage": {
         "database": (_path, "var/mailgate.db"),

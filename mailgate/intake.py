@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from mailgate.errors import StoreUnavailable
+from mailgate.errors import StoreError, StoreUnavailable
 from mailgate.model import Envelope
 from mailgate.store import Store
 
@@ -72,7 +72,8 @@ class Intake:
         """Commit one message durably and return its queue id.
 
         Raises:
-            StoreUnavailable: it was not committed; answer 451.
+            StoreUnavailable: it was not committed (the store is down or full); answer 451.
+            StoreError: the store refused this message's data; answer 451.
         """
         pending = _Pending(
             new_queue_id(), envelope, raw, asyncio.get_running_loop().create_future()
@@ -115,17 +116,44 @@ class Intake:
             await self._commit(batch)
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        try:
-            await self._store.receive([(p.queue_id, p.envelope, p.raw) for p in batch])
-        except Exception as exc:  # noqa: BLE001 - every waiting session must get an answer
-            log.error("intake_commit_failed", batch=len(batch), error=repr(exc))
-            for p in batch:
-                if not p.done.done():
-                    p.done.set_exception(StoreUnavailable(repr(exc)))
+        committed = await self._store_batch(batch)
+        if not committed:
             return
         self._last_commit = time.monotonic()
-        for p in batch:
+        for p in committed:
             if not p.done.done():
                 p.done.set_result(None)
         if self._on_committed is not None:
             self._on_committed.set()
+
+    async def _store_batch(self, batch: list[_Pending]) -> list[_Pending]:
+        """Commit `batch`; return what was committed, having failed the waits of the rest.
+
+        The store being unavailable (down, full, I/O error) fails everyone: nothing would
+        commit. Any other failure can be one message's data (a value the driver cannot
+        store), so each message is then committed alone and only the one at fault fails:
+        one session's input never costs another session its 250.
+        """
+        try:
+            await self._store.receive([(p.queue_id, p.envelope, p.raw) for p in batch])
+        except StoreUnavailable as exc:
+            log.error("intake_commit_failed", batch=len(batch), error=repr(exc))
+            self._fail(batch, exc)
+            return []
+        except Exception as exc:  # noqa: BLE001 - every waiting session must get an answer
+            if len(batch) == 1:
+                log.error("intake_message_refused", error=repr(exc))
+                self._fail(batch, StoreError(f"message refused by the store: {exc!r}"))
+                return []
+            log.warning("intake_batch_refused", batch=len(batch), error=repr(exc))
+            committed: list[_Pending] = []
+            for p in batch:
+                committed += await self._store_batch([p])
+            return committed
+        return batch
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: Exception) -> None:
+        for p in batch:
+            if not p.done.done():
+                p.done.set_exception(error)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from mailgate.smtp_session import (
     MAIL_LOOP,
     TEMPFAIL,
     TOO_MANY_RECIPIENTS,
+    XFORWARD_EHLO,
     MailgateSMTP,
+    TransactionEnvelope,
     peer_of,
 )
 
@@ -72,7 +75,10 @@ class Handler:
     ) -> list[str]:
         session.host_name = hostname
         last = responses.pop()  # "250 HELP" closes the list; keep it last
-        return [*responses, "250-ENHANCEDSTATUSCODES", last]
+        extensions = ["250-ENHANCEDSTATUSCODES"]
+        if isinstance(server, MailgateSMTP) and server.xforward_allowed:
+            extensions.append(XFORWARD_EHLO)  # to [smtp] trusted_proxies only
+        return [*responses, *extensions, last]
 
     async def handle_MAIL(
         self,
@@ -120,6 +126,9 @@ class Handler:
             peer=peer_of(session),
             helo=session.host_name,
             smtputf8=bool(envelope.smtp_utf8),
+            # Behind a trusted proxy: the client that talked to it (peer and helo stay the
+            # proxy's, so the stored envelope records both hops).
+            forwarded=envelope.forwarded if isinstance(envelope, TransactionEnvelope) else None,
         )
         # The commit is its own task, shielded: a session cancelled now (client gone, drain)
         # leaves the commit to finish (the row is whole or absent, never half-written) and
@@ -151,7 +160,14 @@ class Handler:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
-        log.info("message_queued", queue_id=queue_id, size=len(raw), rcpts=len(stored.rcpt_tos))
+        client = {"client": stored.client_ip} if stored.forwarded is not None else {}
+        log.info(
+            "message_queued",
+            queue_id=queue_id,
+            size=len(raw),
+            rcpts=len(stored.rcpt_tos),
+            **client,
+        )
         return queue_id
 
     async def handle_exception(self, error: Exception) -> str:
@@ -190,14 +206,34 @@ class Listener:
         log.info("smtp_drained", closed_sessions=len(transports))
 
 
+def raise_descriptor_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard limit, as far as the system lets us.
+
+    Each SMTP session holds a descriptor, and the soft limit is often 1,024 while the hard
+    one is far higher: the sessions refused for lack of descriptors (`FD_RESERVE`) should be
+    refused at the limit ops chose, not at a default.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:  # macOS: an infinite hard limit is above OPEN_MAX
+        log.warning("descriptor_limit_kept", soft=soft, hard=hard, error=str(exc))
+        return
+    log.info("descriptor_limit_raised", soft=soft, to=hard)
+
+
 async def start_smtp(
     config: SmtpConfig, intake: Intake, *, sessions: set[MailgateSMTP], spool: Path
 ) -> Listener:
     """Listen on `config.listen` with `loop.create_server` (no threaded Controller).
 
     `sessions` is kept up to date with the open sessions; intake reads its size. `spool` is
-    the folder of the database, whose free space MAIL checks.
+    the folder of the database, whose free space MAIL checks. The descriptor limit is raised
+    first (see `raise_descriptor_limit`).
     """
+    raise_descriptor_limit()
     handler = Handler(config, intake, spool=spool)
     factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
         handler,

@@ -1,16 +1,24 @@
 """The SMTP session: aiosmtpd's protocol with enhanced replies, and the session limits.
 
 `MailgateSMTP` holds what a hostile client must not be able to exhaust: connections (in total
-and per IP), errors, time (an idle timeout and a minimum DATA rate) and memory (line and
-message sizes, DATA in one buffer). Replies carry RFC 3463 enhanced status codes; aiosmtpd's
-own bare replies are rewritten on the way out, and no exception text ever reaches a client.
-The handler that decides what to do with mail is in `smtp.py`.
+and per IP), file descriptors, errors, time (an idle timeout and a minimum DATA rate) and
+memory (line and message sizes, DATA in one buffer). Command arguments that are not UTF-8 or
+hold controls are refused at their command, so no session keeps a value the store could not
+take. Replies carry RFC 3463 enhanced status codes; aiosmtpd's own bare replies are rewritten
+on the way out, and no exception text ever reaches a client. A trusted proxy may name the
+original client with XFORWARD (`TransactionEnvelope`). The handler that decides what to do
+with mail is in `smtp.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
+import ipaddress
+import os
+import re
+import resource
 import uuid
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
@@ -18,15 +26,17 @@ from typing import Any, NoReturn
 
 import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mailgate.config import SmtpConfig
-from mailgate.model import HostPort
+from mailgate.model import ForwardedClient, HostPort
 
 log = structlog.get_logger(__name__)
 
 TEMPFAIL = "451 4.3.0 Temporary failure, please try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TOO_MANY_FROM_PEER = "421 4.7.0 Too many connections from your address, try again later"
+SERVER_BUSY = "421 4.7.0 Server busy, try again later"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TOO_MANY_UNKNOWN = "421 4.7.0 Too many unrecognized commands, closing connection"
 IDLE_TIMEOUT = "421 4.4.2 Timeout, closing connection"
@@ -36,6 +46,13 @@ LOW_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 MAIL_LOOP = "554 5.4.6 Too many Received headers: mail loop detected"
 LINE_TOO_LONG = "500 5.5.6 Line too long"
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for this system"
+NOT_UTF8 = "501 5.5.2 Syntax error: not UTF-8"
+CONTROL_CHARACTER = "501 5.5.2 Syntax error: control character"
+NEEDS_SMTPUTF8 = "501 5.5.2 Syntax error: non-ASCII address without SMTPUTF8"
+XFORWARD_EHLO = "250-XFORWARD NAME ADDR PROTO HELO IDENT"
+XFORWARD_OK = "250 2.0.0 Ok"
+XFORWARD_NOT_PERMITTED = "550 5.7.0 XFORWARD not permitted from your address"
+XFORWARD_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
 
 # The minimum DATA rate is enforced from this many seconds after DATA (or timeout/10 if
 # smaller): a client gets time to open its window before its average is judged.
@@ -46,6 +63,12 @@ HANG_UP_LINGER = 10.0
 # MAIL is refused while the database's filesystem has less free space than this many
 # maximum-size messages (the WAL needs room for the message before the checkpoint).
 FREE_SPACE_MESSAGES = 1.5
+# New sessions are refused while fewer file descriptors than this are left under the soft
+# RLIMIT_NOFILE: the database, the parser's pipes, the HTTP listener and outbound delivery
+# keep working, and accept() never fails with EMFILE (asyncio then stops accepting for 1 s).
+FD_RESERVE = 64
+# Where the open descriptors of this process are listed (Linux; macOS and the BSDs).
+_FD_FOLDERS = ("/proc/self/fd", "/dev/fd")
 
 # aiosmtpd's replies without enhanced codes (RFC 2034), rewritten as they are sent.
 _ENHANCED = {
@@ -83,6 +106,12 @@ _BOGUS_GOODBYE = "502 5.5.1 Too many unrecognized commands"  # aiosmtpd's fixed 
 # Refusals that are not the client's fault (ours, or the session ending anyway): they do not
 # count towards max_errors. 452 4.5.3 counts only past an overshoot allowance (see push).
 _NOT_CLIENT_ERRORS = ("421 ", "451 ", "452 4.3.1 ")
+# aiosmtpd decodes a command's argument as UTF-8 with surrogateescape: each byte that is not
+# UTF-8 becomes a lone surrogate, which no UTF-8 encoder (SQLite's included) accepts.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: none belongs in a
+# host name or an address, and each could split or forge a header built from one.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def enhance(reply: str) -> str:
@@ -95,6 +124,143 @@ def enhance(reply: str) -> str:
     if sep and len(code) == 3 and code[0] in "45" and not (text[:1].isdigit() and text[1:2] == "."):
         return f"{code} {_BY_CODE.get(code) or _CLASS_DEFAULTS[code[0]]} {text}"
     return reply
+
+
+def argument_fault(arg: str | None, *, ascii_only: bool = False) -> str | None:
+    """The refusal for a command argument that must not reach the session, or None.
+
+    An argument that is not UTF-8 or holds a control character would be kept in the session
+    (HELO) or the envelope, and a string that cannot be stored fails the group commit it
+    shares with other sessions' messages; so it is refused at its command.
+    """
+    if not arg:
+        return None
+    if _SURROGATE.search(arg):
+        return NOT_UTF8
+    if _CONTROL.search(arg):
+        return CONTROL_CHARACTER
+    if ascii_only and not arg.isascii():
+        return NEEDS_SMTPUTF8
+    return None
+
+
+# -- XFORWARD (Postfix's XFORWARD_README) ------------------------------------------------
+
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+_XFORWARD_UNKNOWN = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")  # any case
+_XTEXT = re.compile(r"(?:[^+]|\+[0-9A-Fa-f]{2})*")  # RFC 3461 xtext ("+" and two hex digits)
+_XTEXT_HEX = re.compile(r"\+([0-9A-Fa-f]{2})")
+_PRINTABLE = re.compile(r"[!-~]+")  # after decoding: no controls, spaces or non-ASCII
+
+
+class XforwardError(ValueError):
+    """An XFORWARD argument that is not `attribute=value ...`; the text is the reply's."""
+
+
+def parse_xforward(arg: str) -> dict[str, str | None]:
+    """The attributes an XFORWARD argument sets, decoded; None for an unknown value.
+
+    Values are xtext, at most 255 characters, and decoded must be printable ASCII without
+    white space (the README's Note 1), so no value from the proxy can carry CR, LF or other
+    controls into the envelope. ADDR must be an IP address (an "IPV6:" prefix is dropped).
+
+    Raises:
+        XforwardError: the reply text (501 5.5.4) names what is wrong, never the value.
+    """
+    tokens = arg.split()
+    if not tokens:
+        raise XforwardError("Syntax: XFORWARD attribute=value ...")
+    attributes: dict[str, str | None] = {}
+    for token in tokens:
+        name, sep, encoded = token.partition("=")
+        name = name.upper()
+        if name not in XFORWARD_ATTRIBUTES:
+            raise XforwardError("Bad XFORWARD attribute name")
+        if not sep or not encoded or len(encoded) > 255 or not _XTEXT.fullmatch(encoded):
+            raise XforwardError(f"Bad XFORWARD {name} syntax")
+        value = _XTEXT_HEX.sub(lambda m: chr(int(m[1], 16)), encoded)
+        if value.upper() in _XFORWARD_UNKNOWN:
+            attributes[name] = None
+        elif not _PRINTABLE.fullmatch(value):
+            raise XforwardError(f"Bad XFORWARD {name} syntax")
+        else:
+            attributes[name] = _xforward_value(name, value)
+    return attributes
+
+
+def _xforward_value(name: str, value: str) -> str:
+    """Check (and normalise) one known attribute value by its name."""
+    if name == "ADDR":
+        if value[:5].upper() == "IPV6:":
+            value = value[5:]
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            raise XforwardError("Bad XFORWARD ADDR syntax") from None
+    if name == "PORT" and not (value.isdigit() and int(value) <= 65535):
+        raise XforwardError("Bad XFORWARD PORT syntax")
+    if name == "PROTO" and len(value) > 64:
+        raise XforwardError("Bad XFORWARD PROTO syntax")
+    if name == "SOURCE" and value.upper() not in ("LOCAL", "REMOTE"):
+        raise XforwardError("Bad XFORWARD SOURCE syntax")
+    return value
+
+
+class TransactionEnvelope(SmtpEnvelope):
+    """aiosmtpd's envelope, with what a trusted proxy said about the client by XFORWARD.
+
+    aiosmtpd starts a new envelope when a transaction ends (after DATA, at RSET, HELO and
+    EHLO), which is exactly when XFORWARD's attributes reset: they hold for the next MAIL
+    transaction only, so a proxy's cached connection never lends one client's to another.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.xforward: dict[str, str | None] | None = None  # None: no XFORWARD yet
+
+    def forward(self, attributes: dict[str, str | None]) -> None:
+        """Apply one XFORWARD: the first makes every attribute unknown, then each overwrites."""
+        if self.xforward is None:
+            self.xforward = dict.fromkeys(XFORWARD_ATTRIBUTES)
+        self.xforward.update(attributes)
+
+    @property
+    def forwarded(self) -> ForwardedClient | None:
+        """The original client, or None when no XFORWARD came for this transaction.
+
+        An unknown ADDR means the proxy's own (local) submission: its other client attributes
+        are ignored, as the README says; IDENT (the proxy's queue id) still names the message.
+        PORT and SOURCE are accepted and not kept.
+        """
+        if self.xforward is None:
+            return None
+        x = self.xforward
+        if x["ADDR"] is None:
+            return ForwardedClient(ident=x["IDENT"])
+        return ForwardedClient(
+            addr=x["ADDR"], name=x["NAME"], helo=x["HELO"], proto=x["PROTO"], ident=x["IDENT"]
+        )
+
+
+def descriptor_headroom() -> int | None:
+    """How many more file descriptors this process may open, or None if it cannot tell.
+
+    Counts the entries of /proc/self/fd (or /dev/fd): a cost that grows with the descriptors
+    open, about 50 us at 300, paid once per connection. Where neither exists, or the limit
+    is infinite, there is no check (and asyncio's own EMFILE handling is what remains).
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    for folder in _FD_FOLDERS:
+        try:
+            listed = len(os.listdir(folder)) - 1  # the listing's own descriptor is in it
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                return 0  # not even one more: the listing needs a descriptor itself
+            continue
+        return soft - listed
+    return None
 
 
 def peer_ip_of(peer: Any) -> str:
@@ -147,6 +313,7 @@ class MailgateSMTP(SMTP):
         self._limits = limits
         self._grace = min(DATA_RATE_GRACE, limits.timeout / 10)
         self.peer_ip = ""
+        self.xforward_allowed = False  # a trusted proxy: XFORWARD advertised and honoured
         self._refusal: str | None = None
         self._hung_up = False
         self._errors = 0
@@ -159,6 +326,7 @@ class MailgateSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.peer_ip = peer_ip_of(transport.get_extra_info("peername"))
+        self.xforward_allowed = self._limits.trusts(self.peer_ip)
         self._refusal = self._admission()
         if self._refusal is None:
             self._sessions.add(self)
@@ -166,6 +334,10 @@ class MailgateSMTP(SMTP):
 
     def _admission(self) -> str | None:
         """Decide at connect, before the banner, whether this session may start."""
+        headroom = descriptor_headroom()
+        if headroom is not None and headroom < FD_RESERVE:
+            log.warning("smtp_descriptors_low", headroom=headroom, reserve=FD_RESERVE)
+            return SERVER_BUSY
         if len(self._sessions) >= self._limits.max_connections:
             return TOO_MANY_CONNECTIONS
         from_peer = sum(1 for s in self._sessions if s.peer_ip == self.peer_ip)
@@ -258,10 +430,82 @@ class MailgateSMTP(SMTP):
         """Not offered (the EHLO does not list it): a plain refusal, the session goes on."""
         await self.push("502 5.5.1 STARTTLS not offered")
 
+    # -- command arguments: UTF-8, no controls, ASCII addresses unless SMTPUTF8 ----------
+
+    async def _refused(self, command: str, arg: str | None, *, ascii_only: bool = False) -> bool:
+        """Answer 501 5.5.2 for an argument `argument_fault` refuses; tell whether it did."""
+        fault = argument_fault(arg, ascii_only=ascii_only)
+        if fault is None:
+            return False
+        log.info("smtp_argument_refused", command=command, reply=fault)
+        await self.push(fault)
+        return True
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._refused("HELO", hostname):
+            await super().smtp_HELO(hostname)
+
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._refused("EHLO", hostname):
+            return
         self.command_size_limits.clear()  # aiosmtpd adds to MAIL's limit on every EHLO
         await super().smtp_EHLO(hostname)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not await self._refused("MAIL", arg, ascii_only=not self._declares_smtputf8(arg)):
+            await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        smtputf8 = self.envelope is not None and bool(self.envelope.smtp_utf8)
+        if not await self._refused("RCPT", arg, ascii_only=not smtputf8):
+            await super().smtp_RCPT(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        """aiosmtpd echoes the argument in its reply: never one that is not clean text."""
+        if not await self._refused("VRFY", arg):
+            await super().smtp_VRFY(arg)
+
+    # -- XFORWARD from a trusted proxy ----------------------------------------------------
+
+    def _create_envelope(self) -> TransactionEnvelope:
+        return TransactionEnvelope()
+
+    @syntax("XFORWARD attribute=value ...", when="xforward_allowed")
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        """Postfix's XFORWARD: the client behind the proxy, for the next transaction.
+
+        Only from `[smtp] trusted_proxies` (anyone else could forge the client SPF judges),
+        only outside a transaction (before MAIL, or after DATA or RSET).
+        """
+        if not self.xforward_allowed:
+            log.warning("smtp_xforward_refused")
+            await self.push(XFORWARD_NOT_PERMITTED)
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, TransactionEnvelope)
+        if envelope.mail_from is not None:
+            await self.push(XFORWARD_IN_TRANSACTION)
+            return
+        try:
+            attributes = parse_xforward(arg or "")
+        except XforwardError as exc:
+            await self.push(f"501 5.5.4 {exc}")
+            return
+        envelope.forward(attributes)
+        await self.push(XFORWARD_OK)
+
+    def _declares_smtputf8(self, arg: str | None) -> bool:
+        """Tell whether a MAIL argument carries the SMTPUTF8 parameter (RFC 6531)."""
+        path = self._strip_command_keyword("FROM:", arg or "")
+        if path is None:
+            return False
+        _, params = self._getaddr(path)
+        return params is not None and "SMTPUTF8" in params.upper().split()
 
     # -- DATA: memory and time ------------------------------------------------------------
 

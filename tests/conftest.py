@@ -254,21 +254,50 @@ def mail(
     return msg
 
 
-class SubprocessDaemon:
-    """`mailgate serve` as its own process, as systemd runs it."""
+# `python -c` program: set RLIMIT_NOFILE to argv[1], argv[2] (soft, hard), then run mailgate
+# with the remaining arguments. No preexec_fn: it is not safe in a process with threads.
+_WITH_NOFILE = (
+    "import resource, runpy, sys\n"
+    "limits = (int(sys.argv.pop(1)), int(sys.argv.pop(1)))\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, limits)\n"
+    "sys.argv[0] = 'mailgate'\n"
+    "runpy.run_module('mailgate', run_name='__main__', alter_sys=True)\n"
+)
 
-    def __init__(self, folder: Path, relay_port: int | None = None) -> None:
+
+class SubprocessDaemon:
+    """`mailgate serve` as its own process, as systemd runs it.
+
+    `nofile` (soft, hard) starts it with that RLIMIT_NOFILE; `smtp_extra` goes into [smtp].
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        relay_port: int | None = None,
+        *,
+        smtp_extra: str = "",
+        nofile: tuple[int, int] | None = None,
+    ) -> None:
         self.folder = folder
         self.port = free_port()
         self.config_path = write_config(
-            folder, smtp_port=self.port, log_level="warning", relay_port=relay_port
+            folder,
+            smtp_port=self.port,
+            log_level="warning",
+            relay_port=relay_port,
+            smtp_extra=smtp_extra,
         )
+        self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.log = open(self.folder / "daemon.log", "ab")
+        launcher = ["-m", "mailgate"]
+        if self.nofile is not None:
+            launcher = ["-c", _WITH_NOFILE, *(str(n) for n in self.nofile)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailgate", "--config", str(self.config_path), "serve"],
+            [sys.executable, *launcher, "--config", str(self.config_path), "serve"],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )

@@ -107,11 +107,27 @@ def test_unknown_section_is_an_error(tmp_path: Path) -> None:
         ("agents", "addresses", '["not an address"]'),
         ("agents", "expose_address", "1"),
         ("verification", "ttl", '"a week"'),
+        ("smtp", "trusted_proxies", '"127.0.0.1"'),
+        ("smtp", "trusted_proxies", '["127.0.0.1", "not-an-address"]'),
+        ("smtp", "trusted_proxies", '["10.0.0.1/8"]'),  # host bits set: which was meant?
+        ("smtp", "trusted_proxies", "[2130706433]"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, section: str, key: str, value: str) -> None:
     path = edit_config(write_config(tmp_path), section, key, value)
     assert_config_error(check(path), f"{section}.{key}")
+
+
+def test_trusted_proxies_are_addresses_and_networks(tmp_path: Path) -> None:
+    path = edit_config(
+        write_config(tmp_path), "smtp", "trusted_proxies", '["127.0.0.1", "10.0.0.0/8", "::1"]'
+    )
+    assert check(path).returncode == 0
+    smtp = load_config(path).smtp
+    for trusted in ("127.0.0.1", "10.200.0.7", "::1", "::ffff:10.0.0.1"):
+        assert smtp.trusts(trusted), trusted
+    for other in ("127.0.0.2", "11.0.0.1", "::2", "", "unix-socket"):
+        assert not smtp.trusts(other), other
 
 
 def test_missing_required_key_is_named(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ run beside the writer. WAL with synchronous=FULL: a returned commit has been fsy
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -27,6 +28,7 @@ from mailgate.model import (
     Address,
     Author,
     Envelope,
+    ForwardedClient,
     InboundRow,
     InboundState,
     Message,
@@ -165,6 +167,20 @@ class _Writer:
         await self._call(lambda: db.execute(sql, params))
 
 
+def _forwarded_json(forwarded: ForwardedClient | None) -> str | None:
+    return json.dumps(dataclasses.asdict(forwarded)) if forwarded is not None else None
+
+
+def _forwarded(text: str | None) -> ForwardedClient | None:
+    """The stored original client; keys this version does not know are ignored."""
+    if text is None:
+        return None
+    stored = json.loads(text)
+    return ForwardedClient(
+        **{f.name: stored.get(f.name) for f in dataclasses.fields(ForwardedClient)}
+    )
+
+
 def _inbound_row(row: aiosqlite.Row) -> InboundRow:
     return InboundRow(
         id=row["id"],
@@ -174,6 +190,7 @@ def _inbound_row(row: aiosqlite.Row) -> InboundRow:
             peer=row["peer"],
             helo=row["helo"],
             smtputf8=bool(row["smtputf8"]),
+            forwarded=_forwarded(row["forwarded"]),
         ),
         raw=bytes(row["raw"]),
         state=row["state"],
@@ -430,9 +447,10 @@ class _SqliteIngestTx:
 
 
 _INSERT_INBOUND = (
-    "INSERT INTO inbound (id, received_at, mail_from, rcpt_tos, peer, helo, smtputf8, raw) VALUES "
+    "INSERT INTO inbound (id, received_at, mail_from, rcpt_tos, peer, helo, smtputf8, forwarded, "
+    "raw) VALUES "
 )
-_INBOUND_ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+_INBOUND_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 class SqliteStore:
@@ -463,7 +481,8 @@ class SqliteStore:
         params: list[object] = []
         for queue_id, env, raw in batch:
             params += (queue_id, now, env.mail_from, json.dumps(list(env.rcpt_tos)), env.peer,
-                       env.helo, int(env.smtputf8), raw)  # fmt: skip
+                       env.helo, int(env.smtputf8), _forwarded_json(env.forwarded),
+                       raw)  # fmt: skip
         # One multi-row INSERT in autocommit mode, not executemany in a transaction: a single
         # sqlite3_step, so the writer thread gives up and retakes the GIL once per batch rather
         # than once per message (each retake can wait out the GIL's 5 ms switch interval).
