@@ -13,6 +13,7 @@ import aiosmtplib
 import pytest
 
 from mailgate.config import Config, load_config
+from mailgate.smtp_session import XFORWARD_NOT_PERMITTED
 from mailgate.store import open_store
 from tests.conftest import (
     SUPPORT,
@@ -27,6 +28,7 @@ from tests.conftest import (
 )
 from tests.dns_stub import DnsStub, dns_stub
 from tests.test_auth import raw, signed
+from tests.test_hostile_smtp import raw as raw_session
 from tests.test_loop_protection import (
     acknowledgement,
     dsn,
@@ -492,3 +494,32 @@ async def test_check_config_says_what_happens_without_dns(tmp_path: Path) -> Non
     assert "DNS does not answer: mail from a domain in the DNS waits up to 900 s" in silent.stdout
     assert "becomes a ticket as unauthenticated" in silent.stdout
     assert "auth: DNS answers: sender checks run" in answers.stdout
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted-proxy", "untrusted-peer"])
+async def test_spf_behind_a_proxy_judges_the_original_client(tmp_path: Path, trusted: bool) -> None:
+    """Behind a trusted MTA, SPF is judged for the client it names with XFORWARD (a domain
+    with -all, DMARC p=reject and no DKIM then passes); from any other peer XFORWARD is
+    refused and SPF is judged for the peer itself."""
+    async with dns_stub() as (stub, port):
+        stub.txt("strict.net", "v=spf1 ip4:192.0.2.7 -all")
+        stub.txt("_dmarc.strict.net", "v=DMARC1; p=reject")
+        proxies = '["127.0.0.1"]' if trusted else "[]"
+        path = write_config(tmp_path, dns_port=port, smtp_extra=f"trusted_proxies = {proxies}")
+        async with daemon_running(load_config(path)) as running, raw_session(running) as conn:
+            await conn.greeting()
+            assert (await conn.command("EHLO mx.proxy.example")).startswith("250 ")
+            reply = await conn.command("XFORWARD ADDR=192.0.2.7 HELO=mail.strict.net")
+            assert reply == ("250 2.0.0 Ok" if trusted else XFORWARD_NOT_PERMITTED)
+            assert (await conn.command("MAIL FROM:<anna@strict.net>")).startswith("250 ")
+            assert (await conn.command(f"RCPT TO:<{SUPPORT}>")).startswith("250 ")
+            assert (await conn.command("DATA")).startswith("354 ")
+            reply = await conn.command(raw(mail(sender="anna@strict.net")) + b".")
+            assert reply.startswith("250 2.0.0 Queued as ")
+            [ticket] = await running.tickets()
+    auth = ticket.messages[0].auth
+    assert auth is not None
+    if trusted:
+        assert (auth["spf"], auth["dmarc"], auth["trust"]) == ("pass", "pass", "authenticated")
+    else:
+        assert (auth["spf"], auth["dmarc"], auth["trust"]) == ("fail", "fail", "failed")
