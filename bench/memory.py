@@ -13,7 +13,10 @@ number of connections), opens all connections, sends one message of just under
 `max_message_size` on each at the same time (a base64 attachment, as large mail usually is),
 waits for every 250 and for ingest to turn every message into a ticket, then reads the peak
 RSS (VmHWM in /proc/<pid>/status) of the daemon and of each child process (the parser).
-Only 127.0.0.1 is used.
+With authentication on (the default; `--no-auth` to compare), every message is DKIM-signed
+(dkimpy) by example.org, whose key, SPF and DMARC record a DNS stub on loopback serves
+(tests/dns_stub.py, in a thread of this process): the daemon looks them up and the parser
+process verifies each signature over the whole body. Only 127.0.0.1 is used.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ acknowledge = false
 [http]
 listen = "127.0.0.1:0"
 [auth]
-enabled = false
+enabled = {auth}
+nameservers = ["127.0.0.1:{dns_port}"]
 [log]
 level = "warning"
 """
@@ -215,7 +219,9 @@ def wait_ingested(database: Path, count: int) -> None:
     raise TimeoutError("ingest did not finish")
 
 
-def start_daemon(folder: Path, scenario: Scenario) -> tuple[subprocess.Popen[bytes], int]:
+def start_daemon(
+    folder: Path, scenario: Scenario, dns_port: int | None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     config = folder / "config.toml"
     config.write_text(
@@ -224,6 +230,8 @@ def start_daemon(folder: Path, scenario: Scenario) -> tuple[subprocess.Popen[byt
             size=scenario.size,
             conns=scenario.connections,
             templates=ROOT / "templates",
+            auth="true" if dns_port else "false",
+            dns_port=dns_port or 53,
         )
     )
     log = (folder / "daemon.log").open("wb")
@@ -248,15 +256,17 @@ def start_daemon(folder: Path, scenario: Scenario) -> tuple[subprocess.Popen[byt
     raise RuntimeError("daemon did not start")
 
 
-async def run(scenario: Scenario, attachment: bytes) -> Result:
+async def run(scenario: Scenario, attachment: bytes, signer: Signer | None) -> Result:
     with tempfile.TemporaryDirectory(prefix="mailgate-memory-") as tmp:
         folder = Path(tmp)
-        proc, port = start_daemon(folder, scenario)
+        proc, port = start_daemon(folder, scenario, signer.dns_port if signer else None)
         try:
             await asyncio.sleep(1.0)  # the parser child finishes importing
             start_kib = status_kib(proc.pid, "VmRSS")
             ready = asyncio.Barrier(scenario.connections)
             messages = [message(n, scenario, attachment) for n in range(scenario.connections)]
+            if signer is not None:
+                messages = [signer.sign(m) for m in messages]
             began = time.monotonic()
             with Sampler(proc.pid) as sampler:
                 async with asyncio.timeout(TIMEOUT):
@@ -275,6 +285,39 @@ async def run(scenario: Scenario, attachment: bytes) -> Result:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
     return Result(scenario, accepted, wall, start_kib, daemon_kib, intake_kib, kids)
+
+
+@dataclass
+class Signer:
+    """example.org's DKIM key, published with SPF and DMARC on a DNS stub on loopback."""
+
+    private_pem: bytes
+    dns_port: int
+
+    @classmethod
+    def start(cls, folder: Path) -> Signer:
+        sys.path.insert(0, str(ROOT))
+        from tests.dns_stub import shared_dns_stub
+
+        private = folder / "dkim.pem"
+        subprocess.run(
+            ["openssl", "genrsa", "-out", str(private), "2048"], check=True, capture_output=True
+        )
+        public = subprocess.run(
+            ["openssl", "rsa", "-in", str(private), "-pubout"], check=True, capture_output=True
+        ).stdout.decode()
+        stub, port = shared_dns_stub()
+        body = "".join(line for line in public.splitlines() if "-----" not in line)
+        stub.txt("sel._domainkey.example.org", f"v=DKIM1; k=rsa; p={body}")
+        stub.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+        stub.txt("example.org", "v=spf1 ip4:127.0.0.0/8 -all")
+        return cls(private.read_bytes(), port)
+
+    def sign(self, data: bytes) -> bytes:
+        import dkim
+
+        signature = dkim.sign(data, b"sel", b"example.org", self.private_pem, linesep=b"\r\n")
+        return bytes(signature) + data
 
 
 def mib(kib: int) -> str:
@@ -318,7 +361,11 @@ def main() -> None:
         action="append",
         help="a scenario of your own, such as 20x25 or 2x25:empty (repeatable)",
     )
+    parser.add_argument("--no-auth", action="store_true", help="authentication off")
     args = parser.parse_args()
+    keys = tempfile.TemporaryDirectory(prefix="mailgate-memory-key-")
+    signer = None if args.no_auth else Signer.start(Path(keys.name))
+    print(f"authentication {'off' if signer is None else 'on (signed mail, DNS stub)'}")
     if args.run:
         scenarios = [parse_scenario(run) for run in args.run]
     elif args.quick:
@@ -333,7 +380,7 @@ def main() -> None:
             end=" ",
             flush=True,
         )
-        results.append(asyncio.run(run(scenario, attachment)))
+        results.append(asyncio.run(run(scenario, attachment, signer)))
         print(f"{results[-1].wall_s:.1f} s")
     print_table(results)
     failed = [r for r in results if r.accepted != r.scenario.connections]
