@@ -20,7 +20,6 @@ import asyncio
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import intake  # bench/intake.py: the load generator, server process and ticket 
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tests.dns_stub import DnsStub, shared_dns_stub  # noqa: E402
+from tests.dns_stub import DnsStub, dkim_key_pair, shared_dns_stub  # noqa: E402
 
 CONFIG = """\
 [smtp]
@@ -56,18 +55,6 @@ nameservers = ["127.0.0.1:{dns_port}"]
 [log]
 level = "warning"
 """
-
-
-def key_pair(folder: Path) -> tuple[bytes, str]:
-    private = folder / "dkim.pem"
-    subprocess.run(
-        ["openssl", "genrsa", "-out", str(private), "2048"], check=True, capture_output=True
-    )
-    public = subprocess.run(
-        ["openssl", "rsa", "-in", str(private), "-pubout"], check=True, capture_output=True
-    ).stdout.decode()
-    body = "".join(line for line in public.splitlines() if "-----" not in line)
-    return private.read_bytes(), f"v=DKIM1; k=rsa; p={body}"
 
 
 def publish(stub: DnsStub, domains: list[str], record: str) -> None:
@@ -160,7 +147,7 @@ def main() -> int:
     stub.delay = args.delay
     tmp = Path(tempfile.mkdtemp(prefix="mailgate-auth-bench-"))
     try:
-        private, record = key_pair(tmp)
+        private, record = dkim_key_pair(tmp, 2048)
         results = {}
         for label, lose in (("clean", 0), ("lossy", 5)):
             publish(stub, [f"{label}{i}-mail.net" for i in range(args.messages)], record)

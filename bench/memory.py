@@ -297,21 +297,14 @@ class Signer:
     @classmethod
     def start(cls, folder: Path) -> Signer:
         sys.path.insert(0, str(ROOT))
-        from tests.dns_stub import shared_dns_stub
+        from tests.dns_stub import dkim_key_pair, shared_dns_stub
 
-        private = folder / "dkim.pem"
-        subprocess.run(
-            ["openssl", "genrsa", "-out", str(private), "2048"], check=True, capture_output=True
-        )
-        public = subprocess.run(
-            ["openssl", "rsa", "-in", str(private), "-pubout"], check=True, capture_output=True
-        ).stdout.decode()
+        private, record = dkim_key_pair(folder, 2048)
         stub, port = shared_dns_stub()
-        body = "".join(line for line in public.splitlines() if "-----" not in line)
-        stub.txt("sel._domainkey.example.org", f"v=DKIM1; k=rsa; p={body}")
+        stub.txt("sel._domainkey.example.org", record)
         stub.txt("_dmarc.example.org", "v=DMARC1; p=reject")
         stub.txt("example.org", "v=spf1 ip4:127.0.0.0/8 -all")
-        return cls(private.read_bytes(), port)
+        return cls(private, port)
 
     def sign(self, data: bytes) -> bytes:
         import dkim

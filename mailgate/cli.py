@@ -266,6 +266,9 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
     if outcome.state == "quarantined":
         print(f"{args.id}: quarantined again: {outcome.reason}")
         return 1
+    if outcome.state == "received":  # DNS trouble: the daemon checks it again later
+        print(f"{args.id}: waiting for its sender checks (DNS); the daemon ingests it")
+        return 0
     print(f"{args.id}: ingested into ticket {outcome.ticket_id}")
     return 0
 

@@ -28,7 +28,7 @@ from mailgate.config import Config, load_config
 from mailgate.model import HostPort, Ticket
 from mailgate.service import serve
 from mailgate.store import open_store
-from tests.dns_stub import shared_dns_stub
+from tests.dns_stub import dkim_key_pair, shared_dns_stub
 
 SUPPORT = "support@example.com"
 REPO = Path(__file__).resolve().parent.parent
@@ -455,14 +455,5 @@ class Key:
 
 @pytest.fixture(scope="session")
 def key(tmp_path_factory: pytest.TempPathFactory) -> Key:
-    """A real RSA key pair (openssl), its public half published as a DKIM record."""
-    folder = tmp_path_factory.mktemp("dkim")
-    private = folder / "private.pem"
-    subprocess.run(
-        ["openssl", "genrsa", "-out", str(private), "1024"], check=True, capture_output=True
-    )
-    public = subprocess.run(
-        ["openssl", "rsa", "-in", str(private), "-pubout"], check=True, capture_output=True
-    ).stdout.decode()
-    body = "".join(line for line in public.splitlines() if "-----" not in line)
-    return Key(private.read_bytes(), f"v=DKIM1; k=rsa; p={body}")
+    """A real RSA key pair, its public half published as a DKIM record."""
+    return Key(*dkim_key_pair(tmp_path_factory.mktemp("dkim")))

@@ -8,9 +8,11 @@ every n-th answer (a lost UDP packet, which the resolver must retry).
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import dns.flags
@@ -111,3 +113,17 @@ def shared_dns_stub() -> tuple[DnsStub, int]:
             ready.wait(10)
             _shared = started[0]
         return _shared
+
+
+def dkim_key_pair(folder: Path, bits: int = 1024) -> tuple[bytes, str]:
+    """A real RSA key pair (openssl): the private key in PEM, and the public half as the TXT
+    record a DKIM selector publishes."""
+    private = folder / "dkim.pem"
+    subprocess.run(
+        ["openssl", "genrsa", "-out", str(private), str(bits)], check=True, capture_output=True
+    )
+    public = subprocess.run(
+        ["openssl", "rsa", "-in", str(private), "-pubout"], check=True, capture_output=True
+    ).stdout.decode()
+    body = "".join(line for line in public.splitlines() if "-----" not in line)
+    return private.read_bytes(), f"v=DKIM1; k=rsa; p={body}"
