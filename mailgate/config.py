@@ -389,6 +389,11 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
                 values[section][key] = parse(given.get(key, default), base)
             except ValueError as exc:
                 raise ConfigError(f"{section}.{key}: {exc}") from None
+    if values["auth"]["trusted_authserv_id"] and not values["smtp"]["trusted_proxies"]:
+        # The MTA's results are believed only from the MTA: else any client could write them.
+        raise ConfigError(
+            "auth.trusted_authserv_id: needs smtp.trusted_proxies, the address of that MTA"
+        )
     return Config(
         path=path,
         smtp=SmtpConfig(**values["smtp"]),

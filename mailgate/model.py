@@ -57,12 +57,17 @@ class Envelope:
     forwarded: ForwardedClient | None = None
 
     @property
+    def peer_ip(self) -> str:
+        """The IP address of the hop that talked to mailgate."""
+        host = self.peer.rpartition(":")[0] if ":" in self.peer else self.peer
+        return host.removeprefix("[").removesuffix("]")
+
+    @property
     def client_ip(self) -> str:
         """The IP address of the client that sent the mail into our side (SPF's `i`)."""
         if self.forwarded is not None and self.forwarded.addr:
             return self.forwarded.addr
-        host = self.peer.rpartition(":")[0] if ":" in self.peer else self.peer
-        return host.removeprefix("[").removesuffix("]")
+        return self.peer_ip
 
     @property
     def client_helo(self) -> str | None:
@@ -115,6 +120,7 @@ class DkimRef:
     domain: str  # d=, lower-case A-label
     selector: str  # s=
     partial_body: bool = False  # l= signs only part of the body; the rest could be anything
+    signed: frozenset[str] = frozenset()  # h=: the header fields it covers, lower case
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +131,7 @@ class SenderEvidence:
     from_fields: int = 1
     from_mailboxes: int = 1  # addresses in the first From field
     bare_line_ending: bool = False  # a CR or LF in the header that is not part of a CRLF
+    repeated: tuple[str, ...] = ()  # fields that may occur once but occur more often
     signatures: tuple[DkimRef, ...] = ()
     authentication_results: tuple[str, ...] = ()  # raw values, topmost first
 
@@ -135,6 +142,10 @@ class SenderEvidence:
             return "bare_line_ending"
         if self.from_fields != 1 or self.from_mailboxes != 1:
             return "multiple_from"
+        if self.repeated:
+            # DKIM covers the last instance of a field, readers take the first: a signed mail
+            # with a Subject or Cc added on top would pass with the attacker's words.
+            return "repeated_fields"
         return None
 
 

@@ -20,10 +20,16 @@ from tests.conftest import Key, Relay, Running, cli_json, daemon_running, mail, 
 from tests.dns_stub import DnsStub, dns_stub
 
 
-def auth_config(folder: Path, port: int, *, relay: Relay | None = None, extra: str = "") -> Config:
+def auth_config(
+    folder: Path, port: int, *, relay: Relay | None = None, extra: str = "", smtp_extra: str = ""
+) -> Config:
     """A daemon whose DNS is this test's own stub at `port`."""
     path = write_config(
-        folder, relay_port=relay.port if relay else None, dns_port=port, auth_extra=extra
+        folder,
+        relay_port=relay.port if relay else None,
+        dns_port=port,
+        auth_extra=extra,
+        smtp_extra=smtp_extra,
     )
     return load_config(path)
 
@@ -192,7 +198,12 @@ async def test_trusted_mta_results_are_used_and_forgeries_ignored(
     """Behind an MTA, its (topmost) Authentication-Results decide; a header further down
     claiming the same authserv-id came with the message and is ignored, and no DNS is asked."""
     stub, port = dns
-    config = auth_config(tmp_path, port, extra=f'trusted_authserv_id = "{AR_TRUSTED}"')
+    config = auth_config(
+        tmp_path,
+        port,
+        extra=f'trusted_authserv_id = "{AR_TRUSTED}"',
+        smtp_extra='trusted_proxies = ["127.0.0.1"]',  # the MTA connects from here
+    )
     body = raw(mail(sender="ann@example.org"))
     headers = (
         f"Authentication-Results: {AR_TRUSTED}; dkim=fail header.d=example.org;"

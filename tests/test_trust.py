@@ -5,6 +5,7 @@ stay silent or lose answers."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import aiosmtplib
 import pytest
 
 from mailgate.config import Config, load_config
+from mailgate.ingest.auth import _affordable
 from mailgate.smtp_session import XFORWARD_NOT_PERMITTED
 from mailgate.store import open_store
 from tests.conftest import (
@@ -523,3 +525,181 @@ async def test_spf_behind_a_proxy_judges_the_original_client(tmp_path: Path, tru
         assert (auth["spf"], auth["dmarc"], auth["trust"]) == ("pass", "pass", "authenticated")
     else:
         assert (auth["spf"], auth["dmarc"], auth["trust"]) == ("fail", "fail", "failed")
+
+
+# -- found by attacking it ---------------------------------------------------------------------
+
+
+async def test_a_replayed_signed_mail_with_fields_added_on_top_gains_nothing(
+    tmp_path: Path, world: tuple[DnsStub, int], key: Key, relay: Relay
+) -> None:
+    """dkimpy verifies the last instance of each signed field and readers take the first: an
+    old signed mail of the victim with a Subject, Cc and Message-ID added above it is failed
+    (`repeated_fields`), joins nothing and makes no one a participant."""
+    _stub, port = world
+    async with daemon_running(config_for(tmp_path, port, relay)) as running:
+        await victim_ticket(running, key)
+        old = mail(sender=VICTIM, to="friend@elsewhere.net", subject="lunch?", cc="bob@x.net")
+        added = f"Subject: Re: [#1] Printer on fire\r\nCc: {SPY}\r\nMessage-ID: <new@x.net>\r\n"
+        await running.send(added.encode() + signed(key, raw(old), domain=PROVIDER), sender=VICTIM)
+        tickets = await running.tickets()
+        reply = tmp_path / "reply.txt"
+        reply.write_text("Your account number is 12345.\n")
+        assert running.cli("reply", "1", "--body-file", str(reply)).returncode == 0
+        await outbox_drained(running)
+    assert [len(t.messages) for t in tickets] == [1, 1]
+    assert tickets[1].flags == ("unverified_sender",)
+    assert "repeated_fields" in tickets[1].messages[0].flags
+    assert all(SPY not in r.rcpt_tos and "bob@x.net" not in r.rcpt_tos for r in relay.received)
+
+
+async def test_fields_a_signature_does_not_cover_add_no_participants(
+    tmp_path: Path, world: tuple[DnsStub, int], key: Key, relay: Relay
+) -> None:
+    """A mail proven by DKIM alone is proven only as far as its signature reaches: a Cc that
+    the signature does not cover (added to a replayed mail) makes no one a participant, while
+    a signed Cc does."""
+    _stub, port = world
+    async with daemon_running(config_for(tmp_path, port, relay)) as running:
+        await victim_ticket(running, key)
+        follow = raw(mail(sender=VICTIM, subject="Re: [#1] Printer on fire"))
+        signature = dkim_sign(follow, key, [b"from", b"to", b"subject", b"date", b"message-id"])
+        await running.send(signature + f"Cc: {SPY}\r\n".encode() + follow, sender=VICTIM)
+        covered = raw(mail(sender=VICTIM, subject="Re: [#1] Printer on fire", cc="colleague@x.net"))
+        await running.send(dkim_sign(covered, key, [b"from", b"to", b"cc", b"subject"]) + covered)
+        [ticket] = await running.tickets()
+        reply = tmp_path / "reply.txt"
+        reply.write_text("Fixed.\n")
+        assert running.cli("reply", "1", "--body-file", str(reply)).returncode == 0
+        await outbox_drained(running)
+    assert len(ticket.messages) == 3
+    [answer] = [r for r in relay.received if "Re:" in str(r.message["Subject"])]
+    assert answer.rcpt_tos == [VICTIM, "colleague@x.net"]
+
+
+def dkim_sign(message: bytes, key: Key, headers: list[bytes]) -> bytes:
+    import dkim
+
+    return bytes(
+        dkim.sign(
+            message,
+            b"sel",
+            PROVIDER.encode(),
+            key.private_pem,
+            include_headers=headers,
+            linesep=b"\r\n",
+        )
+    )
+
+
+async def test_authentication_results_are_believed_only_from_the_trusted_mta(
+    tmp_path: Path, world: tuple[DnsStub, int], relay: Relay
+) -> None:
+    """With `trusted_authserv_id`, a client that is not the MTA writing that MTA's results
+    itself proves nothing: mailgate checks for itself, and the forged agent answer fails."""
+    _stub, port = world
+    path = write_config(
+        tmp_path,
+        relay_port=relay.port,
+        dns_port=port,
+        auth_extra='trusted_authserv_id = "mx.example.com"',
+        smtp_extra='trusted_proxies = ["192.0.2.25"]',  # the MTA; the test connects from 127.0.0.1
+    )
+    async with daemon_running(load_config(path)) as running:
+        await running.send(mail(sender="ann@customer.net"), sender="ann@customer.net")
+        await mails_to(relay, "ann@customer.net", 2)
+        forged = (
+            b"Authentication-Results: mx.example.com; dmarc=pass header.from=example.com;"
+            b" dkim=pass header.d=example.com\r\n"
+        ) + raw(mail(sender="Agent <agent@example.com>", subject="Re: [#1] Printer on fire"))
+        await running.send(forged, sender="agent@example.com")
+        tickets = await running.tickets()
+        await outbox_drained(running)
+    assert [len(t.messages) for t in tickets] == [1, 1]
+    assert tickets[1].messages[0].auth is not None
+    assert tickets[1].messages[0].auth["trust"] == "failed"
+    assert "forged_authentication_results" in tickets[1].messages[0].flags
+    assert len(relay.received) == 2
+
+
+def test_trusted_authserv_id_needs_trusted_proxies(tmp_path: Path) -> None:
+    path = write_config(tmp_path, auth_extra='trusted_authserv_id = "mx.example.com"')
+    result = run_cli("--config", str(path), "check-config")
+    assert result.returncode == 78
+    assert "auth.trusted_authserv_id" in result.stderr and "trusted_proxies" in result.stderr
+
+
+async def test_a_failed_bounce_is_no_bounce(
+    tmp_path: Path, world: tuple[DnsStub, int], key: Key, relay: Relay
+) -> None:
+    """A DSN-shaped mail that returns one of our mails but fails (a second From, a bare CR)
+    files no note on that ticket and marks no one undeliverable."""
+    _stub, port = world
+    async with daemon_running(config_for(tmp_path, port, relay)) as running:
+        await victim_ticket(running, key)
+        await mails_to(relay, VICTIM, 2)
+        bounce = dsn(returned_headers(acknowledgement(relay, 1)), recipient=VICTIM)
+        forged = f"From: {SPY}\r".encode() + b"\nX-Note: x\r" + bounce
+        await send_null_sender(running, forged)
+        tickets = await running.tickets()
+        assert undeliverable(running, VICTIM) is None
+    assert [len(t.messages) for t in tickets] == [1, 1]
+    assert tickets[1].flags == ("unverified_sender",)
+
+
+async def test_a_domain_whose_dns_never_answers_cannot_hold_up_everyone(
+    tmp_path: Path, world: tuple[DnsStub, int], key: Key
+) -> None:
+    """Many mails from a domain whose nameservers never answer: only a few of them wait on
+    DNS at once, the rest wait in the store, and a signed mail from someone else becomes a
+    ticket while they are all still undecided."""
+    stub, port = world
+    stub.silent.update({"_dmarc.slow-evil.net", "slow-evil.net"})
+    config = config_for(tmp_path, port, dns_timeout=5)
+    async with daemon_running(config) as running:
+        async with aiosmtplib.SMTP(hostname=running.host, port=running.port) as client:
+            for n in range(120):
+                await client.sendmail(
+                    f"x{n}@slow-evil.net", [SUPPORT], raw(mail(sender=f"x{n}@slow-evil.net"))
+                )
+        normal = signed(key, raw(mail(sender=VICTIM, subject="Normal")), domain=PROVIDER)
+        await running.send(normal, sender=VICTIM)
+        async with open_store(running.config.storage.database) as store:
+            deadline = time.monotonic() + 30
+            while not await store.list_tickets():
+                assert time.monotonic() < deadline, "the normal mail was held up"
+                await asyncio.sleep(0.05)
+            tickets = await store.list_tickets()
+            waiting = [r for r in await store.list_inbound("received")]
+    assert [t.subject for t in tickets] == ["Normal"]
+    assert len(waiting) == 120
+    assert sum(1 for r in waiting if r.attempts) >= 120 - 64  # past the source's share: deferred
+
+
+def test_keys_too_costly_to_verify_are_not_used() -> None:
+    """An RSA key over 4096 bits, or with a huge exponent, would cost the parser process
+    seconds per signature (dkimpy's pure-Python pow): it verifies nothing."""
+    assert _affordable(rsa_record(2048, 65537))
+    assert _affordable(rsa_record(4096, 65537))
+    assert not _affordable(rsa_record(8192, 65537))
+    assert not _affordable(rsa_record(2048, (1 << 40) + 1))
+
+
+def rsa_record(bits: int, exponent: int) -> bytes:
+    """A DKIM key record of an RSA public key with a modulus of `bits` (DER written here)."""
+
+    def der(tag: int, body: bytes) -> bytes:
+        size = len(body)
+        length = bytes([size]) if size < 128 else bytes([0x80 | ((size.bit_length() + 7) // 8)])
+        if size >= 128:
+            length += size.to_bytes((size.bit_length() + 7) // 8, "big")
+        return bytes([tag]) + length + body
+
+    def integer(value: int) -> bytes:
+        return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+    modulus = (1 << (bits - 1)) | 1
+    rsa_key = der(0x30, integer(modulus) + integer(exponent))
+    algorithm = der(0x30, der(0x06, bytes.fromhex("2a864886f70d010101")) + b"\x05\x00")
+    spki = der(0x30, algorithm + der(0x03, b"\x00" + rsa_key))
+    return b"v=DKIM1; k=rsa; p=" + base64.b64encode(spki)

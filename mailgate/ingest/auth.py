@@ -20,6 +20,7 @@ with the message and are ignored. Domains are compared as A-labels (`domains.py`
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,12 +30,14 @@ from typing import Literal, TypeVar
 
 import authres
 import dkim
+import dkim.crypto
 import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.resolver
 import spf
 import structlog
+from dkim.util import parse_tag_value
 from publicsuffixlist import PublicSuffixList
 
 from mailgate.config import AuthConfig
@@ -81,6 +84,9 @@ class AuthResults:
     dmarc: Result
     aligned: bool = False  # a DKIM (full body) or SPF pass aligned with the From domain
     policy: str | None = None  # the p= of the From domain's DMARC record, if one was found
+    # The header fields the proof covers: those of the aligned DKIM signatures when DKIM alone
+    # proves the sender; None (all of them) when the sending server is proven (SPF, the MTA).
+    covered: frozenset[str] | None = None
     signatures: tuple[DkimSignature, ...] = ()
     source: str = "mailgate"  # or the trusted MTA's authserv-id
     forged_results: int = 0  # Authentication-Results headers that claimed the trusted id
@@ -123,6 +129,7 @@ class Lookup:
     keys: dict[int, bytes | TempError] = field(default_factory=dict)  # by signature index
     skipped: tuple[DkimRef, ...] = ()
     final: AuthResults | None = None  # decided without verification (trusted MTA, ...)
+    forged_results: int = 0  # Authentication-Results claiming our MTA's id, not from it
 
     @property
     def jobs(self) -> list[VerifyJob]:
@@ -144,15 +151,18 @@ class Lookup:
         policy = self.policy
         strict_dkim = isinstance(policy, dict) and policy.get("adkim", "r") == "s"
         strict_spf = isinstance(policy, dict) and policy.get("aspf", "r") == "s"
-        dkim_aligned = any(
-            s.result == "pass" and not s.partial_body
+        proving = [
+            ref
             for s, ref in zip(signatures, self.checked, strict=False)
-            if _aligned(psl, ref.domain, self.from_domain, strict=strict_dkim)
-        )
+            if s.result == "pass"
+            and not s.partial_body
+            and _aligned(psl, ref.domain, self.from_domain, strict=strict_dkim)
+        ]
         spf_aligned = self.spf == "pass" and _aligned(
             psl, self.spf_domain, self.from_domain, strict=strict_spf
         )
-        aligned = dkim_aligned or spf_aligned
+        aligned = bool(proving) or spf_aligned
+        covered = None if spf_aligned else frozenset().union(*(ref.signed for ref in proving))
         checked = signatures[: len(self.checked)]
         dkim_result = _overall(checked)
         dmarc: Result
@@ -167,11 +177,13 @@ class Lookup:
         else:
             dmarc = "fail"
         return AuthResults(
+            forged_results=self.forged_results,
             dkim=dkim_result,
             spf=self.spf,
             dmarc=dmarc,
             aligned=aligned,
             policy=policy.get("p", "none") if isinstance(policy, dict) else None,
+            covered=covered,
             signatures=tuple(signatures),
         )
 
@@ -189,7 +201,7 @@ def verify_signatures(raw: bytes, jobs: Sequence[VerifyJob]) -> dict[int, bool]:
     verifier = dkim.DKIM(b"")
     verifier.headers = [[name, value] for name, value in header.fields()]
     verifier.body = _CRLF.sub(b"\r\n", raw[header.body_start :])
-    records = {name: key for _index, name, key in jobs}
+    records = {name: key for _index, name, key in jobs if _affordable(key)}
 
     def fetched(name: bytes, timeout: float = 5) -> bytes | None:
         return records.get(_name(name))
@@ -204,6 +216,25 @@ def verify_signatures(raw: bytes, jobs: Sequence[VerifyJob]) -> dict[int, bool]:
 
 
 _CRLF = re.compile(rb"\r?\n")  # dkimpy's own reading of body lines
+# An RSA key past these costs seconds a verification in pure Python (dkimpy's own pow): a
+# sender could stall the parser process with its own domain's keys. Real keys are 1024-4096
+# bits with the exponent 65537 (RFC 8301 asks for 1024-4096).
+MAX_KEY_BITS = 4096
+MAX_EXPONENT = 2**32
+
+
+def _affordable(record: bytes) -> bool:
+    """Tell whether a key record's RSA key is small enough to verify with (ed25519 always)."""
+    try:
+        tags = parse_tag_value(record)
+        if tags.get(b"k", b"rsa").strip().lower() != b"rsa":
+            return True
+        key = dkim.crypto.parse_public_key(base64.b64decode(b"".join(tags[b"p"].split())))
+    except Exception:  # noqa: BLE001 - dkimpy will find it broken itself: no pass
+        return True
+    return bool(
+        key["modulus"].bit_length() <= MAX_KEY_BITS and key["publicExponent"] <= MAX_EXPONENT
+    )
 
 
 def _name(raw_name: bytes | str) -> str:
@@ -227,8 +258,11 @@ def _signature_result(
 class Authenticator:
     """Looks up what one message's verdict needs; safe to use for many messages at once."""
 
-    def __init__(self, config: AuthConfig) -> None:
+    def __init__(
+        self, config: AuthConfig, *, trusted_peer: Callable[[str], bool] = lambda _ip: False
+    ) -> None:
         self._config = config
+        self._trusted_peer = trusted_peer  # `[smtp] trusted_proxies`: where the MTA connects from
         self._psl = PublicSuffixList()
         self._resolver: dns.asyncresolver.Resolver | None = None
         self._spf_resolver: dns.resolver.Resolver | None = None
@@ -274,18 +308,20 @@ class Authenticator:
             )
         return "DNS answers: sender checks run"
 
+    def source_of(self, mail: ParsedMail) -> str:
+        """Whose DNS the checks of `mail` wait on: the From's organisational domain."""
+        domain = a_label(mail.sender.email.rpartition("@")[2])
+        return self._org(domain) or domain
+
     async def lookup(self, mail: ParsedMail, envelope: Envelope) -> Lookup:
         """Ask DNS what this message's verdict needs, within the budget; never raises."""
         from_domain = a_label(mail.sender.email.rpartition("@")[2])
-        if self._config.trusted_authserv_id:
-            return Lookup(
-                from_domain,
-                final=self._trusted(
-                    mail.evidence.authentication_results,
-                    self._config.trusted_authserv_id,
-                    from_domain,
-                ),
-            )
+        authserv_id = self._config.trusted_authserv_id
+        if authserv_id and self._trusted_peer(envelope.peer_ip):
+            results = self._trusted(mail.evidence.authentication_results, authserv_id, from_domain)
+            return Lookup(from_domain, final=results)
+        # Not from our MTA: its results, if the message carries any, were written by the sender
+        # (flagged by `claims_trusted_results`); mailgate checks for itself.
         if not in_dns(from_domain) or self._resolver is None:
             why = "no DNS resolver" if self._resolver is None else "domain outside the DNS"
             return Lookup(from_domain, final=AuthResults("none", "none", "none", notes=(why,)))
@@ -306,6 +342,9 @@ class Authenticator:
             )
         return Lookup(
             from_domain,
+            forged_results=claims_trusted_results(
+                mail.evidence.authentication_results, authserv_id
+            ),
             policy=policy.result(),
             spf=_spf_of(spf_result.result()),
             spf_domain=spf_domain,
@@ -446,6 +485,21 @@ class Authenticator:
                 if _aligned(self._psl, domain, from_domain, strict=False):
                     return True
         return False
+
+
+def claims_trusted_results(values: Sequence[str], authserv_id: str | None) -> int:
+    """How many Authentication-Results in `values` claim our MTA's id (forged, when the
+    message did not come through that MTA)."""
+    if not authserv_id:
+        return 0
+    claimed = 0
+    for value in values:
+        try:
+            parsed = authres.AuthenticationResultsHeader.parse(f"Authentication-Results: {value}")
+        except Exception:  # noqa: BLE001, S112 - an unparseable header claims nothing
+            continue
+        claimed += str(parsed.authserv_id).lower() == authserv_id.lower()
+    return claimed
 
 
 def _configured(resolver: R, config: AuthConfig) -> R:

@@ -37,6 +37,18 @@ MAX_ADDRESSES_READ = 1000  # looked at in one address header, valid or not
 MAX_FILENAME = 255
 MAX_SIGNATURES = 10  # DKIM-Signature fields read; authentication checks fewer still
 MAX_AUTHENTICATION_RESULTS = 20
+# Fields a message may hold once at most (RFC 5322 3.6), From aside (counted on its own).
+_SINGLE_FIELDS = (
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "subject",
+    "date",
+)
 _MSGID = re.compile(r"<([^<>\s]{1,998})>")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
@@ -59,6 +71,7 @@ def _extract(msg: StdMessage, *, bare_line_ending: bool) -> ParsedMail:
         from_fields=len(headers["from"]),
         from_mailboxes=sum(1 for _name, addr in _getaddresses(headers["from"][:1]) if addr),
         bare_line_ending=bare_line_ending,
+        repeated=tuple(name for name in _SINGLE_FIELDS if len(headers.get(name, ())) > 1),
         signatures=_dkim_signatures(headers.get("dkim-signature", [])),
         authentication_results=tuple(headers.get("authentication-results", []))[
             :MAX_AUTHENTICATION_RESULTS
@@ -95,8 +108,14 @@ def _dkim_signatures(values: list[str]) -> tuple[DkimRef, ...]:
             selector = tags[b"s"].decode("ascii").strip()
         except Exception:  # noqa: BLE001, S112 - a malformed signature can verify nothing
             continue
+        signed = frozenset(
+            name.strip().lower()
+            for name in tags.get(b"h", b"").decode("ascii", "replace").split(":")
+        )
         if domain and selector:
-            found.append(DkimRef(index, a_label(domain), selector, partial_body=b"l" in tags))
+            found.append(
+                DkimRef(index, a_label(domain), selector, partial_body=b"l" in tags, signed=signed)
+            )
     return tuple(found)
 
 

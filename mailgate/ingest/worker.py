@@ -12,6 +12,7 @@ message whose checks ran into DNS trouble stays 'received' and is checked again 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -50,9 +51,13 @@ RETRY_SECONDS = 2.0
 SHARE_WHILE_BUSY = 0.1
 MAX_PAUSE = 1.0
 # Messages whose sender checks are under way at once, and their raw bytes in all: the rest
-# wait in the store.
-MAX_IN_FLIGHT = 256
+# wait in the store. Of one source (the From's organisational domain), at most
+# MAX_PER_SOURCE, DNS_PER_SOURCE of them asking DNS at once: a domain whose nameservers never
+# answer holds a few slots for `dns_timeout`, not all of them.
+MAX_IN_FLIGHT = 1024
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+MAX_PER_SOURCE = 64
+DNS_PER_SOURCE = 16
 # A message whose checks ran into DNS trouble is checked again after this long (or an eighth
 # of `[auth] retry_for`, if less), doubling up to AUTH_RETRY_MAX, until `retry_for`.
 AUTH_RETRY_INITIAL = 15.0
@@ -101,11 +106,17 @@ class IngestWorker:
         self._own_sender = config.outbound.sender.lower()
         self._wake = wake or asyncio.Event()
         self._mail_queued = mail_queued or asyncio.Event()
-        self._authenticator = Authenticator(config.auth) if config.auth.enabled else None
+        self._authenticator = (
+            Authenticator(config.auth, trusted_peer=config.smtp.trusts)
+            if config.auth.enabled
+            else None
+        )
         self._retry_for = timedelta(seconds=config.auth.retry_for)
         self._intake_busy = intake_busy
         self._checks: dict[str, asyncio.Task[_Prepared]] = {}  # under way, by row id
         self._checks_bytes = 0  # their raw messages in all
+        self._sources: collections.Counter[str] = collections.Counter()  # checks per source
+        self._dns_slots: dict[str | None, asyncio.Semaphore] = {}  # DNS at once per source
         self._stopping = False
 
     def stop(self) -> None:
@@ -149,9 +160,9 @@ class IngestWorker:
             )
             if rows:
                 worked = True
-                for item in await self._prepare(rows):
-                    self._checks[item.row.id] = asyncio.create_task(self._check(item))
-                    self._checks_bytes += len(item.row.raw)
+                throttled = [item for item in await self._prepare(rows) if not self._start(item)]
+                if throttled:
+                    await self._finish(throttled)  # not checked: they wait in the store
                 await asyncio.sleep(0)  # checks that need no DNS are done at once
         done = [task.result() for task in self._checks.values() if task.done()]
         if done:
@@ -159,11 +170,45 @@ class IngestWorker:
             for item in done:
                 del self._checks[item.row.id]
                 self._checks_bytes -= len(item.row.raw)
+                self._release(item)
             await self._finish(done)
         if worked and self._intake_busy():
             spent = time.monotonic() - started
             await asyncio.sleep(min(spent * (1 / SHARE_WHILE_BUSY - 1), MAX_PAUSE))
         return worked
+
+    def _start(self, item: _Prepared) -> bool:
+        """Start the sender checks of `item`; False if its source has too many under way.
+
+        A sender whose domain's nameservers never answer must not hold every slot: at most
+        MAX_PER_SOURCE messages of one source (the From's organisational domain) are in
+        flight, DNS_PER_SOURCE of them asking DNS at once; more wait in the store, deferred
+        as for DNS trouble, but never past `retry_for`: then they are checked whatever.
+        """
+        source = self._source(item)
+        final = datetime.now(UTC) >= item.row.received_at + self._retry_for
+        if source is not None and self._sources[source] >= MAX_PER_SOURCE and not final:
+            log.info("authentication_throttled", queue_id=item.row.id, in_flight=MAX_PER_SOURCE)
+            return False
+        if source is not None:
+            self._sources[source] += 1
+        self._checks[item.row.id] = asyncio.create_task(self._check(item, source))
+        self._checks_bytes += len(item.row.raw)
+        return True
+
+    def _release(self, item: _Prepared) -> None:
+        source = self._source(item)
+        if source is None:
+            return
+        self._sources[source] -= 1
+        if not self._sources[source]:
+            del self._sources[source]
+            self._dns_slots.pop(source, None)
+
+    def _source(self, item: _Prepared) -> str | None:
+        if item.mail is None or self._authenticator is None:
+            return None
+        return self._authenticator.source_of(item.mail)
 
     async def _idle(self) -> None:
         """Wait for new rows, a check that finishes, or the next poll."""
@@ -222,13 +267,15 @@ class IngestWorker:
             for row, r in zip(rows, results, strict=True)
         ]
 
-    async def _check(self, item: _Prepared) -> _Prepared:
+    async def _check(self, item: _Prepared, source: str | None = None) -> _Prepared:
         """Ask DNS what the sender's verdict needs; on its own, within the budget."""
         authenticator = self._authenticator
         if item.mail is None or authenticator is None:
             return item
+        slots = self._dns_slots.setdefault(source, asyncio.Semaphore(DNS_PER_SOURCE))
         try:
-            lookup = await authenticator.lookup(item.mail, item.row.envelope)
+            async with slots:
+                lookup = await authenticator.lookup(item.mail, item.row.envelope)
         except Exception:  # a check that breaks proves nothing either way: check again later
             log.exception("authentication_failed", queue_id=item.row.id)
             return item
@@ -293,13 +340,13 @@ class IngestWorker:
             if duplicate_of is not None:
                 tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
                 return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
-        if mail.bounce is not None:
-            bounced = self._bounced_ticket(tx, mail, row)
-            if bounced is not None:
-                return self._apply_bounce(tx, item, mail, bounced, now)
         if item.verdict is None:
             return self._defer(tx, row, now)
         verdict = item.verdict
+        if mail.bounce is not None and verdict.trust != "failed":  # a failed one is no bounce
+            bounced = self._bounced_ticket(tx, mail, row)
+            if bounced is not None:
+                return self._apply_bounce(tx, item, mail, bounced, now)
         trusted = verdict.trust == "authenticated"
         failed = verdict.trust == "failed"
         flags = [*verdict.flags, *_flags(mail, item.auth)]
@@ -359,7 +406,8 @@ class IngestWorker:
             queued = 0
         else:
             if trusted:  # only a proven sender may let others post on the ticket
-                tx.add_participants(ticket_id, self._participants(mail))
+                covered = item.auth.covered if item.auth else None
+                tx.add_participants(ticket_id, self._participants(mail, covered))
             queued = self._customer_mail_reactions(
                 tx, mail, automatic, ticket_id, match, now, trusted=trusted
             )
@@ -406,12 +454,20 @@ class IngestWorker:
             )
         )
 
-    def _participants(self, mail: ParsedMail) -> list[str]:
+    def _participants(self, mail: ParsedMail, covered: frozenset[str] | None) -> list[str]:
+        """To and Cc addresses besides the sender and ours; only fields the proof covers
+        (`covered`, None for all): a replayed signed mail with a Cc added adds no one."""
         sender = mail.sender.email.lower()
+        fields = [
+            addresses
+            for name, addresses in (("to", mail.to), ("cc", mail.cc))
+            if covered is None or name in covered
+        ]
         return sorted(
             {
                 a.email
-                for a in (*mail.to, *mail.cc)
+                for addresses in fields
+                for a in addresses
                 if not self._is_support(a.email) and a.email.lower() != sender
             }
         )
