@@ -84,6 +84,14 @@ _SUPERSETS = {
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
 # C0, DEL, C1, line/paragraph separators and lone surrogates (undecodable raw bytes).
 _HEADER_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
+# Invisible characters that change how a line displays, not what it says: bidi embeddings and
+# overrides (U+202A-U+202E; `invoice\u202egpj.exe` shows as "invoiceexe.jpg"), isolates
+# (U+2066-U+2069), the marks U+200E, U+200F and U+061C, zero-width space and word joiner
+# (U+200B, U+2060), the invisible operators U+2061-U+2064, the deprecated format controls
+# U+206A-U+206F and the BOM/ZWNBSP U+FEFF. ZWNJ and ZWJ (U+200C, U+200D) stay: Persian and
+# Indic names are spelt with them and emoji sequences are built with them, and neither can
+# reorder text.
+_INVISIBLE = re.compile(r"[\u061c\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]+")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
@@ -151,9 +159,11 @@ def clean_line(text: str) -> str:
     """Strip CR, LF and every other control character; collapse runs of white space.
 
     Header values built from customer data go through this, since the stdlib of Python 3.11
-    does not refuse CR/LF on serialising (CVE-2024-6923).
+    does not refuse CR/LF on serialising (CVE-2024-6923). So does every one-line value shown
+    to people (names, subjects, filenames): bidi controls and zero-width characters are
+    removed, so a name shows what it says.
     """
-    return " ".join(_HEADER_CONTROL.sub(" ", text).split())
+    return " ".join(_HEADER_CONTROL.sub(" ", _INVISIBLE.sub("", text)).split())
 
 
 def clean_body(text: str) -> str:

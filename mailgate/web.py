@@ -17,6 +17,7 @@ from mailgate.model import HostPort
 from mailgate.outbound.templates import Templates
 from mailgate.privacy.tokens import token_hash
 from mailgate.store import Store
+from mailgate.text import clean_line
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +43,10 @@ def build_app(store: Store, templates: Templates) -> web.Application:
 
 
 def _page(request: web.Request, name: str, status: int, **variables: Any) -> web.Response:
-    body = request.app[_TEMPLATES_KEY].page(name, variables)
+    # Autoescaping keeps markup out; `clean_line` keeps out what escaping lets through: bidi
+    # overrides and zero-width characters in stored values (every page variable is one line).
+    shown = {k: clean_line(v) if isinstance(v, str) else v for k, v in variables.items()}
+    body = request.app[_TEMPLATES_KEY].page(name, shown)
     return web.Response(
         text=body, status=status, content_type="text/html", headers=_SECURITY_HEADERS
     )

@@ -223,3 +223,27 @@ async def test_a_large_punycode_body_through_the_daemon(daemon: Running) -> None
     )
     [ticket] = await daemon.tickets()
     assert ticket.messages[0].body_text == payload.decode("ascii")
+
+
+# -- invisible characters that change how a line displays ---------------------------------------
+
+BIDI_AND_INVISIBLE = (
+    "\u202a\u202b\u202c\u202d\u202e"  # embeddings, overrides, pop
+    "\u2066\u2067\u2068\u2069"  # isolates
+    "\u200e\u200f\u061c"  # marks
+    "\u200b\u2060\u2061\u2062\u2063\u2064\ufeff"  # zero width, invisible operators, BOM
+)
+
+
+@pytest.mark.parametrize("char", BIDI_AND_INVISIBLE)
+def test_clean_line_removes_bidi_controls_and_zero_width_characters(char: str) -> None:
+    assert clean_line(f"invoice{char}gpj.exe") == "invoicegpj.exe"
+    assert decode_header_text(f"invoice{char}gpj.exe") == "invoicegpj.exe"
+    assert sanitise_filename(f"invoice{char}gpj.exe") == "invoicegpj.exe"
+
+
+def test_clean_line_keeps_the_joiners_names_and_emoji_are_spelt_with() -> None:
+    persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # ZWNJ inside a Persian word
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # ZWJ sequence
+    assert clean_line(persian) == persian
+    assert clean_line(family) == family
