@@ -108,8 +108,9 @@ async def serve(
         )
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 
-        runner, http_address = await start_web(config.http, build_app(store, templates))
-        stack.push_async_callback(runner.cleanup)
+        web_server = await start_web(config.http, build_app(store, templates))
+        stack.push_async_callback(web_server.close)
+        http_address = web_server.address
 
         on_ready(Listening(listener.address, http_address))
         sd_notify("READY=1")

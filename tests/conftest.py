@@ -6,6 +6,7 @@ import asyncio
 import email.policy
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -51,7 +52,7 @@ transport = "{transport}"
 directory = "var/outbox"
 relay = "127.0.0.1:{relay_port}"
 tls = "none"
-timeout = 5
+timeout = {outbound_timeout}
 sender = "support@example.com"
 templates = "{templates}"
 retry_initial = 0.3
@@ -65,8 +66,9 @@ addresses = ["agent@example.com", "@staff.example.com"]
 enabled = false
 
 [http]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{http_port}"
 base_url = "http://127.0.0.1:8080"
+{http_extra}
 
 [log]
 level = "{log_level}"
@@ -90,10 +92,14 @@ def write_config(
     templates: Path = REPO / "templates",
     outbound_extra: str = "",
     smtp_extra: str = "",
+    http_extra: str = "",
+    http_port: int = 0,
+    outbound_timeout: float = 5,
 ) -> Path:
     """Write a test config; with `relay_port`, outbound mail goes to that SMTP relay.
 
-    `smtp_extra` and `outbound_extra` are TOML lines added to those sections (limits, ...).
+    `smtp_extra`, `outbound_extra` and `http_extra` are TOML lines added to those sections
+    (limits, ...).
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
@@ -107,6 +113,9 @@ def write_config(
             templates=templates,
             outbound_extra=outbound_extra,
             smtp_extra=smtp_extra,
+            http_extra=http_extra,
+            http_port=http_port,
+            outbound_timeout=outbound_timeout,
         ),
         encoding="utf-8",
     )
@@ -229,23 +238,36 @@ def mail(
 
 
 class SubprocessDaemon:
-    """`mailgate serve` as its own process, as systemd runs it."""
+    """`mailgate serve` as its own process, as systemd runs it.
 
-    def __init__(self, folder: Path, relay_port: int | None = None) -> None:
+    `port` is its SMTP port, `http_port` its HTTP port; `config` holds TOML lines for the
+    test config's sections (`write_config`'s `*_extra` and `outbound_timeout`).
+    """
+
+    def __init__(self, folder: Path, relay_port: int | None = None, **config: Any) -> None:
         self.folder = folder
         self.port = free_port()
+        self.http_port = free_port()
         self.config_path = write_config(
-            folder, smtp_port=self.port, log_level="warning", relay_port=relay_port
+            folder,
+            smtp_port=self.port,
+            http_port=self.http_port,
+            log_level="warning",
+            relay_port=relay_port,
+            **config,
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *, nofile: int | None = None) -> None:
+        """Start and wait for the SMTP greeting; `nofile` sets the process's soft
+        RLIMIT_NOFILE (systemd gives services 1024), whatever this process has."""
         self.log = open(self.folder / "daemon.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailgate", "--config", str(self.config_path), "serve"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        with file_limit(nofile):
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mailgate", "--config", str(self.config_path), "serve"],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.folder / "daemon.log").read_text()
@@ -267,6 +289,20 @@ class SubprocessDaemon:
     @property
     def database(self) -> Path:
         return self.folder / "var" / "mailgate.db"
+
+
+@contextmanager
+def file_limit(soft: int | None) -> Iterator[None]:
+    """Set this process's soft RLIMIT_NOFILE for the block (a child started in it keeps it)."""
+    if soft is None:
+        yield
+        return
+    before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, before[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, before)
 
 
 @contextmanager
