@@ -36,20 +36,35 @@ from mailgate.msgid import message_ids
 from mailgate.outbound.templates import Templates
 from mailgate.reactions import Reactions
 from mailgate.store import SqliteStore, open_store
-from mailgate.text import clean_body, decode_header_text
+from mailgate.text import clean_body, clean_line, decode_header_text
 
 EX_STARTUP = 3
 Command = Callable[[Config, argparse.Namespace], Awaitable[int]]
 
 
+def _line(text: str) -> str:
+    """A stored one-line value as shown: no controls, bidi overrides or zero-width characters.
+
+    The parser cleans names, subjects and filenames on the way in; rows stored by an earlier
+    version may still hold what it now removes, so every output cleans them again. Addresses
+    are left alone: email-validator refuses all of these, and scripts look requesters up by
+    the address as printed.
+    """
+    return clean_line(text)
+
+
+def _opt(text: str | None) -> str | None:
+    return _line(text) if text else text
+
+
 def _address(a: Address) -> dict[str, str | None]:
-    return {"name": a.name, "email": a.email}
+    return {"name": _opt(a.name), "email": a.email}
 
 
 def ticket_json(ticket: Ticket) -> dict[str, Any]:
     return {
         "id": ticket.id,
-        "subject": ticket.subject,
+        "subject": _line(ticket.subject),
         "status": ticket.status,
         "requester": _address(ticket.requester),
         "created_at": ticket.created_at.isoformat(),
@@ -62,7 +77,7 @@ def ticket_json(ticket: Ticket) -> dict[str, Any]:
 def message_json(message: Message) -> dict[str, Any]:
     return {
         "from": _address(message.sender),
-        "subject": message.subject,
+        "subject": _line(message.subject),
         "body_text": message.body_text,
         "has_html": message.body_html is not None,
         "received_at": message.received_at.isoformat(),
@@ -73,7 +88,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "flags": list(message.flags),
         "attachments": [
             {
-                "filename": a.filename,
+                "filename": _opt(a.filename),
                 "content_type": a.content_type,
                 "size": a.size,
                 "inline": a.inline,
@@ -107,7 +122,7 @@ def inbound_json(row: InboundRow) -> dict[str, Any]:
 def requester_json(requester: Requester) -> dict[str, Any]:
     return {
         "email": requester.email,
-        "name": requester.name,
+        "name": _opt(requester.name),
         "verified": requester.verified,
         "created_at": requester.created_at.isoformat(),
         "verified_at": requester.verified_at.isoformat() if requester.verified_at else None,
@@ -126,7 +141,7 @@ def outbox_json(row: OutboxRow) -> dict[str, Any]:
         "message_id": row.item.message_id,
         "automatic": row.item.automatic,
         "attempts": row.attempts,
-        "last_error": row.last_error,
+        "last_error": _opt(row.last_error),
         "created_at": row.created_at.isoformat(),
         "next_attempt_at": row.next_attempt_at.isoformat(),
         "sent_at": row.sent_at.isoformat() if row.sent_at else None,
@@ -169,7 +184,10 @@ async def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
         _print_json([ticket_json(t) for t in tickets])
     else:
         _table(
-            [(t.id, t.status, t.message_count, t.requester.email, t.subject) for t in tickets],
+            [
+                (t.id, t.status, t.message_count, t.requester.email, _line(t.subject))
+                for t in tickets
+            ],
             ("ID", "STATUS", "MSGS", "REQUESTER", "SUBJECT"),
         )
     return 0
@@ -190,8 +208,9 @@ async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
         return 0
     requester = ticket.requester
     flags = f" ({', '.join(ticket.flags)})" if ticket.flags else ""
-    print(f"Ticket #{ticket.id} [{ticket.status}] {ticket.subject}{flags}")
-    print(f"Requester: {f'{requester.name} ' if requester.name else ''}<{requester.email}>")
+    name = _opt(requester.name)
+    print(f"Ticket #{ticket.id} [{ticket.status}] {_line(ticket.subject)}{flags}")
+    print(f"Requester: {f'{name} ' if name else ''}<{requester.email}>")
     print(f"Created:   {ticket.created_at.isoformat()}")
     for m in ticket.messages:
         author = "" if m.author == "customer" else f"[{m.author}] "
@@ -202,7 +221,8 @@ async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
             print(f"Flags: {', '.join(m.flags)}")
         print(m.body_text)
         for a in m.attachments:
-            print(f"[attachment] {a.filename or '(unnamed)'}  {a.content_type}  {a.size} bytes")
+            filename = _line(a.filename) if a.filename else "(unnamed)"
+            print(f"[attachment] {filename}  {_line(a.content_type)}  {a.size} bytes")
     return 0
 
 
@@ -333,7 +353,14 @@ async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
     else:
         _table(
             [
-                (r.id, r.state, r.item.kind, r.item.ticket_id, r.attempts, r.last_error or "")
+                (
+                    r.id,
+                    r.state,
+                    r.item.kind,
+                    r.item.ticket_id,
+                    r.attempts,
+                    _line(r.last_error or ""),
+                )
                 for r in rows
             ],
             ("ID", "STATE", "KIND", "TICKET", "ATTEMPTS", "LAST ERROR"),
@@ -368,7 +395,7 @@ async def cmd_requesters_list(config: Config, args: argparse.Namespace) -> int:
                     r.email,
                     "yes" if r.verified else "no",
                     r.created_at.isoformat(timespec="seconds"),
-                    r.name or "",
+                    _line(r.name or ""),
                 )
                 for r in requesters
             ],
@@ -384,7 +411,7 @@ async def cmd_requesters_show(config: Config, args: argparse.Namespace) -> int:
         _print_json(requester_json(requester))
         return 0
     print(f"Email:    {requester.email}")
-    print(f"Name:     {requester.name or ''}")
+    print(f"Name:     {_line(requester.name or '')}")
     print(f"Verified: {'yes' if requester.verified else 'no'}")
     print(f"Created:  {requester.created_at.isoformat()}")
     if requester.undeliverable:

@@ -123,6 +123,9 @@ class AgentsConfig:
 class HttpConfig:
     listen: HostPort
     base_url: str
+    max_connections: int
+    keepalive_timeout: float
+    header_timeout: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,6 +326,9 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
     "http": {
         "listen": (_host_port, "127.0.0.1:8080"),
         "base_url": (_base_url, "http://127.0.0.1:8080"),
+        "max_connections": (_positive_int, 100),
+        "keepalive_timeout": (_positive_seconds, 15),  # 0 would mean aiohttp's "never"
+        "header_timeout": (_positive_seconds, 10),
     },
     "tickets": {
         "tag_prefix": (_text, "#"),

@@ -16,20 +16,40 @@ from typing import Any
 import structlog
 from structlog.typing import Processor
 
-# A local part (plain, or quoted with spaces), "@", a domain (dotless too: root@localhost).
-_ADDRESS = re.compile(r"(\"[^\"\r\n]*\"|[^\s<>\"'@,;:()\[\]]+)@([^\s<>\"'@,;:()\[\]]+)")
+# A local part, "@", a domain. The local part is plain (stopping at what cannot be in one) or
+# quoted, with spaces, "@" or escaped quotes inside (`"john @ doe"@example.com`); the domain is
+# a name (dotless too: root@localhost) or an address literal (`[192.0.2.1]`, `[IPv6:...]`;
+# unclosed too, as in a cut-off error text).
+# A plain local part starts only where a word starts and every loop is possessive, so each
+# character is looked at a bounded number of times: a 40 KB token without "@" took 6 s
+# (quadratic) before, and a log line must never cost that.
+_WORD = r"""[^\s<>"'@,;:()\[\]]"""
+_ADDRESS = re.compile(
+    rf"""("(?:[^"\\\r\n]|\\.){{0,200}}+"|(?<!{_WORD}){_WORD}++)"""
+    rf"""@(\[[^\[\]\s\\]{{1,300}}+\]?|{_WORD}++)"""
+)
 
 
 def mask_address(text: str) -> str:
     """Replace every address in `text` with its first letter, stars and the domain."""
-    return _ADDRESS.sub(lambda m: f"{m.group(1).strip(chr(34))[:1]}***@{m.group(2)}", text)
+    return _ADDRESS.sub(_masked, text)
+
+
+def _masked(match: re.Match[str]) -> str:
+    local = match.group(1).strip('"').strip()
+    return f"{local[:1]}***@{match.group(2)}"
 
 
 def _mask(value: Any) -> Any:
+    """Mask the strings in `value`, however nested; never raises (a log call must not fail)."""
     if isinstance(value, str):
         return mask_address(value)
-    if isinstance(value, list | tuple):
-        return type(value)(_mask(item) for item in value)
+    if isinstance(value, list):
+        return [_mask(item) for item in value]
+    if isinstance(value, tuple):  # a NamedTuple (HostPort) cannot be rebuilt from one iterable
+        return tuple(_mask(item) for item in value)
+    if isinstance(value, dict):  # e.g. authentication results, rendered whole into JSON
+        return {key: _mask(item) for key, item in value.items()}
     return value
 
 

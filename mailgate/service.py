@@ -22,17 +22,35 @@ from mailgate.intake import Intake
 from mailgate.model import HostPort
 from mailgate.msgid import message_ids
 from mailgate.outbound.compose import Composer
-from mailgate.outbound.outbox import OutboundWorker
+from mailgate.outbound.outbox import OutboundWorker, stop_seconds
 from mailgate.outbound.templates import Templates
 from mailgate.outbound.transports import transport_for
 from mailgate.smtp import start_smtp
 from mailgate.smtp_session import MailgateSMTP
 from mailgate.store import open_store
-from mailgate.web import build_app, start_web
+from mailgate.web import HTTP_STOP_SECONDS, build_app, start_web
 
 log = structlog.get_logger(__name__)
 
-WORKER_STOP_SECONDS = 30.0
+INGEST_STOP_SECONDS = 30.0  # past it the batch is cancelled; it rolls back and is redone
+STOP_MARGIN = 10.0  # intake's last commit, the parser process's exit, closing the store
+
+
+def stop_budget(config: Config) -> float:
+    """The longest a clean stop takes, in seconds; systemd's TimeoutStopSec must cover it.
+
+    The steps run one after the other: HTTP, the SMTP drain, ingest's batch, the outbound
+    deliveries past DATA (the relay's `outbound.timeout`), the rest. `deploy/mailgate.service`
+    is checked against this for the default config (tests/test_outbox.py), and the daemon tells
+    systemd its own figure when it stops (EXTEND_TIMEOUT_USEC), for configs that need more.
+    """
+    return (
+        HTTP_STOP_SECONDS
+        + config.smtp.drain_timeout
+        + INGEST_STOP_SECONDS
+        + stop_seconds(config.outbound)
+        + STOP_MARGIN
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +100,9 @@ async def serve(
             intake_busy=intake.busy,
         )
         outbound_task = asyncio.create_task(outbound.run(), name="outbound-worker")
-        stack.push_async_callback(_stop_worker, outbound, outbound_task)
+        stack.push_async_callback(
+            _stop_worker, outbound, outbound_task, stop_seconds(config.outbound)
+        )
 
         parser = ParserPool()
         stack.callback(parser.close)
@@ -98,7 +118,7 @@ async def serve(
         )
         # Started before listening: it first ingests what a crash left 'received'.
         worker_task = asyncio.create_task(worker.run(), name="ingest-worker")
-        stack.push_async_callback(_stop_worker, worker, worker_task)
+        stack.push_async_callback(_stop_worker, worker, worker_task, INGEST_STOP_SECONDS)
 
         intake.start()
         stack.push_async_callback(intake.stop)
@@ -108,23 +128,26 @@ async def serve(
         )
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 
-        runner, http_address = await start_web(config.http, build_app(store, templates))
-        stack.push_async_callback(runner.cleanup)
+        web_server = await start_web(config.http, build_app(store, templates))
+        stack.push_async_callback(web_server.close)
+        http_address = web_server.address
 
         on_ready(Listening(listener.address, http_address))
         sd_notify("READY=1")
         log.info("daemon_started", smtp=str(listener.address), http=str(http_address))
         await shutdown()
-        sd_notify("STOPPING=1")
+        sd_notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(stop_budget(config) * 1e6)}")
         log.info("daemon_stopping")
     log.info("daemon_stopped")
 
 
-async def _stop_worker(worker: IngestWorker | OutboundWorker, task: asyncio.Task[None]) -> None:
+async def _stop_worker(
+    worker: IngestWorker | OutboundWorker, task: asyncio.Task[None], seconds: float
+) -> None:
     worker.stop()
     try:
-        await asyncio.wait_for(task, WORKER_STOP_SECONDS)
+        await asyncio.wait_for(task, seconds)
     except TimeoutError:
-        # Ingest: the batch rolls back and is redone on start. Outbound: rows left 'sending'
-        # are sent again on start (at-least-once).
+        # Ingest: the batch rolls back and is redone on start. Outbound: only if writing the
+        # cut deliveries' rows hung; rows left 'sending' are sent again on start.
         log.warning("worker_cancelled", worker=task.get_name())

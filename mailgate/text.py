@@ -6,10 +6,66 @@ input: undecodable bytes become U+FFFD, so a broken part never costs a message.
 
 from __future__ import annotations
 
-import codecs
 import email.header
+import encodings
 import re
+from encodings.aliases import aliases as _PYTHON_ALIASES
 from html import unescape
+
+# The charsets mail is written in, by Python's canonical codec name: the WHATWG Encoding
+# Standard's encodings and IANA's other mail charsets (DOS and Mac code pages, the ISO-2022 and
+# HZ escape encodings of 7-bit East Asian mail, the JIS X 0213 family). Only these decode
+# customer bytes. A label naming any other Python codec is an unknown charset: bytes-to-bytes
+# codecs (zlib_codec, base64_codec, hex, rot13, ...) raise, punycode decodes in quadratic time,
+# unicode_escape and raw_unicode_escape turn `\u202e` into the character, idna and punycode
+# are for host names, and utf-7 (RFC 2152) is left out with them: WHATWG drops it, no current
+# client writes it, and it spells the same ASCII text many ways (`+ADw-` is `<`), which only
+# helps hide text from filters. EBCDIC, mbcs/oem (Windows only) and palmos are not mail charsets.
+_TEXT_CODECS = frozenset(
+    {
+        *("utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be"),
+        *("utf-32", "utf-32-le", "utf-32-be", "ascii"),
+        *(f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16)),
+        *(f"cp{n}" for n in range(1250, 1259)),
+        *("cp874", "tis-620", "koi8-r", "koi8-u", "koi8-t", "kz1048", "ptcp154"),
+        *("mac-roman", "mac-cyrillic", "mac-greek", "mac-iceland", "mac-latin2", "mac-turkish"),
+        *("mac-arabic", "mac-farsi", "mac-croatian", "mac-romanian"),
+        *("cp437", "cp720", "cp737", "cp775", "cp850", "cp852", "cp855", "cp857", "cp858"),
+        *(f"cp{n}" for n in range(860, 867)),
+        *("cp869", "cp1125"),
+        *("euc_jp", "euc_jis_2004", "euc_jisx0213", "shift_jis", "shift_jis_2004"),
+        *("shift_jisx0213", "cp932", "iso2022_jp", "iso2022_jp_1", "iso2022_jp_2"),
+        *("iso2022_jp_2004", "iso2022_jp_3", "iso2022_jp_ext"),
+        *("euc_kr", "cp949", "johab", "iso2022_kr"),
+        *("gb2312", "gbk", "gb18030", "hz", "big5", "big5hkscs", "cp950"),
+    }
+)
+
+# WHATWG labels that Python does not know, to the codec WHATWG decodes them with.
+_WHATWG_LABELS = {
+    **dict.fromkeys(("unicode-1-1-utf-8", "unicode11utf8", "unicode20utf8"), "utf-8"),
+    "x-unicode20utf8": "utf-8",
+    **dict.fromkeys(("iso-8859-6-e", "iso-8859-6-i", "csiso88596e", "csiso88596i"), "iso8859-6"),
+    **dict.fromkeys(("iso-8859-8-e", "iso-8859-8-i", "csiso88598e", "csiso88598i"), "iso8859-8"),
+    **dict.fromkeys(("visual", "logical"), "iso8859-8"),
+    "csisolatin9": "iso8859-15",
+    **dict.fromkeys(("koi", "koi8"), "koi8-r"),
+    "koi8-ru": "koi8-u",
+    **dict.fromkeys(("csmacintosh", "mac", "x-mac-roman"), "mac-roman"),
+    **dict.fromkeys(("x-mac-cyrillic", "x-mac-ukrainian"), "mac-cyrillic"),
+    **dict.fromkeys(("dos-874", "windows-874"), "cp874"),
+    **dict.fromkeys(("csgb2312", "gb_2312", "gb_2312-80", "x-gbk"), "gbk"),
+    **dict.fromkeys(("cn-big5", "x-x-big5"), "big5"),
+    **dict.fromkeys(("cseucpkdfmtjapanese", "x-euc-jp"), "euc_jp"),
+    **dict.fromkeys(("windows-31j", "x-sjis"), "cp932"),
+    **dict.fromkeys(("cseuckr", "csksc56011987", "iso-ir-149", "ks_c_5601-1989"), "euc_kr"),
+    **dict.fromkeys(("ksc_5601", "windows-949"), "euc_kr"),
+    "unicodefffe": "utf-16-be",
+    **dict.fromkeys(("csunicode", "iso-10646-ucs-2", "ucs-2", "unicode"), "utf-16-le"),
+    "unicodefeff": "utf-16-le",
+}
+_NO_DASH_ISO8859 = re.compile(r"iso8859(\d+)")  # WHATWG's "iso88592" for ISO-8859-2
+_X_WINDOWS = re.compile(r"x-cp(125\d)")  # WHATWG's "x-cp1251" for windows-1251
 
 # Labels that clients put on mail encoded in a superset charset. Decoding with the superset
 # is lossless for the subset and right for what Outlook and friends actually send.
@@ -19,22 +75,52 @@ _SUPERSETS = {
     "gb2312": "gb18030",
     "gbk": "gb18030",
     "iso8859-1": "cp1252",  # browsers read ISO-8859-1 as windows-1252 (WHATWG Encoding)
+    "iso8859-9": "cp1254",  # and ISO-8859-9 as windows-1254,
+    "iso8859-11": "cp874",  # ISO-8859-11 and TIS-620 as windows-874
+    "tis-620": "cp874",
     "ascii": "utf-8",  # undeclared 8-bit text is far more often UTF-8 than anything else
 }
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029]")
 # C0, DEL, C1, line/paragraph separators and lone surrogates (undecodable raw bytes).
 _HEADER_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]+")
+# Invisible characters that change how a line displays, not what it says: bidi embeddings and
+# overrides (U+202A-U+202E; `invoice\u202egpj.exe` shows as "invoiceexe.jpg"), isolates
+# (U+2066-U+2069), the marks U+200E, U+200F and U+061C, zero-width space and word joiner
+# (U+200B, U+2060), the invisible operators U+2061-U+2064, the deprecated format controls
+# U+206A-U+206F and the BOM/ZWNBSP U+FEFF. ZWNJ and ZWJ (U+200C, U+200D) stay: Persian and
+# Indic names are spelt with them and emoji sequences are built with them, and neither can
+# reorder text.
+_INVISIBLE = re.compile(r"[\u061c\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff]+")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
+def _codec_module(label: str) -> str:
+    """The `encodings` module a label names, found as `codecs.lookup` finds it, importing nothing.
+
+    Resolving a label this way means a codec outside the allowlist is never even looked up
+    (`encodings` would also cache every unknown name for good).
+    """
+    name = encodings.normalize_encoding(label)
+    return _PYTHON_ALIASES.get(name) or _PYTHON_ALIASES.get(name.replace(".", "_")) or name
+
+
+_BY_MODULE = {_codec_module(name): name for name in _TEXT_CODECS}
+
+
 def codec_for(charset: str | None) -> str | None:
-    """Return the Python codec to decode `charset` with, or None if it is unknown."""
+    """Return the Python codec to decode `charset` with, or None if it is unknown.
+
+    Only the text codecs of `_TEXT_CODECS` are ever returned, so no label in a mail can make
+    mailgate run another of Python's codecs.
+    """
     if not charset:
         return None
-    try:
-        name = codecs.lookup(charset.strip().strip('"').lower()).name
-    except (LookupError, ValueError):
+    label = charset.strip().strip('"').lower()
+    label = _WHATWG_LABELS.get(label, label)
+    label = _NO_DASH_ISO8859.sub(r"iso8859-\1", _X_WINDOWS.sub(r"cp\1", label))
+    name = _BY_MODULE.get(_codec_module(label))
+    if name is None:
         return None
     return _SUPERSETS.get(name, name)
 
@@ -73,9 +159,11 @@ def clean_line(text: str) -> str:
     """Strip CR, LF and every other control character; collapse runs of white space.
 
     Header values built from customer data go through this, since the stdlib of Python 3.11
-    does not refuse CR/LF on serialising (CVE-2024-6923).
+    does not refuse CR/LF on serialising (CVE-2024-6923). So does every one-line value shown
+    to people (names, subjects, filenames): bidi controls and zero-width characters are
+    removed, so a name shows what it says.
     """
-    return " ".join(_HEADER_CONTROL.sub(" ", text).split())
+    return " ".join(_HEADER_CONTROL.sub(" ", _INVISIBLE.sub("", text)).split())
 
 
 def clean_body(text: str) -> str:

@@ -1,15 +1,22 @@
 """The small HTTP surface (aiohttp): verification links and a health check.
 
 Pages come from `templates/page/` (autoescaped). Every response is uncacheable and sends no
-Referer onwards, since the path holds a token; tokens are never logged.
+Referer onwards, since the path holds a token; tokens are never logged. The listener limits
+what clients can hold: `http.max_connections` at once, `header_timeout` to send a request's
+headers, `keepalive_timeout` idle, so HTTP cannot use up the descriptors SMTP needs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from dataclasses import dataclass
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
 
 from mailgate.config import HttpConfig
 from mailgate.errors import StoreError
@@ -17,10 +24,12 @@ from mailgate.model import HostPort
 from mailgate.outbound.templates import Templates
 from mailgate.privacy.tokens import token_hash
 from mailgate.store import Store
+from mailgate.text import clean_line
 
 log = structlog.get_logger(__name__)
 
 MAX_TOKEN_LENGTH = 128
+HTTP_STOP_SECONDS = 5.0  # a stop waits this long for requests under way
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
@@ -32,7 +41,7 @@ _TEMPLATES_KEY = web.AppKey("templates", Templates)
 
 
 def build_app(store: Store, templates: Templates) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[_headers_received])
     app[_STORE_KEY] = store
     app[_TEMPLATES_KEY] = templates
     # No HEAD: link checkers send it, and it must not use up the token.
@@ -42,7 +51,10 @@ def build_app(store: Store, templates: Templates) -> web.Application:
 
 
 def _page(request: web.Request, name: str, status: int, **variables: Any) -> web.Response:
-    body = request.app[_TEMPLATES_KEY].page(name, variables)
+    # Autoescaping keeps markup out; `clean_line` keeps out what escaping lets through: bidi
+    # overrides and zero-width characters in stored values (every page variable is one line).
+    shown = {k: clean_line(v) if isinstance(v, str) else v for k, v in variables.items()}
+    body = request.app[_TEMPLATES_KEY].page(name, shown)
     return web.Response(
         text=body, status=status, content_type="text/html", headers=_SECURITY_HEADERS
     )
@@ -70,15 +82,125 @@ async def healthz(_request: web.Request) -> web.Response:
     return web.Response(text="ok\n", headers=_SECURITY_HEADERS)
 
 
-async def start_web(config: HttpConfig, app: web.Application) -> tuple[web.AppRunner, HostPort]:
-    """Listen on `[http] listen`; return the runner (to clean up) and the bound address."""
-    runner = web.AppRunner(app, access_log=None)  # access logs would carry tokens
-    await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port)
+@web.middleware
+async def _headers_received(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Tell the connection that a request's headers are complete: its header timer stops."""
+    if isinstance(request.protocol, _Connection):
+        request.protocol.headers_received()
+    return await handler(request)
+
+
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _Gate:
+    """The HTTP connections open at once, against `http.max_connections`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.refusing = False  # logged once each time the limit is reached, not per connection
+
+
+class _Connection(RequestHandler):
+    """aiohttp's HTTP/1.1 protocol with the two limits it does not have.
+
+    Every connection holds a file descriptor, and aiohttp takes as many as clients open: 1,100
+    idle ones used up the process's descriptors and the SMTP listener could accept nothing. So
+    a connection past `max_connections` is answered 503 and closed at once, before aiohttp
+    knows of it. And a new connection must complete its request headers within
+    `header_timeout` (slowloris); aiohttp's keep-alive timer (`keepalive_timeout`) closes it
+    when idle between requests, and an unfinished request after the first. A subclass rather
+    than a wrapper around aiohttp's protocol factory, since a wrapper would have to forward
+    every protocol method to count the close.
+    """
+
+    def __init__(
+        self, manager: Server, *, gate: _Gate, header_timeout: float, **kwargs: Any
+    ) -> None:
+        super().__init__(manager, **kwargs)
+        self._gate = gate
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self._gate
+        if gate.open >= gate.limit:
+            if not gate.refusing:
+                log.warning("http_connection_limit", max_connections=gate.limit)
+            gate.refusing = True
+            cast(asyncio.Transport, transport).write(_BUSY)
+            transport.close()  # sends the 503, then closes: the descriptor is free again
+            return
+        gate.open += 1
+        gate.refusing = False
+        self._counted = True
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        self._header_timer = loop.call_later(self._header_timeout, self._headers_too_slow)
+
+    def headers_received(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._counted:
+            return  # refused: aiohttp never saw it
+        self._counted = False
+        self._gate.open -= 1
+        self.headers_received()  # stops the timer
+        super().connection_lost(exc)
+
+
+@dataclass
+class WebServer:
+    """The listening HTTP surface; `close()` stops it."""
+
+    address: HostPort
+    _runner: web.AppRunner
+    _listener: asyncio.Server
+
+    async def close(self) -> None:
+        """Stop accepting, close idle connections, give requests under way HTTP_STOP_SECONDS."""
+        self._listener.close()
+        await self._runner.cleanup()
+        await self._listener.wait_closed()
+
+
+async def start_web(config: HttpConfig, app: web.Application) -> WebServer:
+    """Listen on `[http] listen` with the connection limits of `_Connection`.
+
+    The listener is ours (`loop.create_server`), not aiohttp's TCPSite, so that the protocol
+    is `_Connection`; the runner still serves the app and shuts its connections down.
+    """
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=HTTP_STOP_SECONDS)
+    await runner.setup()  # access logs would carry tokens: none
+    manager = runner.server
+    assert manager is not None
+    gate = _Gate(config.max_connections)
+    options: dict[str, Any] = {"keepalive_timeout": config.keepalive_timeout, "access_log": None}
+
+    def connection() -> _Connection:
+        return _Connection(
+            manager,
+            gate=gate,
+            header_timeout=config.header_timeout,
+            loop=asyncio.get_running_loop(),
+            **options,
+        )
+
     try:
-        await site.start()
+        listener = await asyncio.get_running_loop().create_server(
+            connection, config.listen.host, config.listen.port
+        )
     except OSError:
         await runner.cleanup()
         raise
-    host, port = runner.addresses[0][:2]
-    return runner, HostPort(host, port)
+    host, port = listener.sockets[0].getsockname()[:2]
+    return WebServer(HostPort(host, port), runner, listener)

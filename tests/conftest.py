@@ -52,7 +52,7 @@ transport = "{transport}"
 directory = "var/outbox"
 relay = "127.0.0.1:{relay_port}"
 tls = "none"
-timeout = 5
+timeout = {outbound_timeout}
 sender = "support@example.com"
 templates = "{templates}"
 retry_initial = 0.3
@@ -70,8 +70,9 @@ dns_timeout = {dns_timeout}
 {auth_extra}
 
 [http]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{http_port}"
 base_url = "http://127.0.0.1:8080"
+{http_extra}
 
 [log]
 level = "{log_level}"
@@ -112,11 +113,14 @@ def write_config(
     auth_extra: str = "",
     dns_port: int | None = None,
     dns_timeout: float = 1,
+    http_extra: str = "",
+    http_port: int = 0,
+    outbound_timeout: float = 5,
 ) -> Path:
     """Write a test config; with `relay_port`, outbound mail goes to that SMTP relay.
 
-    `smtp_extra`, `outbound_extra` and `auth_extra` are TOML lines added to those sections
-    (limits, ...). DNS is the shared stub unless `dns_port` names another.
+    `smtp_extra`, `outbound_extra`, `auth_extra` and `http_extra` are TOML lines added to
+    those sections (limits, ...). DNS is the shared stub unless `dns_port` names another.
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.toml"
@@ -133,6 +137,9 @@ def write_config(
             auth_extra=auth_extra,
             dns_port=dns_port or shared_dns(),
             dns_timeout=dns_timeout,
+            http_extra=http_extra,
+            http_port=http_port,
+            outbound_timeout=outbound_timeout,
         ),
         encoding="utf-8",
     )
@@ -268,34 +275,31 @@ _WITH_NOFILE = (
 class SubprocessDaemon:
     """`mailgate serve` as its own process, as systemd runs it.
 
-    `nofile` (soft, hard) starts it with that RLIMIT_NOFILE; `smtp_extra` goes into [smtp].
+    `port` is its SMTP port, `http_port` its HTTP port; `config` holds TOML lines for the
+    test config's sections (`write_config`'s `*_extra` and `outbound_timeout`).
     """
 
-    def __init__(
-        self,
-        folder: Path,
-        relay_port: int | None = None,
-        *,
-        smtp_extra: str = "",
-        nofile: tuple[int, int] | None = None,
-    ) -> None:
+    def __init__(self, folder: Path, relay_port: int | None = None, **config: Any) -> None:
         self.folder = folder
         self.port = free_port()
+        self.http_port = free_port()
         self.config_path = write_config(
             folder,
             smtp_port=self.port,
+            http_port=self.http_port,
             log_level="warning",
             relay_port=relay_port,
-            smtp_extra=smtp_extra,
+            **config,
         )
-        self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *, nofile: tuple[int, int] | None = None) -> None:
+        """Start and wait for the SMTP greeting; `nofile` (soft, hard) sets its RLIMIT_NOFILE
+        (systemd gives services 1024), whatever this process has."""
         self.log = open(self.folder / "daemon.log", "ab")
         launcher = ["-m", "mailgate"]
-        if self.nofile is not None:
-            launcher = ["-c", _WITH_NOFILE, *(str(n) for n in self.nofile)]
+        if nofile is not None:
+            launcher = ["-c", _WITH_NOFILE, *(str(n) for n in nofile)]
         self.proc = subprocess.Popen(
             [sys.executable, *launcher, "--config", str(self.config_path), "serve"],
             stdout=self.log,

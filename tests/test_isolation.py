@@ -259,9 +259,8 @@ async def test_at_the_descriptor_limit_new_sessions_get_421_and_the_daemon_works
     daemon = SubprocessDaemon(
         tmp_path / "daemon",
         smtp_extra="max_connections = 500\nmax_connections_per_ip = 500",
-        nofile=(48, 128),
     )
-    daemon.start()
+    daemon.start(nofile=(48, 128))
     held: list[Raw] = []
     try:
         refusal = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import smtplib
+import timeit
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from mailgate.log import mask_address
+from mailgate.log import mask_address, mask_addresses
+from mailgate.model import HostPort
 from tests.conftest import SUPPORT, SubprocessDaemon, write_config
 
 SENDER = "Jane.Doe@example.org"
@@ -119,3 +121,65 @@ def test_daemon_log_is_json_with_context_and_no_personal_data(
 )
 def test_mask_address(text: str, expected: str) -> None:
     assert mask_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("user@[192.0.2.1]", "u***@[192.0.2.1]"),
+        ("peer said jane.doe@[IPv6:2001:db8::1] twice", "peer said j***@[IPv6:2001:db8::1] twice"),
+        ('"john @ doe"@example.com', "j***@example.com"),
+        ('From: "john @ doe"@example.com, x', "From: j***@example.com, x"),
+        ('"jane@home"@example.org', "j***@example.org"),
+        ('"jane \\" doe"@example.org', "j***@example.org"),
+        ('<"john doe"@[192.0.2.1]>', "<j***@[192.0.2.1]>"),
+    ],
+)
+def test_mask_address_literals_and_quoted_local_parts(text: str, expected: str) -> None:
+    assert mask_address(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '"unclosed@example.org',
+        '"' * 5000 + "jane@example.org",
+        '"\\' * 5000 + "jane@example.org",
+        "[" * 5000 + "jane@example.org",
+        "jane@[" + "1" * 5000,
+        "\ud800jane@example.org\udfff",
+        "\x00jane@example.org\x00",
+        "@" * 5000 + "jane@example.org",
+    ],
+)
+def test_mask_address_never_raises_and_still_masks(text: str) -> None:
+    masked = mask_address(text)
+    assert isinstance(masked, str)
+    assert "jane" not in masked
+
+
+def test_mask_address_takes_linear_time() -> None:
+    """A long token without "@" was scanned again from each of its characters (40 KB took
+    6 s); each character is now looked at a bounded number of times."""
+
+    def best(text: str) -> float:
+        return min(timeit.repeat(lambda: mask_address(text), number=1, repeat=5))
+
+    for unit in ("a", '"\\', "a@"):
+        small, large = unit * 20_000, unit * 80_000
+        assert best(large) < 10 * best(small), unit  # quadratic would be 16 times
+
+
+def test_masking_covers_nested_values() -> None:
+    event = {"auth": {"spf": "pass (jane@example.org)"}, "to": ["bob@example.net"]}
+    masked = mask_addresses(None, "info", event)
+    assert masked == {"auth": {"spf": "pass (j***@example.org)"}, "to": ["b***@example.net"]}
+
+
+def test_masking_never_raises_on_named_tuples() -> None:
+    """A HostPort (a NamedTuple) in an event made the processor, and so the log call, raise."""
+    event = {"relay": HostPort("relay.example", 25), "peer": ("jane@example.org", 25)}
+    assert mask_addresses(None, "info", event) == {
+        "relay": ("relay.example", 25),
+        "peer": ("j***@example.org", 25),
+    }

@@ -14,10 +14,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
@@ -26,9 +28,12 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import SMTP
 
-from mailgate.config import Config, load_config
+from mailgate.config import Config, load_config, parse_config
+from mailgate.service import stop_budget
 from tests.conftest import (
+    REPO,
     SUPPORT,
     Relay,
     SubprocessDaemon,
@@ -379,6 +384,222 @@ async def test_sigterm_waits_for_deliveries_under_way(
     await asyncio.sleep(2)
     assert len(relay.received) == 2
     assert relay.attempts == 2
+
+
+class SlowSMTP(SMTP):
+    """aiosmtpd's server, answering RCPT and DATA (the 354) as late as its relay says."""
+
+    def __init__(self, relay: SlowRelay) -> None:
+        super().__init__(relay, hostname="relay.test")
+        self.relay = relay
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        self.relay.rcpts += 1
+        await asyncio.sleep(self.relay.rcpt_delay)
+        await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self.relay.data_commands += 1
+        await asyncio.sleep(self.relay.data_delay)
+        await super().smtp_DATA(arg)
+
+
+class SlowRelay(Relay):
+    """A relay on loopback that is slow where a test says: to answer RCPT, to answer DATA
+    with 354, to answer the final dot. `dots` counts the mails it got to the final dot (each
+    one it may deliver), `answered` the 250s it sent for them. aiosmtpd cancels a slow answer
+    when the client's connection goes away."""
+
+    def __init__(self, *, rcpt: float = 0, data: float = 0, dot: float = 0) -> None:
+        super().__init__()
+        self.rcpt_delay, self.data_delay, self.dot_delay = rcpt, data, dot
+        self.rcpts = self.data_commands = self.dots = self.answered = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.dots += 1
+        await asyncio.sleep(self.dot_delay)
+        reply = await super().handle_DATA(server, session, envelope)
+        self.answered += 1
+        return reply
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: SlowSMTP(self), "127.0.0.1", self.port)
+
+    def fast(self) -> None:
+        self.rcpt_delay = self.data_delay = self.dot_delay = 0
+
+
+@asynccontextmanager
+async def slow_relay(**delays: float) -> AsyncIterator[SlowRelay]:
+    relay = SlowRelay(**delays)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.stop()
+
+
+async def until(condition: Callable[[], bool], what: str, *, within: float = 15) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def exits(daemon: SubprocessDaemon) -> None:
+    """Wait for the SIGTERMed daemon to exit, with status 0."""
+    assert daemon.proc is not None
+    assert await asyncio.to_thread(daemon.proc.wait, 120) == 0
+    daemon.kill()  # closes its log file
+
+
+async def restart(daemon: SubprocessDaemon) -> list[Row]:
+    """Start the daemon again, let its outbound worker look at the outbox (several polls),
+    stop it again; return the outbox."""
+    await asyncio.to_thread(daemon.start)
+    await asyncio.sleep(SETTLE_SECONDS)
+    await asyncio.to_thread(daemon.kill, signal.SIGTERM)
+    return await outbox(daemon.config_path)
+
+
+ONE_MAIL = "acknowledge = false\n"  # the verification mail only
+
+
+async def test_sigterm_waits_for_a_relay_that_answers_the_final_dot_after_40_s(
+    tmp_path: Path,
+) -> None:
+    """The relay takes 40 s to answer the final dot, within `outbound.timeout = 60` and past
+    the old 30 s worker budget: the stop waits for the answer, the mail is marked sent, the
+    relay has it once, and the restart does not send it again."""
+    async with slow_relay(dot=40) as relay:
+        daemon = SubprocessDaemon(
+            tmp_path / "daemon", relay_port=relay.port, outbound_timeout=60, outbound_extra=ONE_MAIL
+        )
+        try:
+            await asyncio.to_thread(daemon.start)
+            await send_to_port(daemon.port, mail(sender=CUSTOMER))
+            await until(lambda: relay.dots == 1, "the mail never reached the final dot")
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGTERM)
+            while not relay.answered:  # the daemon is still there to hear the answer
+                assert daemon.proc.poll() is None, "the stop did not wait for the relay"
+                await asyncio.sleep(0.2)
+            await exits(daemon)
+            relay.fast()
+            rows = await restart(daemon)
+        finally:
+            daemon.kill()
+        assert [(r["state"], r["attempts"]) for r in rows] == [("sent", 1)], rows
+        assert relay.dots == 1 and len(relay.received) == 1
+        assert message_ids(relay) == [rows[0]["message_id"]]
+
+
+async def test_sigterm_cuts_a_delivery_before_data_and_the_restart_sends_it_once(
+    tmp_path: Path,
+) -> None:
+    """A relay that sits on RCPT holds no mail: the stop cuts that delivery at once instead of
+    waiting for the relay, the row is queued again (not left 'sending'), and the restart
+    delivers it once."""
+    async with slow_relay(rcpt=600) as relay:
+        daemon = SubprocessDaemon(
+            tmp_path / "daemon",
+            relay_port=relay.port,
+            outbound_timeout=600,
+            outbound_extra=ONE_MAIL,
+        )
+        try:
+            await asyncio.to_thread(daemon.start)
+            await send_to_port(daemon.port, mail(sender=CUSTOMER))
+            await until(lambda: relay.rcpts == 1, "the delivery never reached RCPT")
+            await asyncio.to_thread(daemon.kill, signal.SIGTERM)  # waits 30 s at most
+            assert daemon.proc is not None and daemon.proc.returncode == 0
+            [row] = await outbox(daemon.config_path)
+            assert (row["state"], row["last_error"]) == ("queued", "stopped before DATA"), row
+            assert relay.dots == 0
+            relay.fast()
+            rows = await restart(daemon)
+        finally:
+            daemon.kill()
+        assert [(r["state"], r["attempts"]) for r in rows] == [("sent", 2)], rows
+        assert relay.dots == 1 and len(relay.received) == 1
+
+
+async def test_a_delivery_cut_after_data_is_marked_unconfirmed_and_never_sent_again(
+    tmp_path: Path,
+) -> None:
+    """A relay slow to answer DATA and then the final dot (each within `outbound.timeout`)
+    outlasts the stop's wait: the delivery is cut after the relay got the dot, so the row is
+    marked failed, unconfirmed, and the restart does not send it a second time."""
+    async with slow_relay(data=7.5, dot=7.5) as relay:
+        daemon = SubprocessDaemon(
+            tmp_path / "daemon", relay_port=relay.port, outbound_timeout=8, outbound_extra=ONE_MAIL
+        )
+        try:
+            await asyncio.to_thread(daemon.start)
+            await send_to_port(daemon.port, mail(sender=CUSTOMER))
+            await until(lambda: relay.data_commands == 1, "the delivery never reached DATA")
+            assert daemon.proc is not None
+            daemon.proc.send_signal(signal.SIGTERM)
+            await exits(daemon)
+            relay.fast()
+            rows = await restart(daemon)
+        finally:
+            daemon.kill()
+        [row] = rows
+        assert (row["state"], row["attempts"]) == ("failed", 1), row
+        assert row["last_error"].startswith("unconfirmed: "), row
+        assert relay.dots == 1 and relay.answered == 0
+
+
+def timeout_stop_sec(unit: Path) -> float:
+    """TimeoutStopSec= of a systemd unit, in seconds ("150", "150s", "2min 30s")."""
+    [value] = [
+        line.split("=", 1)[1].strip()
+        for line in unit.read_text(encoding="utf-8").splitlines()
+        if line.startswith("TimeoutStopSec=")
+    ]
+    units = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]*)", value)
+    assert parts and "".join(n + u for n, u in parts) == value.replace(" ", ""), value
+    return sum(float(number) * units[unit_] for number, unit_ in parts)
+
+
+def test_unit_stop_timeout_covers_the_stop_budget() -> None:
+    """systemd kills the daemon TimeoutStopSec after SIGTERM: that must cover the whole stop
+    mailgate computes for the default config and the shipped one (a later cut is a SIGKILL,
+    and the deliveries it catches are sent twice)."""
+    allowed = timeout_stop_sec(REPO / "deploy" / "mailgate.service")
+    default = parse_config(
+        {"smtp": {"accept": [SUPPORT]}, "outbound": {"sender": SUPPORT}},
+        path=REPO / "config.toml",
+    )
+    for config in (default, load_config(REPO / "config.toml")):
+        assert stop_budget(config) <= allowed
+    assert default.outbound.timeout + default.smtp.drain_timeout < stop_budget(default)
+
+
+async def test_the_stop_tells_systemd_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd (Type=notify) the daemon says READY=1, and at the stop STOPPING=1 with
+    EXTEND_TIMEOUT_USEC of its own budget, so a config with longer timeouts is not killed."""
+    daemon = SubprocessDaemon(tmp_path / "daemon", outbound_timeout=300)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    try:
+        await asyncio.to_thread(daemon.start)
+        assert await asyncio.to_thread(notify.recv, 4096) == b"READY=1"
+        await asyncio.to_thread(daemon.kill, signal.SIGTERM)
+        stopping = (await asyncio.to_thread(notify.recv, 4096)).decode()
+    finally:
+        daemon.kill()
+        notify.close()
+    budget = stop_budget(load_config(daemon.config_path))
+    assert budget > timeout_stop_sec(REPO / "deploy" / "mailgate.service")
+    assert stopping.splitlines() == ["STOPPING=1", f"EXTEND_TIMEOUT_USEC={int(budget * 1e6)}"]
 
 
 # -- file transport --

@@ -4,7 +4,12 @@ of terminal escapes on the CLI; customer HTML is never rendered, and never sent 
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import re
+import sqlite3
+import time
+from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 
 import aiohttp
@@ -86,3 +91,149 @@ async def fetch(running: Running, path: str) -> str:
         async with session.get(url) as response:
             assert response.status == 200
             return await response.text()
+
+
+# -- bidi controls and invisible characters ----------------------------------------------------
+
+# Shown as written, `invoice\u202egpj.exe` reads "invoiceexe.jpg": each of these would make a
+# name, subject or filename display something other than what it says.
+INVISIBLE = set(
+    "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+    "\u200b\u2060\u2061\u2062\u2063\u2064\ufeff"
+)
+SPOOFED_FILE = "invoice\u202egpj.exe"
+SPOOFED_NAME = "Ann \u202eexe.nimda\u202c \u2067Support\u2069"
+SPOOFED_SUBJECT = "Refund \u200bnow\ufeff \u2066urgent\u2069 \u200fplease\u200e"
+PERSIAN = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # its ZWNJ is spelling: kept
+
+
+def spoofing_mail() -> bytes:
+    message = mail(sender=f"{SPOOFED_NAME} {PERSIAN} <ann@example.org>", subject=SPOOFED_SUBJECT)
+    message.add_attachment(
+        b"MZ", maintype="application", subtype="octet-stream", filename=SPOOFED_FILE
+    )
+    return bytes(message)
+
+
+def assert_visible(text: str) -> None:
+    found = sorted(f"U+{ord(c):04X}" for c in set(text) & INVISIBLE)
+    assert not found, found
+
+
+async def cli_output(running: Running) -> str:
+    commands = [
+        ("tickets", "show", "1"),
+        ("tickets", "show", "1", "--json"),
+        ("tickets", "list"),
+        ("tickets", "list", "--json"),
+        ("requesters", "list"),
+        ("requesters", "show", "ann@example.org", "--json"),
+    ]
+    results = [await asyncio.to_thread(running.cli, *args) for args in commands]
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    return "\n".join(r.stdout for r in results)
+
+
+async def test_cli_shows_names_subjects_and_filenames_without_bidi_controls(
+    daemon: Running,
+) -> None:
+    await daemon.send(spoofing_mail())
+    await daemon.settle()
+    output = await cli_output(daemon)
+    assert_visible(output)
+    assert "[attachment] invoicegpj.exe" in output
+    assert "Refund now urgent please" in output
+    assert f"Ann exe.nimda Support {PERSIAN}" in output
+
+
+def edit_store(database: Path, *statements: tuple[str, tuple[str, ...]]) -> None:
+    """Change stored rows by hand, in one transaction of the real SQLite file."""
+    db = sqlite3.connect(database)
+    try:
+        with db:
+            for sql, params in statements:
+                db.execute(sql, params)
+    finally:
+        db.close()
+
+
+async def stored_as_an_earlier_version_did(database: Path) -> None:
+    """Put the characters back into the stored rows, as a version before the cleaning kept them."""
+    await asyncio.to_thread(
+        edit_store,
+        database,
+        ("UPDATE tickets SET subject = ?", (SPOOFED_SUBJECT,)),
+        ("UPDATE messages SET subject = ?, from_name = ?", (SPOOFED_SUBJECT, SPOOFED_NAME)),
+        ("UPDATE requesters SET name = ?", (SPOOFED_NAME,)),
+        ("UPDATE attachments SET filename = ?", (SPOOFED_FILE,)),
+    )
+
+
+def read_mails(folder: Path) -> list[EmailMessage]:
+    parser = BytesParser(policy=email.policy.default)
+    return [parser.parsebytes(f.read_bytes()) for f in sorted(folder.glob("*.eml"))]
+
+
+async def outbox_files(folder: Path, count: int) -> list[EmailMessage]:
+    """The mails in the file transport's folder, once there are `count` of them."""
+    deadline = time.monotonic() + 15
+    while len(mails := await asyncio.to_thread(read_mails, folder)) < count:
+        assert time.monotonic() < deadline, f"{len(mails)} of {count} mails in {folder}"
+        await asyncio.sleep(0.05)
+    return mails
+
+
+def shown(message: EmailMessage) -> str:
+    """What a mail client shows of a mail: decoded headers and both bodies."""
+    parts = [f"{name}: {value}" for name, value in message.items()]
+    for kind in ("plain", "html"):
+        body = message.get_body((kind,))
+        assert body is not None
+        parts.append(str(body.get_content()))
+    return "\n".join(parts)
+
+
+async def test_stored_bidi_controls_never_reach_the_cli_or_the_customers_mail(
+    daemon: Running, tmp_path: Path
+) -> None:
+    """Rows stored before the cleaning: the CLI cleans them when it prints, and the agent's
+    reply (To with the requester's name, "Re: subject", "Hello name") is cleaned too."""
+    await daemon.send(spoofing_mail())
+    outbox = daemon.config.outbound.directory
+    await outbox_files(outbox, 2)  # verification and acknowledgement
+    await stored_as_an_earlier_version_did(daemon.config.storage.database)
+
+    output = await cli_output(daemon)
+    assert_visible(output)
+    assert "[attachment] invoicegpj.exe" in output
+
+    body = tmp_path / "reply.txt"
+    body.write_text("We refunded you.\n")
+    result = await asyncio.to_thread(daemon.cli, "reply", "1", "--body-file", str(body))
+    assert result.returncode == 0, result.stderr
+    mails = await outbox_files(outbox, 3)
+    [reply] = [m for m in mails if "We refunded you." in shown(m)]
+    text = shown(reply)
+    assert_visible(text)
+    assert "Re: Refund now urgent please" in str(reply["Subject"])
+    assert "Ann exe.nimda Support" in str(reply["To"])
+    assert "Hello Ann exe.nimda Support," in text
+    for received in mails:
+        assert_visible(shown(received))
+
+
+async def test_verification_page_shows_no_bidi_controls(daemon: Running) -> None:
+    """The page shows the requester's address; a stored one holding an override (addresses
+    are validated, so only an earlier version's row or a hand edit could) is shown cleaned."""
+    await daemon.send(spoofing_mail())
+    mails = await outbox_files(daemon.config.outbound.directory, 2)
+    links = [re.search(r"/verify/[A-Za-z0-9_-]+", shown(m)) for m in mails]
+    [link] = [found.group(0) for found in links if found]
+    await asyncio.to_thread(
+        edit_store,
+        daemon.config.storage.database,
+        ("UPDATE requesters SET email = ?", ("ann\u202egro.elpmaxe@example.org",)),
+    )
+    page = await fetch(daemon, link)
+    assert_visible(page)
+    assert "anngro.elpmaxe@example.org" in page

@@ -2,7 +2,8 @@
 
 Every header value that can hold customer data (names, subjects, Message-IDs we were sent)
 passes `clean_line`, which removes CR, LF and other controls: this Python (3.11) does not
-refuse them when serialising (CVE-2024-6923), so no customer text can start a header.
+refuse them when serialising (CVE-2024-6923), so no customer text can start a header. It also
+removes bidi overrides and zero-width characters, so a name or subject shows what it says.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mailgate.text import clean_line
 
 _PLAIN_MSGID = re.compile(r"[!-;=?-~]{1,998}")  # printable ASCII without space, < and >
 MAX_SUBJECT = 200
+_MULTILINE = frozenset({"body"})  # the agent's answer; every other variable is one line
 
 
 class Composer:
@@ -39,8 +41,16 @@ class Composer:
         return self._sender.email
 
     def variables(self, item: OutboxItem) -> dict[str, Any]:
-        """What the templates see: the row's context, the tag and the verification link."""
-        found: dict[str, Any] = {**item.context, "tag": self.tag(item.ticket_id)}
+        """What the templates see: the row's context, the tag and the verification link.
+
+        One-line values (subject, names) pass `clean_line` here as well as at parse time: a row
+        queued by an earlier version may hold bidi overrides that the mail's text would show.
+        """
+        found: dict[str, Any] = {
+            key: clean_line(value) if isinstance(value, str) and key not in _MULTILINE else value
+            for key, value in item.context.items()
+        }
+        found["tag"] = self.tag(item.ticket_id)
         token = found.pop("token", None)
         if item.kind == "verification":
             found["verify_url"] = f"{self._base_url}/verify/{token}"

@@ -4,7 +4,8 @@ A row is 'queued' until claimed ('sending', its attempt counted), then 'sent', '
 'queued' again with its next attempt pushed back: `retry_initial`, doubling up to
 `retry_max`, until `max_lifetime` after it was queued (Postfix's maximal_queue_lifetime).
 A 5xx fails it at once. Rows a crash left 'sending' are queued again at start
-(at-least-once); a clean stop finishes what it claimed, so a restart sends nothing twice.
+(at-least-once); a clean stop leaves no row 'sending', so a restart sends nothing twice (see
+`OutboundWorker.stop`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mailgate.errors import ConfigError, StoreUnavailable
 from mailgate.log import mask_address
 from mailgate.model import OutboxRow
 from mailgate.outbound.compose import Composer, serialise
-from mailgate.outbound.transports import DeliveryFailed, Transport
+from mailgate.outbound.transports import DeliveryFailed, Handover, Transport
 from mailgate.store import Store
 
 log = structlog.get_logger(__name__)
@@ -32,6 +33,20 @@ POLL_SECONDS = 1.0  # rows queued by another process (the CLI's `reply`) are see
 RETRY_SECONDS = 2.0
 SHARE_WHILE_BUSY = 0.1  # of the event loop's time while intake is busy
 MAX_PAUSE = 1.0
+CUT_GRACE = 2.0  # after `outbound.timeout`: the relay's answer to the final dot, on its way
+RECORD_SECONDS = 3.0  # for the cut deliveries' rows to be written
+UNCONFIRMED = (
+    "unconfirmed: a stop cut the wait for the relay's answer after DATA; the relay may have "
+    "the mail, so it is not sent again unless `mailgate outbox retry` says so"
+)
+
+Outcome = tuple[Literal["sent", "failed", "retry"], str | None]
+
+
+def stop_seconds(config: OutboundConfig) -> float:
+    """The longest a stop of the outbound worker takes: a delivery past DATA has the relay's
+    whole `timeout` to answer the final dot, then it is cut; its row is written after that."""
+    return config.timeout + CUT_GRACE + RECORD_SECONDS
 
 
 class OutboundWorker:
@@ -54,11 +69,32 @@ class OutboundWorker:
         self._config = config
         self._wake = wake or asyncio.Event()
         self._stopping = False
+        self._under_way: dict[asyncio.Task[None], Handover] = {}
 
     def stop(self) -> None:
-        """Finish the deliveries under way, then return from `run()`."""
+        """Claim nothing more; settle the deliveries under way, then return from `run()`.
+
+        A delivery that has not sent DATA yet is cut at once: the relay has nothing (it drops
+        a transaction without its final dot), so the row is queued again and sent after the
+        restart. One past DATA is given the relay's whole `timeout` (and `CUT_GRACE`) to be
+        answered, as it would have without the stop, and recorded as it ends. If it is still
+        waiting then, it is cut and its row marked failed, 'unconfirmed': the relay may hold
+        the mail, and sending it again blindly is what a clean stop must not do. No row stays
+        'sending', so the restart sends nothing twice.
+        """
         self._stopping = True
         self._wake.set()
+        for task, handover in self._under_way.items():
+            if not handover.committed and not handover.done:
+                task.cancel()
+        if self._under_way:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self._config.timeout + CUT_GRACE, self._cut_all)
+
+    def _cut_all(self) -> None:
+        for task, handover in self._under_way.items():
+            if not handover.done:
+                task.cancel()
 
     async def run(self) -> None:
         requeued = await self._store.requeue_sending()
@@ -68,11 +104,13 @@ class OutboundWorker:
             self._wake.clear()
             try:
                 rows = await self._store.claim_outbox(limit=BATCH)
+                if rows and self._stopping:  # the stop came during the claim
+                    for row in rows:
+                        await self._put_back(row)
+                    break
                 if rows:
                     started = time.monotonic()
-                    results = await asyncio.gather(
-                        *(self._deliver(row) for row in rows), return_exceptions=True
-                    )
+                    results = await self._deliver_all(rows)
                     for row, result in zip(rows, results, strict=True):
                         if isinstance(result, Exception):  # left 'sending' until a restart
                             log.error("outbox_delivery_crashed", outbox_id=row.id, exc_info=result)
@@ -93,21 +131,60 @@ class OutboundWorker:
             except TimeoutError:
                 pass
 
-    async def _deliver(self, row: OutboxRow) -> None:
+    async def _deliver_all(self, rows: list[OutboxRow]) -> list[BaseException | None]:
+        """Deliver `rows` at once, each as a task that `stop()` can cut."""
+        tasks = {}
+        for row in rows:
+            handover = Handover()
+            tasks[asyncio.create_task(self._deliver(row, handover))] = handover
+        self._under_way = tasks
+        try:
+            return await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._under_way = {}
+
+    async def _deliver(self, row: OutboxRow, handover: Handover) -> None:
+        try:
+            state, error = await self._attempt(row, handover)
+        except asyncio.CancelledError:
+            handover.done = True
+            await self._record_cut(row, handover)
+            raise
+        handover.done = True  # only the outcome is left to write: a stop lets it be
+        if state == "retry":
+            await self._retry_or_fail(row, error or "")
+        else:
+            await self._finish(row, state, error)
+
+    async def _attempt(self, row: OutboxRow, handover: Handover) -> Outcome:
         item = row.item
         recipients = [item.to.email, *item.cc]
         try:
             message = serialise(self._composer.compose(item), recipients)
-            await self._transport.send(message, sender=self._composer.sender, recipients=recipients)
+            await self._transport.send(
+                message, sender=self._composer.sender, recipients=recipients, handover=handover
+            )
         except ConfigError as exc:  # a broken template: ops can fix it, so retry later
-            await self._retry_or_fail(row, f"template: {exc}")
+            return "retry", f"template: {exc}"
         except DeliveryFailed as exc:
-            if exc.permanent:
-                await self._finish(row, "failed", str(exc))
-            else:
-                await self._retry_or_fail(row, str(exc))
-        else:
+            return ("failed" if exc.permanent else "retry"), str(exc)
+        return "sent", None
+
+    async def _record_cut(self, row: OutboxRow, handover: Handover) -> None:
+        """A stop cut this delivery: record what the relay may have (see `stop`)."""
+        if handover.delivered:
             await self._finish(row, "sent", None)
+        elif handover.committed:
+            await self._finish(row, "failed", UNCONFIRMED)
+        else:
+            await self._put_back(row)
+
+    async def _put_back(self, row: OutboxRow) -> None:
+        """Queue a row again, due at once: a stop came before the relay got anything."""
+        await self._store.finish_outbox(
+            row.id, "queued", error="stopped before DATA", retry_at=datetime.now(UTC)
+        )
+        log.info("outbox_put_back", outbox_id=row.id)
 
     async def _retry_or_fail(self, row: OutboxRow, error: str) -> None:
         """Queue the next attempt; the last one falls at `max_lifetime`, then the mail fails."""

@@ -1,6 +1,8 @@
 """Where composed mail goes: a relay over SMTP (aiosmtplib), or .eml files in a folder.
 
 Both raise `DeliveryFailed`, temporary or permanent; the outbox worker decides on retries.
+Both keep a `Handover` up to date, so that a stop which has to cut a delivery knows whether
+the mail may already be with the relay.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from types import TracebackType
+from typing import Any, Literal, Protocol
 
 import aiosmtplib
+from aiosmtplib.typing import Default
 
 from mailgate.config import OutboundConfig
 from mailgate.errors import MailgateError
@@ -26,9 +30,29 @@ class DeliveryFailed(MailgateError):
         self.permanent = permanent
 
 
+class Handover:
+    """How far one delivery got, for a stop that cuts it (see `OutboundWorker.stop`).
+
+    `committed`: from here on the relay may have the mail (DATA was sent: the relay takes the
+    mail at the final dot whether or not its answer still reaches us; or a file write began,
+    which no cancel stops), so a cut delivery must not be queued again blindly. `delivered`:
+    the relay answered 250 to the final dot (the file is in place). `done`: the transport has
+    returned or raised; only the outcome is left to record.
+    """
+
+    __slots__ = ("committed", "delivered", "done")
+
+    def __init__(self) -> None:
+        self.committed = False
+        self.delivered = False
+        self.done = False
+
+
 class Transport(Protocol):
-    async def send(self, message: bytes, *, sender: str, recipients: Sequence[str]) -> None:
-        """Hand over one message.
+    async def send(
+        self, message: bytes, *, sender: str, recipients: Sequence[str], handover: Handover
+    ) -> None:
+        """Hand over one message, keeping `handover` up to date.
 
         Raises:
             DeliveryFailed: nothing was delivered (or, for 5xx, never will be).
@@ -41,13 +65,17 @@ class FileTransport:
     def __init__(self, directory: Path) -> None:
         self._directory = directory
 
-    async def send(self, message: bytes, *, sender: str, recipients: Sequence[str]) -> None:
+    async def send(
+        self, message: bytes, *, sender: str, recipients: Sequence[str], handover: Handover
+    ) -> None:
+        handover.committed = True  # a cancel would not stop the thread from writing the file
         try:
             await asyncio.to_thread(self._write, message)  # fsync stays off the event loop
         except OSError as exc:
             raise DeliveryFailed(
                 f"cannot write to the outbox folder: {exc}", permanent=False
             ) from exc
+        handover.delivered = True
 
     def _write(self, message: bytes) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
@@ -69,6 +97,39 @@ class FileTransport:
             os.close(folder)
 
 
+class _RelayClient(aiosmtplib.SMTP):
+    """aiosmtplib's client, keeping a `Handover` (its `sendmail` calls `data`), and closing at
+    once when a stop cuts the delivery: a QUIT to a relay that is not answering would wait
+    out `outbound.timeout` again."""
+
+    def __init__(self, *, handover: Handover, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handover = handover
+
+    async def data(
+        self,
+        message: str | bytes,
+        /,
+        *,
+        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109 - theirs
+    ) -> aiosmtplib.SMTPResponse:
+        self._handover.committed = True
+        response = await super().data(message, timeout=timeout)
+        self._handover.delivered = True  # super() raises unless the answer was 250
+        return response
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, asyncio.CancelledError):
+            self.close()
+            return
+        await super().__aexit__(exc_type, exc, traceback)
+
+
 class SmtpTransport:
     """Deliver to the relay: STARTTLS when offered (or required), implicit TLS, AUTH."""
 
@@ -76,9 +137,12 @@ class SmtpTransport:
         self._config = config
         self._local_hostname = local_hostname
 
-    async def send(self, message: bytes, *, sender: str, recipients: Sequence[str]) -> None:
+    async def send(
+        self, message: bytes, *, sender: str, recipients: Sequence[str], handover: Handover
+    ) -> None:
         config = self._config
-        client = aiosmtplib.SMTP(
+        client = _RelayClient(
+            handover=handover,
             hostname=config.relay.host,
             port=config.relay.port,
             local_hostname=self._local_hostname,
