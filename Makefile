@@ -25,6 +25,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/intake.py
+	$(BIN)/python bench/auth.py
 
 bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py
