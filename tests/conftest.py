@@ -170,11 +170,11 @@ class Running:
         assert reply.startswith("2.0.0 Queued as "), reply
         return reply.rsplit(" ", 1)[1]
 
-    async def settle(self, within: float = 10) -> None:
-        """Wait until ingest has finished every received row."""
+    async def settle(self, within: float = 30) -> None:
+        """Wait until ingest has finished every received row, deferred ones included."""
         deadline = time.monotonic() + within
         async with open_store(self.config.storage.database) as store:
-            while await store.pending_inbound(limit=1):
+            while await store.list_inbound("received"):
                 assert time.monotonic() < deadline, "ingest did not finish"
                 await asyncio.sleep(0.02)
 

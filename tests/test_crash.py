@@ -90,10 +90,10 @@ async def test_kill_9_mid_load_loses_nothing(subprocess_daemon: SubprocessDaemon
 
     async with open_store(daemon.database) as store:
         for _ in range(600):
-            if not await store.pending_inbound(limit=1):
+            if not await store.list_inbound("received"):
                 break
             await asyncio.sleep(0.05)
-        assert not await store.pending_inbound(limit=1)
+        assert not await store.list_inbound("received")
     daemon.kill(15)
 
     with sqlite3.connect(daemon.database) as db:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mailgate.model import Envelope
@@ -26,3 +27,20 @@ async def test_received_rows_survive_reopening(tmp_path: Path) -> None:
     async with open_store(tmp_path / "db.sqlite") as store:
         [row] = await store.pending_inbound(limit=10)
     assert (row.id, row.raw, row.envelope, row.state) == ("Q1", raw, ENVELOPE, "received")
+
+
+async def test_deferred_and_excluded_rows_are_not_pending(tmp_path: Path) -> None:
+    """A row whose sender checks wait on DNS is skipped until its retry time, and stays
+    'received'; rows already under way (`exclude`) are not handed out twice."""
+    async with open_store(tmp_path / "db.sqlite") as store:
+        await store.receive([(f"Q{n}", ENVELOPE, b"x") for n in range(3)])
+        later = datetime.now(UTC) + timedelta(hours=1)
+        await store.ingest(lambda tx: tx.defer_inbound("Q0", retry_at=later))
+        assert [r.id for r in await store.pending_inbound(limit=10)] == ["Q1", "Q2"]
+        assert [r.id for r in await store.pending_inbound(limit=10, exclude=["Q1"])] == ["Q2"]
+        [deferred] = [r for r in await store.list_inbound("received") if r.id == "Q0"]
+        assert deferred.attempts == 1
+        now = datetime.now(UTC) - timedelta(seconds=1)
+        await store.ingest(lambda tx: tx.defer_inbound("Q0", retry_at=now))
+        assert [r.id for r in await store.pending_inbound(limit=1)] == ["Q0"]
+        assert (await store.pending_inbound(limit=1))[0].attempts == 2

@@ -60,7 +60,7 @@ async def world(key: Key) -> AsyncIterator[tuple[DnsStub, int]]:
 
 
 def config_for(
-    tmp_path: Path, port: int, relay: Relay | None = None, *, auth: str = "", dns_timeout: float = 1
+    tmp_path: Path, port: int, relay: Relay | None = None, *, auth: str = "", dns_timeout: float = 5
 ) -> Config:
     return load_config(
         write_config(
@@ -335,12 +335,14 @@ async def test_dns_that_never_answers_defers_the_mail_then_decides(
     policy. Nothing is lost meanwhile."""
     async with dns_stub() as (stub, port):
         stub.silent.update({"_dmarc.slow.net", "slow.net"})
-        config = config_for(tmp_path, port, auth="retry_for = 4")
+        config = config_for(tmp_path, port, auth="retry_for = 4", dns_timeout=1)
         async with daemon_running(config) as running:
             queue_id = await running.send(mail(sender="dan@slow.net"), sender="dan@slow.net")
-            await running.settle()  # returns while the row waits for its next check
             async with open_store(running.config.storage.database) as store:
-                row = await store.get_inbound(queue_id)
+                deadline = time.monotonic() + 30
+                while (row := await store.get_inbound(queue_id)) and not row.attempts:
+                    assert time.monotonic() < deadline, "the mail was never checked"
+                    await asyncio.sleep(0.05)
                 assert row is not None and row.state == "received"
                 assert await store.list_tickets() == []
                 deadline = time.monotonic() + 60
@@ -362,7 +364,7 @@ async def test_a_reject_policy_that_cannot_be_checked_in_time_fails(
     receivers to refuse what it did not sign, so the mail is decided failed, never trusted."""
     stub, port = world
     stub.silent.add(f"sel._domainkey.{PROVIDER}")
-    config = config_for(tmp_path, port, auth="retry_for = 3")
+    config = config_for(tmp_path, port, auth="retry_for = 3", dns_timeout=1)
     async with daemon_running(config) as running:
         message = signed(key, raw(mail(sender=VICTIM)), domain=PROVIDER)
         await running.send(message, sender=VICTIM)
@@ -402,11 +404,11 @@ async def test_lost_dns_answers_delay_only_their_own_message(tmp_path: Path) -> 
     takes at most twice as long plus a few seconds (not 5-15 s per batch)."""
     async with dns_stub() as (stub, port):
         # The default dns_timeout: room for a query to be sent again after a lost answer.
-        config = config_for(tmp_path / "clean", port, dns_timeout=5)
+        config = config_for(tmp_path / "clean", port)
         async with daemon_running(config) as running:
             clean = await ingest_all(running, 120, "clean")
         stub.lose_every = 5
-        config = config_for(tmp_path / "lossy", port, dns_timeout=5)
+        config = config_for(tmp_path / "lossy", port)
         async with daemon_running(config) as running:
             lossy = await ingest_all(running, 120, "lossy")
             tickets = await running.tickets()
@@ -488,7 +490,7 @@ async def test_after_a_bounce_an_unproven_mail_in_that_name_draws_no_automatic_m
 async def test_check_config_says_what_happens_without_dns(tmp_path: Path) -> None:
     async with dns_stub() as (stub, port):
         stub.silent.add("_dmarc.mailgate-dns-probe.invalid")
-        path = write_config(tmp_path / "silent", dns_port=port)
+        path = write_config(tmp_path / "silent", dns_port=port, dns_timeout=1)
         silent = await asyncio.to_thread(run_cli, "--config", str(path), "check-config")
         stub.silent.clear()
         answers = await asyncio.to_thread(run_cli, "--config", str(path), "check-config")
@@ -655,7 +657,7 @@ async def test_a_domain_whose_dns_never_answers_cannot_hold_up_everyone(
     ticket while they are all still undecided."""
     stub, port = world
     stub.silent.update({"_dmarc.slow-evil.net", "slow-evil.net"})
-    config = config_for(tmp_path, port, dns_timeout=5)
+    config = config_for(tmp_path, port)
     async with daemon_running(config) as running:
         async with aiosmtplib.SMTP(hostname=running.host, port=running.port) as client:
             for n in range(120):
