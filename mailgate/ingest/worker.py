@@ -56,8 +56,10 @@ MAX_PAUSE = 1.0
 # answer holds a few slots for `dns_timeout`, not all of them.
 MAX_IN_FLIGHT = 1024
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
-MAX_PER_SOURCE = 64
+MAX_PER_SOURCE = 128
 DNS_PER_SOURCE = 16
+# A message over its source's share waits this long in the store, no attempt counted.
+THROTTLE_SECONDS = 2.0
 # A message whose checks ran into DNS trouble is checked again after this long (or an eighth
 # of `[auth] retry_for`, if less), doubling up to AUTH_RETRY_MAX, until `retry_for`.
 AUTH_RETRY_INITIAL = 15.0
@@ -79,6 +81,7 @@ class _Prepared:
     lookup: Lookup | None = None  # what DNS said ([auth] enabled)
     auth: AuthResults | None = None  # None: not checked ([auth] enabled = false)
     verdict: Verdict | None = None  # None (with a mail): undecided, check again later
+    throttled: bool = False  # not checked: its source had too many checks under way
 
 
 class IngestWorker:
@@ -160,7 +163,11 @@ class IngestWorker:
             )
             if rows:
                 worked = True
-                throttled = [item for item in await self._prepare(rows) if not self._start(item)]
+                throttled = [
+                    replace(item, throttled=True)
+                    for item in await self._prepare(rows)
+                    if not self._start(item)
+                ]
                 if throttled:
                     await self._finish(throttled)  # not checked: they wait in the store
                 await asyncio.sleep(0)  # checks that need no DNS are done at once
@@ -182,8 +189,8 @@ class IngestWorker:
 
         A sender whose domain's nameservers never answer must not hold every slot: at most
         MAX_PER_SOURCE messages of one source (the From's organisational domain) are in
-        flight, DNS_PER_SOURCE of them asking DNS at once; more wait in the store, deferred
-        as for DNS trouble, but never past `retry_for`: then they are checked whatever.
+        flight, DNS_PER_SOURCE of them asking DNS at once; more wait THROTTLE_SECONDS in the
+        store (a burst from one provider is only delayed), never past `retry_for`.
         """
         source = self._source(item)
         final = datetime.now(UTC) >= item.row.received_at + self._retry_for
@@ -340,6 +347,11 @@ class IngestWorker:
             if duplicate_of is not None:
                 tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
                 return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
+        if item.throttled:
+            tx.defer_inbound(
+                row.id, retry_at=now + timedelta(seconds=THROTTLE_SECONDS), count=False
+            )
+            return IngestOutcome(row.id, "received", reason="throttled")
         if item.verdict is None:
             return self._defer(tx, row, now)
         verdict = item.verdict

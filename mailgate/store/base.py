@@ -119,8 +119,8 @@ class IngestTx(Protocol):
 
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None: ...
 
-    def defer_inbound(self, inbound_id: str, *, retry_at: datetime) -> None:
-        """Leave the row 'received' until `retry_at`, counting one more attempt."""
+    def defer_inbound(self, inbound_id: str, *, retry_at: datetime, count: bool = True) -> None:
+        """Leave the row 'received' until `retry_at`, counting one more attempt (`count`)."""
 
     def finish_inbound(
         self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
