@@ -1,13 +1,15 @@
 """A tiny authoritative DNS server on loopback, so authentication tests never touch the network.
 
 Answers A, TXT and MX from a dict; names it does not know get NXDOMAIN. `silent` names get no
-answer at all (a timeout); `delay` holds every answer back that long; `lose_every = n` drops
-every n-th answer (a lost UDP packet, which the resolver must retry).
+answer at all (a timeout); `delay` holds every answer back that long; `loss` drops that share
+of the answers at random (lost UDP packets, which the resolver must retry); with `lose_retries`
+off, a query asked again after a loss is always answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import threading
 from collections.abc import AsyncIterator
@@ -35,8 +37,11 @@ class DnsStub(asyncio.DatagramProtocol):
         self.silent: set[str] = set()
         self.queries: list[tuple[str, str]] = []
         self.delay = 0.0
-        self.lose_every = 0
+        self.loss = 0.0
         self.lost = 0
+        self.lose_retries = True
+        self._lost_ids: set[int] = set()
+        self._random = random.Random(5)  # the same losses in every run
         self._transport: asyncio.DatagramTransport | None = None
 
     def add(self, name: str, rtype: str, value: str) -> None:
@@ -56,7 +61,9 @@ class DnsStub(asyncio.DatagramProtocol):
         self.queries.append((name, rtype))
         if name in self.silent:
             return
-        if self.lose_every and len(self.queries) % self.lose_every == 0:
+        retry = query.id in self._lost_ids
+        if self.loss and (self.lose_retries or not retry) and self._random.random() < self.loss:
+            self._lost_ids.add(query.id)
             self.lost += 1
             return
         response = dns.message.make_response(query)

@@ -407,7 +407,7 @@ async def test_lost_dns_answers_delay_only_their_own_message(tmp_path: Path) -> 
         config = config_for(tmp_path / "clean", port)
         async with daemon_running(config) as running:
             clean = await ingest_all(running, 120, "clean")
-        stub.lose_every = 5
+        stub.loss, stub.lose_retries = 0.2, False  # each lost answer costs one resend
         config = config_for(tmp_path / "lossy", port)
         async with daemon_running(config) as running:
             lossy = await ingest_all(running, 120, "lossy")

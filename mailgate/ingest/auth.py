@@ -64,7 +64,7 @@ RETRY_AFTER = 1.0  # seconds before a DNS query is sent again (a lost UDP answer
 # One message's lookups may take this many `dns_timeout`s in all: they run at once, but the
 # DMARC record of a subdomain falls back to the organisational domain's, one after the other.
 BUDGET_LOOKUPS = 3
-SPF_THREADS = 32  # pyspf blocks on DNS: threads that wait, not compute
+SPF_THREADS = 128  # pyspf blocks on DNS: threads that wait (a lost answer holds one 1 s+)
 
 T = TypeVar("T")
 R = TypeVar("R", bound=dns.resolver.BaseResolver)
