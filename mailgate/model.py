@@ -123,7 +123,8 @@ class SenderEvidence:
     the header block, for authentication to judge (ARCHITECTURE rule 5)."""
 
     from_fields: int = 1
-    from_mailboxes: int = 1  # addresses in the first From field
+    from_mailboxes: int = 1  # mailboxes in the From fields, valid or not
+    from_missing: bool = False  # no usable From: the envelope sender is the requester
     bare_line_ending: bool = False  # a CR or LF in the header that is not part of a CRLF
     signatures: tuple[DkimRef, ...] = ()
     authentication_results: tuple[str, ...] = ()  # raw values, topmost first
@@ -133,9 +134,15 @@ class SenderEvidence:
         """Why no check can vouch for this header, or None (RFC 7489 6.6.1, RFC 5322 2.2)."""
         if self.bare_line_ending:
             return "bare_line_ending"
-        if self.from_fields != 1 or self.from_mailboxes != 1:
+        if self.from_fields > 1 or self.from_mailboxes > 1:
             return "multiple_from"
         return None
+
+    @property
+    def flags(self) -> list[str]:
+        """Message flags for the header's shape, whatever authentication made of it."""
+        shape = self.untrusted_shape
+        return [*([shape] if shape else []), *(["from_missing"] if self.from_missing else [])]
 
 
 @dataclass(frozen=True, slots=True)

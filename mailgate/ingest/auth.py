@@ -277,6 +277,10 @@ class Authenticator:
     async def lookup(self, mail: ParsedMail, envelope: Envelope) -> Lookup:
         """Ask DNS what this message's verdict needs, within the budget; never raises."""
         from_domain = a_label(mail.sender.email.rpartition("@")[2])
+        if mail.evidence.from_missing:  # DMARC judges the From, and there is none: ask nothing
+            return Lookup(
+                from_domain, final=AuthResults("none", "none", "none", notes=("no From",))
+            )
         if self._config.trusted_authserv_id:
             return Lookup(
                 from_domain,

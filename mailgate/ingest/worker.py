@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from mailgate.addresses import address_key, same_address
 from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
 from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
@@ -98,7 +99,7 @@ class IngestWorker:
         self._tag_prefix = config.tickets.tag_prefix
         self._is_support = config.smtp.accepts
         self._agents = config.agents
-        self._own_sender = config.outbound.sender.lower()
+        self._own_sender = address_key(config.outbound.sender)
         self._wake = wake or asyncio.Event()
         self._mail_queued = mail_queued or asyncio.Event()
         self._authenticator = Authenticator(config.auth) if config.auth.enabled else None
@@ -208,7 +209,10 @@ class IngestWorker:
         """Parse in the parser process; if it dies, find the message that killed it."""
         try:
             results = await self._parser.run(
-                prepare_all, [row.raw for row in rows], self._attachments
+                prepare_all,
+                [row.raw for row in rows],
+                self._attachments,
+                [row.envelope.mail_from for row in rows],
             )
         except ParserCrashed as exc:  # or ParserTimedOut: a stalled parse is killed alike
             if len(rows) > 1:
@@ -302,7 +306,7 @@ class IngestWorker:
         verdict = item.verdict
         trusted = verdict.trust == "authenticated"
         failed = verdict.trust == "failed"
-        flags = [*verdict.flags, *_flags(mail, item.auth)]
+        flags = _flags(mail, item.auth, verdict)
         # A failed sender is not who it claims: it joins no ticket, is no agent, and gets no
         # automatic mail (which would go to the forged address).
         automatic = "untrusted sender" if failed else self._automatic_reason(mail, row)
@@ -407,14 +411,13 @@ class IngestWorker:
         )
 
     def _participants(self, mail: ParsedMail) -> list[str]:
-        sender = mail.sender.email.lower()
-        return sorted(
-            {
-                a.email
-                for a in (*mail.to, *mail.cc)
-                if not self._is_support(a.email) and a.email.lower() != sender
-            }
-        )
+        sender = address_key(mail.sender.email)
+        found: dict[str, str] = {}  # by key: one spelling of each address
+        for a in (*mail.to, *mail.cc):
+            key = address_key(a.email)
+            if not self._is_support(a.email) and key != sender:
+                found.setdefault(key, a.email)
+        return sorted(found.values())
 
     def _automatic_reason(self, mail: ParsedMail, row: InboundRow) -> str | None:
         """Why no automatic mail may answer this one (RFC 3834, rule 6), or None."""
@@ -428,7 +431,7 @@ class IngestWorker:
         for address in (sender, row.envelope.mail_from):
             if address.partition("@")[0].lower() in _ROLE_SENDERS:
                 return "mailer-daemon"
-        if self._is_support(sender) or sender.lower() == self._own_sender:
+        if self._is_support(sender) or address_key(sender) == self._own_sender:
             return "own address"
         if self._agents.includes(sender):
             return "agent"  # the team's own people need no verification or acknowledgement
@@ -457,25 +460,26 @@ class IngestWorker:
         )
         # Only an address the returned mail went to can be marked: a bounce that names others
         # would let anyone holding one of our mails silence a third party.
-        sent_to = {a.lower() for i in mail.bounce.returned_ids for a in tx.sent_to(i)}
+        sent_to = {address_key(a) for i in mail.bounce.returned_ids for a in tx.sent_to(i)}
         for recipient, status in mail.bounce.failed:
-            if status.startswith("5") and recipient.lower() in sent_to:
+            if status.startswith("5") and address_key(recipient) in sent_to:
                 tx.set_undeliverable(recipient, status, at=now)
         tx.finish_inbound(item.row.id, "ingested", reason="bounce", at=now)
         log.info("bounce_filed", ticket_id=ticket_id, permanent=len(mail.bounce.permanent))
         return IngestOutcome(item.row.id, "ingested", ticket_id)
 
 
-def _flags(mail: ParsedMail, auth: AuthResults | None) -> list[str]:
-    """What an agent should know before trusting this message, besides its trust level."""
-    flags = []
-    if any(a.email.lower() != mail.sender.email.lower() for a in mail.reply_to):
+def _flags(mail: ParsedMail, auth: AuthResults | None, verdict: Verdict) -> list[str]:
+    """What an agent should know before trusting this message: its trust level, the shape of
+    its header (whether or not it was checked), then the rest; each flag once."""
+    flags = [*verdict.flags, *mail.evidence.flags]
+    if any(not same_address(a.email, mail.sender.email) for a in mail.reply_to):
         flags.append("reply_to_differs")  # stored and shown; it never changes the requester
     if auth is not None and any(s.partial_body for s in auth.signatures):
         flags.append("dkim_partial_body")
     if auth is not None and auth.forged_results:
         flags.append("forged_authentication_results")
-    return flags
+    return list(dict.fromkeys(flags))
 
 
 def _log_outcome(outcome: IngestOutcome) -> None:

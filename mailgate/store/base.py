@@ -2,6 +2,10 @@
 
 Intake calls `receive`; the ingest worker hands `ingest()` a unit of work whose writes commit
 together (or not at all) with the inbound rows' new state; the CLI reads.
+
+Every method that takes an address compares it by `addresses.address_key` (full Unicode case
+folding, the domain as an A-label) and stores it as spelled; none relies on the database's
+collation.
 """
 
 from __future__ import annotations
