@@ -163,6 +163,7 @@ class ParsedMail:
     bounce: Bounce | None = None
     reply_to: tuple[Address, ...] = ()
     evidence: SenderEvidence = field(default_factory=SenderEvidence)
+    body_digest: str | None = None  # SHA-256 of the raw body (parse.body_digest); dedupe
 
 
 @dataclass(frozen=True, slots=True)

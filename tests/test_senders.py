@@ -344,6 +344,36 @@ def test_keys_fold_case_as_unicode_does() -> None:
     assert address_key("dilek@example.org") != address_key("DİLEK@example.org")
 
 
+# -- the same Message-ID with another body -------------------------------------------------
+
+
+async def test_the_same_message_id_with_another_body_is_kept(daemon: Running) -> None:
+    """Same Message-ID and sender, two bodies: both are stored, the second flagged
+    duplicate_message_id. The exact repeat (an SMTP retry, even through a relay that adds
+    its Received field) is stored once."""
+    first = (
+        b"From: Ann <ann@example.org>\r\nTo: support@example.com\r\nSubject: Order 17\r\n"
+        b"Message-ID: <reused@client.example>\r\n\r\nWhere is my order?\r\n"
+    )
+    second = first.replace(b"Where is my order?", b"Please cancel the order.")
+    relayed = b"Received: from mx.example.org by relay.example; Tue, 2 Dec 2025\r\n" + first
+    ids = []
+    for raw in (first, second, first, relayed):
+        ids.append(await send(daemon, raw, sender="ann@example.org"))
+    tickets = await daemon.tickets()
+    async with open_store(daemon.config.storage.database) as store:
+        rows = [await store.get_inbound(queue_id) for queue_id in ids]
+    messages = [m for t in tickets for m in t.messages]
+    assert [m.body_text for m in messages] == ["Where is my order?", "Please cancel the order."]
+    assert [m.flags for m in messages] == [(), ("duplicate_message_id",)]
+    assert [(r.state, r.reason) for r in rows if r] == [
+        ("ingested", None),
+        ("ingested", None),
+        ("ingested", "duplicate"),
+        ("ingested", "duplicate"),
+    ]
+
+
 # -- support and agent addresses take the same domains --------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,7 @@ async def test_received_rows_survive_reopening(tmp_path: Path) -> None:
     assert (row.id, row.raw, row.envelope, row.state) == ("Q1", raw, ENVELOPE, "received")
 
 
-def _mail(sender: str, message_id: str) -> ParsedMail:
+def _mail(sender: str, message_id: str, body: str) -> ParsedMail:
     return ParsedMail(
         sender=Address(sender),
         to=(),
@@ -40,8 +41,9 @@ def _mail(sender: str, message_id: str) -> ParsedMail:
         message_id=message_id,
         in_reply_to=(),
         references=(),
-        body_text="one",
+        body_text=body,
         body_html=None,
+        body_digest=hashlib.sha256(body.encode()).hexdigest(),
     )
 
 
@@ -54,7 +56,7 @@ async def test_every_lookup_compares_addresses_by_key(tmp_path: Path) -> None:
     def work(tx: IngestTx) -> tuple[object, ...]:
         ticket = tx.create_ticket("s", Address("STRASSE@Bücher.example"), at=now)
         tx.add_participants(ticket, ["Ünal@example.org", "ünal@example.org"])
-        first = _mail("STRASSE@bücher.example", "m1@client.example")
+        first = _mail("STRASSE@bücher.example", "m1@client.example", "one")
         tx.add_message(ticket, first, inbound_id=None, reason="new", attachments=(), at=now)
         tx.set_undeliverable("ÜNAL@example.org", "5.1.1", at=now)
         requester = tx.requester("straße@xn--bcher-kva.example")
@@ -64,7 +66,11 @@ async def test_every_lookup_compares_addresses_by_key(tmp_path: Path) -> None:
             tx.may_post(ticket, "üNAL@example.org"),
             tx.may_post(ticket, "someone@example.org"),
             tx.participants(ticket),
-            tx.duplicate_ticket("m1@client.example", "straße@bücher.example"),
+            tx.duplicate_ticket(
+                "m1@client.example", "straße@bücher.example", first.body_digest or ""
+            ),
+            tx.duplicate_ticket("m1@client.example", "straße@bücher.example", "another body"),
+            tx.has_message_id("m1@client.example", "Strasse@bücher.example"),
             tx.tickets_by_message_ids(["m1@client.example"], "STRASSE@BÜCHER.EXAMPLE"),
             tx.undeliverable("ünal@EXAMPLE.org"),
         )
@@ -80,6 +86,8 @@ async def test_every_lookup_compares_addresses_by_key(tmp_path: Path) -> None:
         False,
         ["Ünal@example.org"],
         1,
+        None,
+        True,
         [1],
         True,
     )
@@ -128,7 +136,7 @@ async def test_migration_007_keys_the_stored_addresses_and_merges_spellings(
             return (
                 tx.participants(3),
                 tx.undeliverable("strasse@EXAMPLE.net"),
-                tx.duplicate_ticket("m@x", "ÜNAL@example.org") == 2,
+                tx.has_message_id("m@x", "ÜNAL@example.org"),
                 tx.has_live_token("ünal@example.org", at=datetime.now(UTC)),
             )
 

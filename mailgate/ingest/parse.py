@@ -13,6 +13,7 @@ end of its body.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import replace
 from email.message import Message as StdMessage
@@ -49,7 +50,7 @@ def parse_mail(raw: bytes, envelope_sender: str = "") -> ParsedMail:
     """Parse one message; `envelope_sender` (MAIL FROM, "" for the null sender) stands in
     for a missing or unusable From. Raise `Unparseable` if neither names a sender."""
     msg, limits, header = read_message(raw)
-    mail = _extract(msg, header, envelope_sender)
+    mail = _extract(msg, header, envelope_sender, raw)
     if not limits:
         return mail
     # The agent must know that the ticket does not show all of the message.
@@ -57,7 +58,7 @@ def parse_mail(raw: bytes, envelope_sender: str = "") -> ParsedMail:
     return replace(mail, body_text=f"{mail.body_text}\n\n{notes}".strip())
 
 
-def _extract(msg: StdMessage, header: HeaderView, envelope_sender: str) -> ParsedMail:
+def _extract(msg: StdMessage, header: HeaderView, envelope_sender: str, raw: bytes) -> ParsedMail:
     headers = _raw_headers(msg)
     from_fields = headers.get("from", [])
     written = list(mailboxes(from_fields, limit=MAX_FROM_MAILBOXES))
@@ -90,6 +91,7 @@ def _extract(msg: StdMessage, header: HeaderView, envelope_sender: str) -> Parse
         reply_to=_addresses(headers, "reply-to"),
         bounce=_safe_bounce(msg),
         evidence=evidence,
+        body_digest=body_digest(raw, header.body_start),
     )
 
 
@@ -129,6 +131,19 @@ def _first_msgid(value: str) -> str | None:
         return clean_line(match.group(1))
     bare = clean_line(value)
     return bare[:998] or None
+
+
+def body_digest(raw: bytes, start: int) -> str:
+    """SHA-256 of the body after the header block, trailing line endings left out.
+
+    It tells a retry of the same message (an SMTP client that never saw our 250 sends the
+    same bytes again) from another message under the same Message-ID and sender, which is
+    kept. The header is left out: every relay adds its own Received fields to a retry.
+    """
+    end = len(raw)
+    while end > start and raw[end - 1] in b"\r\n":
+        end -= 1
+    return hashlib.sha256(memoryview(raw)[start:end]).hexdigest()
 
 
 def _parse_addresses(values: list[str], *, limit: int = MAX_ADDRESSES) -> list[Address]:

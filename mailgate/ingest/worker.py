@@ -292,11 +292,10 @@ class IngestWorker:
         if mail is None:
             tx.finish_inbound(row.id, "quarantined", reason=item.failure, at=now)
             return IngestOutcome(row.id, "quarantined", reason=item.failure)
-        if mail.message_id:
-            duplicate_of = tx.duplicate_ticket(mail.message_id, mail.sender.email)
-            if duplicate_of is not None:
-                tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
-                return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
+        duplicate_of, reused_id = self._seen(tx, mail)
+        if duplicate_of is not None:
+            tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
+            return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
         if mail.bounce is not None:
             bounced = self._bounced_ticket(tx, mail, row)
             if bounced is not None:
@@ -306,7 +305,7 @@ class IngestWorker:
         verdict = item.verdict
         trusted = verdict.trust == "authenticated"
         failed = verdict.trust == "failed"
-        flags = _flags(mail, item.auth, verdict)
+        flags = _flags(mail, item.auth, verdict, reused_id=reused_id)
         # A failed sender is not who it claims: it joins no ticket, is no agent, and gets no
         # automatic mail (which would go to the forged address).
         automatic = "untrusted sender" if failed else self._automatic_reason(mail, row)
@@ -371,6 +370,24 @@ class IngestWorker:
         return IngestOutcome(
             row.id, "ingested", ticket_id, created=match.ticket_id is None, mails_queued=queued
         )
+
+    @staticmethod
+    def _seen(tx: IngestTx, mail: ParsedMail) -> tuple[int | None, bool]:
+        """(the ticket that holds this very message already, whether its Message-ID is taken).
+
+        A repeat delivery (an SMTP client that never saw our 250 sends again) carries the same
+        Message-ID, sender and body: it is stored once. The same Message-ID and sender with
+        another body is another message (a client that reuses IDs, an edited resend): it is
+        kept, flagged `duplicate_message_id`. Nothing accepted disappears.
+        """
+        if not mail.message_id:
+            return None, False
+        sender = mail.sender.email
+        if mail.body_digest is not None:
+            ticket_id = tx.duplicate_ticket(mail.message_id, sender, mail.body_digest)
+            if ticket_id is not None:
+                return ticket_id, True
+        return None, tx.has_message_id(mail.message_id, sender)
 
     def _defer(self, tx: IngestTx, row: InboundRow, now: datetime) -> IngestOutcome:
         """DNS trouble: leave the row 'received' and check it again later, as an MTA defers;
@@ -469,7 +486,9 @@ class IngestWorker:
         return IngestOutcome(item.row.id, "ingested", ticket_id)
 
 
-def _flags(mail: ParsedMail, auth: AuthResults | None, verdict: Verdict) -> list[str]:
+def _flags(
+    mail: ParsedMail, auth: AuthResults | None, verdict: Verdict, *, reused_id: bool
+) -> list[str]:
     """What an agent should know before trusting this message: its trust level, the shape of
     its header (whether or not it was checked), then the rest; each flag once."""
     flags = [*verdict.flags, *mail.evidence.flags]
@@ -479,6 +498,8 @@ def _flags(mail: ParsedMail, auth: AuthResults | None, verdict: Verdict) -> list
         flags.append("dkim_partial_body")
     if auth is not None and auth.forged_results:
         flags.append("forged_authentication_results")
+    if reused_id:
+        flags.append("duplicate_message_id")
     return list(dict.fromkeys(flags))
 
 

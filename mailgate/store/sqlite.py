@@ -217,12 +217,20 @@ class _SqliteIngestTx:
         row = self._one("SELECT state FROM inbound WHERE id = ?", (inbound_id,))
         return cast(InboundState, row["state"]) if row else None
 
-    def duplicate_ticket(self, message_id: str, sender: str) -> int | None:
+    def duplicate_ticket(self, message_id: str, sender: str, body_digest: str) -> int | None:
         row = self._one(
-            "SELECT ticket_id FROM messages WHERE message_id = ? AND from_key = ? LIMIT 1",
-            (message_id, address_key(sender)),
+            "SELECT ticket_id FROM messages WHERE message_id = ? AND from_key = ? "
+            "AND body_sha256 = ? LIMIT 1",
+            (message_id, address_key(sender), body_digest),
         )
         return int(row["ticket_id"]) if row else None
+
+    def has_message_id(self, message_id: str, sender: str) -> bool:
+        row = self._one(
+            "SELECT 1 FROM messages WHERE message_id = ? AND from_key = ? LIMIT 1",
+            (message_id, address_key(sender)),
+        )
+        return row is not None
 
     def tickets_by_message_ids(self, message_ids: Sequence[str], sender: str) -> list[int]:
         if not message_ids:
@@ -300,7 +308,7 @@ class _SqliteIngestTx:
         row = self._one(
             "INSERT INTO messages (ticket_id, inbound_id, message_id, from_email, from_key, "
             "from_name, subject, body_text, body_html, thread_reason, author, received_at, auth, "
-            "flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "flags, body_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 ticket_id,
                 inbound_id,
@@ -316,6 +324,7 @@ class _SqliteIngestTx:
                 _ts(at),
                 json.dumps(dict(auth)) if auth is not None else None,
                 json.dumps(list(flags)),
+                mail.body_digest,
             ),
         )
         assert row is not None

@@ -2,6 +2,8 @@
 -- folding, the domain a lower-case A-label) kept beside the sender's own spelling, not by
 -- SQLite's NOCASE, which folds ASCII only (STRASSE@ and straße@ were two requesters). The
 -- migration runs with `address_key` registered as an SQL function on its connection.
+-- And a message keeps the SHA-256 of its body: the same Message-ID and sender with another
+-- body is another message, stored; only an exact repeat is a duplicate.
 
 -- Requesters that the key makes one: the oldest row stays, the others' tickets and
 -- verification links move to it, and it is verified if any of them was.
@@ -56,7 +58,10 @@ INSERT OR REPLACE INTO undeliverable_new (email_key, email, status, since)
 DROP TABLE undeliverable;
 ALTER TABLE undeliverable_new RENAME TO undeliverable;
 
+-- Messages stored before this have no digest: a repeat of one is kept as its own message
+-- (flagged duplicate_message_id), since nothing can tell it is the same.
 ALTER TABLE messages ADD COLUMN from_key TEXT NOT NULL DEFAULT '';
+ALTER TABLE messages ADD COLUMN body_sha256 TEXT;
 UPDATE messages SET from_key = address_key(from_email);
 DROP INDEX messages_message_id;
 CREATE INDEX messages_message_id ON messages (message_id, from_key);
