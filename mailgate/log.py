@@ -16,8 +16,11 @@ from typing import Any
 import structlog
 from structlog.typing import Processor
 
-# A local part (plain, or quoted with spaces), "@", a domain (dotless too: root@localhost).
-_ADDRESS = re.compile(r"(\"[^\"\r\n]*\"|[^\s<>\"'@,;:()\[\]]+)@([^\s<>\"'@,;:()\[\]]+)")
+# A local part (plain, or quoted with spaces), "@", a domain (dotless too: root@localhost) or
+# an address literal (printer@[192.0.2.10]).
+_ADDRESS = re.compile(
+    r"(\"[^\"\r\n]*\"|[^\s<>\"'@,;:()\[\]]+)@(\[[^\[\]\s]*\]|[^\s<>\"'@,;:()\[\]]+)"
+)
 
 
 def mask_address(text: str) -> str:
