@@ -20,14 +20,12 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
-from email_validator import EmailNotValidError
-
 from mailgate import __version__
+from mailgate.addresses import EmailNotValidError, validate_address
 from mailgate.config import Config, config_path, load_config
 from mailgate.domains import u_label
 from mailgate.errors import ConfigError, MailgateError, NotFound, UsageError
 from mailgate.ingest.auth import Authenticator
-from mailgate.ingest.parse import normalise_address
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.log import configure_logging
@@ -309,7 +307,7 @@ async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
 
 async def cmd_participants_add(config: Config, args: argparse.Namespace) -> int:
     try:
-        email = normalise_address(args.email)
+        email = validate_address(args.email)
     except EmailNotValidError as exc:
         raise UsageError(f"EMAIL: not a valid address: {exc}") from None
     async with open_store(config.storage.database) as store:

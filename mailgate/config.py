@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from email_validator import EmailNotValidError, validate_email
-
+from mailgate.addresses import EmailNotValidError, address_key, validate_address
+from mailgate.domains import a_label
 from mailgate.errors import ConfigError
 from mailgate.model import HostPort
 
@@ -30,7 +30,7 @@ DEFAULT_PATH = Path("config.toml")
 class SmtpConfig:
     listen: HostPort
     hostname: str
-    accept: tuple[str, ...]
+    accept: tuple[str, ...]  # address keys (addresses.address_key) and "@a-label" domains
     max_message_size: int
     drain_timeout: float
     max_connections: int
@@ -61,10 +61,13 @@ class SmtpConfig:
 
 
 def _listed(address: str, entries: tuple[str, ...]) -> bool:
-    local, _, domain = address.rpartition("@")
+    """Tell whether `address` is in `entries` (keys and `@domain`s), compared by key: full
+    Unicode case folding, domains as A-labels."""
+    key = address_key(address)
+    local, _, domain = key.rpartition("@")
     if not local:
         return False
-    return address.lower() in entries or f"@{domain.lower()}" in entries
+    return key in entries or f"@{domain}" in entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +114,7 @@ class VerificationConfig:
 
 @dataclass(frozen=True, slots=True)
 class AgentsConfig:
-    addresses: tuple[str, ...]
+    addresses: tuple[str, ...]  # address keys and "@a-label" domains, as SmtpConfig.accept
     expose_address: bool
 
     def includes(self, address: str) -> bool:
@@ -201,8 +204,10 @@ def _path(value: Any, base: Path) -> Path:
 
 
 def _mailbox(value: Any, base: Path) -> str:
+    """An address as mail takes it: dotless and special-use domains too (`helpdesk@corp.local`);
+    see `addresses.validate_address`."""
     try:
-        return validate_email(_text(value, base), check_deliverability=False).normalized
+        return validate_address(_text(value, base))
     except EmailNotValidError as exc:
         raise ValueError(f"not a valid address: {exc}") from None
 
@@ -222,9 +227,9 @@ def _address_list(value: Any, base: Path) -> tuple[str, ...]:
     for entry in value:
         if isinstance(entry, str) and entry.startswith("@"):
             domain = _mailbox(f"postmaster{entry}", base).partition("@")[2]
-            entries.append(f"@{domain.lower()}")
+            entries.append(f"@{a_label(domain)}")
         else:
-            entries.append(_mailbox(entry, base).lower())
+            entries.append(address_key(_mailbox(entry, base)))
     return tuple(entries)
 
 

@@ -36,7 +36,9 @@ def u_label(domain: str) -> str:
 
 
 def in_dns(domain: str) -> bool:
-    """Tell whether the DNS could hold records for `domain` (it has a dot, and no TLD the
-    DNS never answers for)."""
+    """Tell whether the DNS could hold records for `domain` (a name, not an address literal
+    such as `[192.0.2.1]`, with a dot, and no TLD the DNS never answers for)."""
     name = a_label(domain)
+    if name.startswith("["):
+        return False
     return "." in name and name.rpartition(".")[2] not in _NO_DNS_TLDS

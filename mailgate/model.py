@@ -129,7 +129,8 @@ class SenderEvidence:
     the header block, for authentication to judge (ARCHITECTURE rule 5)."""
 
     from_fields: int = 1
-    from_mailboxes: int = 1  # addresses in the first From field
+    from_mailboxes: int = 1  # mailboxes in the From fields, valid or not
+    from_missing: bool = False  # no usable From: the envelope sender is the requester
     bare_line_ending: bool = False  # a CR or LF in the header that is not part of a CRLF
     repeated: tuple[str, ...] = ()  # fields that may occur once but occur more often
     signatures: tuple[DkimRef, ...] = ()
@@ -140,13 +141,19 @@ class SenderEvidence:
         """Why no check can vouch for this header, or None (RFC 7489 6.6.1, RFC 5322 2.2)."""
         if self.bare_line_ending:
             return "bare_line_ending"
-        if self.from_fields != 1 or self.from_mailboxes != 1:
+        if self.from_fields > 1 or self.from_mailboxes > 1:
             return "multiple_from"
         if self.repeated:
             # DKIM covers the last instance of a field, readers take the first: a signed mail
             # with a Subject or Cc added on top would pass with the attacker's words.
             return "repeated_fields"
         return None
+
+    @property
+    def flags(self) -> list[str]:
+        """Message flags for the header's shape, whatever authentication made of it."""
+        shape = self.untrusted_shape
+        return [*([shape] if shape else []), *(["from_missing"] if self.from_missing else [])]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +174,7 @@ class ParsedMail:
     bounce: Bounce | None = None
     reply_to: tuple[Address, ...] = ()
     evidence: SenderEvidence = field(default_factory=SenderEvidence)
+    body_digest: str | None = None  # SHA-256 of the raw body (parse.body_digest); dedupe
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from mailgate.addresses import same_address
 from mailgate.config import Config
 from mailgate.log import mask_address
 from mailgate.model import Address, MailKind, OutboxItem, ParsedMail
@@ -135,7 +136,7 @@ class Reactions:
         cc = tuple(
             email
             for email in tx.participants(ticket_id)
-            if email.lower() != requester.email.lower()
+            if not same_address(email, requester.email)
             and not ours(email)
             and not self._config.agents.includes(email)
         )

@@ -6,7 +6,8 @@ input: undecodable bytes become U+FFFD, so a broken part never costs a message.
 
 from __future__ import annotations
 
-import email.header
+import base64
+import binascii
 import encodings
 import re
 from encodings.aliases import aliases as _PYTHON_ALIASES
@@ -144,15 +145,57 @@ def _unescape_raw(value: str) -> bytes:
 def decode_header_text(raw: str) -> str:
     """Decode an RFC 2047 header value (or raw UTF-8, RFC 6532) into clean one-line text."""
     unfolded = _FOLD.sub("", raw)
+    return clean_line(decode_words(decode_bytes(_unescape_raw(unfolded), None)))
+
+
+# An encoded word (RFC 2047 section 2, with the RFC 2231 language suffix): no white space and
+# no "?" inside, so each try at a position ends at the next "?" and the search stays linear.
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
+_WHITE = " \t\r\n"
+
+
+def decode_words(text: str) -> str:
+    """Decode the RFC 2047 encoded words in `text` (a str already); the rest stays as it is.
+
+    White space between two encoded words is dropped (RFC 2047 section 6.2), and adjacent
+    words of one charset are decoded together, so a character split across two words (as
+    clients cut long names) survives. A word that does not decode is kept as written. The
+    stdlib's `decode_header` is not used: it turns text beside an encoded word into
+    `raw-unicode-escape` bytes, so `Жора =?utf-8?q?...?=` came out as `\\u0416...`.
+    """
+    out: list[str] = []
+    pending = b""
+    charset: str | None = None  # of `pending`; None: the last thing was not a decoded word
+    pos = 0
+    for word in _ENCODED_WORD.finditer(text):
+        between = text[pos : word.start()]
+        data = _word_bytes(word.group(2), word.group(3))
+        label = word.group(1).lower()
+        if charset is None or between.strip(_WHITE) or data is None or label != charset:
+            if charset is not None:
+                out.append(decode_bytes(pending, charset))
+            out.append(between)
+            pending, charset = b"", None
+        if data is None:
+            out.append(word.group())
+        else:
+            pending, charset = pending + data, label
+        pos = word.end()
+    if charset is not None:
+        out.append(decode_bytes(pending, charset))
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _word_bytes(encoding: str, encoded: str) -> bytes | None:
+    """The bytes an encoded word's text stands for, or None if they cannot be had."""
+    data = encoded.encode("utf-8", "surrogateescape")
+    if encoding in "qQ":
+        return binascii.a2b_qp(data, header=True)
     try:
-        chunks = email.header.decode_header(unfolded)
-    except Exception:  # noqa: BLE001 - malformed words raise HeaderParseError, AssertionError...
-        chunks = [(unfolded, None)]
-    parts = []
-    for chunk, charset in chunks:
-        data = _unescape_raw(chunk) if isinstance(chunk, str) else chunk
-        parts.append(decode_bytes(data, charset))
-    return clean_line("".join(parts))
+        return base64.b64decode(data + b"=" * (-len(data) % 4))
+    except (binascii.Error, ValueError):
+        return None
 
 
 def clean_line(text: str) -> str:

@@ -187,8 +187,10 @@ def test_version() -> None:
     assert result.stdout == f"mailgate {declared['project']['version']}\n"
 
 
-async def test_message_without_from_is_quarantined(daemon: Running) -> None:
-    queue_id = await daemon.send(NO_FROM)
+async def test_message_without_from_or_envelope_sender_is_quarantined(daemon: Running) -> None:
+    """No From and a null sender name nobody: quarantine (with an envelope sender it is a
+    ticket, test_senders)."""
+    queue_id = await daemon.send(NO_FROM, sender="")
     await daemon.settle()
     assert cli_json(daemon, "tickets", "list") == []
 
@@ -211,7 +213,7 @@ async def test_message_without_from_is_quarantined(daemon: Running) -> None:
 
 
 async def test_quarantine_show_raw_is_byte_exact(daemon: Running) -> None:
-    queue_id = await daemon.send(NO_FROM)
+    queue_id = await daemon.send(NO_FROM, sender="")
     await daemon.settle()
     result = raw_cli(daemon, "quarantine", "show", queue_id, "--raw")
     assert result.returncode == 0, result.stderr
@@ -219,7 +221,7 @@ async def test_quarantine_show_raw_is_byte_exact(daemon: Running) -> None:
 
 
 async def test_replay_of_still_broken_message_stays_quarantined(daemon: Running) -> None:
-    queue_id = await daemon.send(NO_FROM)
+    queue_id = await daemon.send(NO_FROM, sender="")
     await daemon.settle()
     [before] = cli_json(daemon, "quarantine", "list")
 

@@ -117,6 +117,9 @@ def test_daemon_log_is_json_with_context_and_no_personal_data(
         ("no address here", "no address here"),
         ("root@localhost", "r***@localhost"),
         ('"jane doe"@example.org', "j***@example.org"),
+        ("root@vm", "r***@vm"),
+        ("printer@[192.0.2.10]", "p***@[192.0.2.10]"),
+        ("ops@[IPv6:2001:db8::1]", "o***@[IPv6:2001:db8::1]"),
     ],
 )
 def test_mask_address(text: str, expected: str) -> None:

@@ -349,3 +349,25 @@ async def test_agent_shown_when_configured(relay: Relay, tmp_path: Path) -> None
         )
         [*_, relayed] = await relay.wait_for(3)
     assert "Agent Smith <smith@staff.example.com>, Support" in relayed.text()
+
+
+async def test_a_subject_cut_to_the_limit_keeps_its_tag(
+    relay: Relay, relay_config: Config, tmp_path: Path
+) -> None:
+    """A subject over the limit is cut before the tag, never through it: the answer to
+    `Re: <long subject> [#1]` still names ticket 1, and a reply that keeps only the subject
+    (no References) joins the ticket by its tag."""
+    long_subject = "Printer " + "very " * 80 + "hot"
+    async with daemon_running(relay_config) as running:
+        await running.send(mail(sender="ann@example.org", subject=long_subject))
+        await relay.wait_for(2)
+        reply(running, 1, "Please unplug it.\n", tmp_path)
+        received = await relay.wait_for(3)
+        shown = [" ".join(str(r.message["Subject"]).split()) for r in received]
+        await running.send(mail(sender="ann@example.org", subject=shown[2]))
+        [ticket] = await running.tickets()
+    for subject in shown:
+        assert subject.endswith(" [#1]") and len(subject) <= 200, subject
+    assert shown[2].startswith("Re: Printer very very")
+    assert shown[2].endswith("... [#1]")
+    assert [m.thread_reason for m in ticket.messages] == ["new", "agent", "subject_tag"]

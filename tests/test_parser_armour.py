@@ -263,30 +263,40 @@ async def test_more_parts_than_the_limit(big_daemon: Running) -> None:
     await still_flowing(big_daemon)
 
 
-async def test_a_sender_past_the_header_limits_is_quarantined_with_a_reason(
+async def test_a_sender_past_the_header_limits_is_the_envelope_sender_or_quarantined(
     big_daemon: Running,
 ) -> None:
+    """The From lies past the header block's limit, so it is not read: the envelope sender is
+    the requester (flagged from_missing); with a null sender, quarantine, with a reason."""
     filler = b"".join(b"X-Filler-%d: %s\r\n" % (i, b"f" * 900) for i in range(1500))
     raw = (
         b"To: support@example.com\r\nSubject: Buried\r\n" + filler
-        + b"From: customer@example.org\r\n\r\nbody\r\n"
+        + b"From: victim@example.net\r\n\r\nbody\r\n"
     )  # fmt: skip
-    queue_id = await big_daemon.send(raw)
-    assert await big_daemon.tickets() == []
+    await big_daemon.send(raw, sender="customer@example.org")
+    queue_id = await big_daemon.send(raw, sender="")
+    ticket = await one_ticket(big_daemon, "Buried")
+    assert ticket.requester.email == "customer@example.org"
+    assert "from_missing" in ticket.messages[0].flags
     [row] = cli_json(big_daemon, "quarantine", "list")
-    assert (row["id"], row["reason"]) == (queue_id, "no From header")
+    assert (row["id"], row["reason"]) == (queue_id, "no usable From and a null envelope sender")
     await still_flowing(big_daemon)
 
 
 async def test_a_sender_in_nested_comments(big_daemon: Running) -> None:
-    # email.utils.getaddresses recurses per comment level: RecursionError.
-    raw = (
-        b"From: " + b"(" * 5000 + b" customer@example.org\r\nTo: support@example.com\r\n"
-        b"Subject: Comments\r\n\r\nbody\r\n"
-    )
-    await big_daemon.send(raw)
-    ticket = await one_ticket(big_daemon, "Comments")
-    assert ticket.requester.email == "customer@example.org"
+    """Comments nested 5,000 deep (the stdlib's getaddresses recursed per level): read
+    without recursion. Closed, the address after them is the requester; never closed, the
+    rest of the field is comment, so the envelope sender is."""
+    deep = b"\r\n ".join([b"(" * 500] * 10)  # folded: each line under the DATA line limit
+    closed = deep + b"x" + b"\r\n ".join([b")" * 500] * 10) + b" customer@example.org"
+    for subject, from_value in ((b"Closed", closed), (b"Open", deep + b" x@example.org")):
+        raw = (
+            b"From: " + from_value + b"\r\nTo: support@example.com\r\n"
+            b"Subject: " + subject + b"\r\n\r\nbody\r\n"
+        )
+        await big_daemon.send(raw, sender="envelope@example.org")
+    assert (await one_ticket(big_daemon, "Closed")).requester.email == "customer@example.org"
+    assert (await one_ticket(big_daemon, "Open")).requester.email == "envelope@example.org"
     await still_flowing(big_daemon)
 
 

@@ -247,3 +247,18 @@ def test_clean_line_keeps_the_joiners_names_and_emoji_are_spelt_with() -> None:
     family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # ZWJ sequence
     assert clean_line(persian) == persian
     assert clean_line(family) == family
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Жора =?utf-8?q?M=C3=BCller?=", "Жора Müller"),  # raw UTF-8 beside a word
+        ("=?utf-8?b?w6Q=?= =?utf-8?b?w7Y=?=", "äö"),  # white space between words dropped
+        ("=?UTF-8?B?SsM=?= =?utf-8?B?vHJnZW4=?=", "Jürgen"),  # one character, two words
+        ("=?iso-8859-1?Q?M=FCller,=20Hans?=", "Müller, Hans"),  # a comma inside the word
+        ("=?utf-8*de?q?Gr=C3=BC=C3=9Fe?=", "Grüße"),  # RFC 2231 language suffix
+        ("=?utf-8?q?a?= b =?utf-8?q?c?=", "a b c"),
+    ],
+)
+def test_encoded_words_decode_as_clients_show_them(raw: str, expected: str) -> None:
+    assert decode_header_text(raw) == expected

@@ -43,9 +43,14 @@ async def ehlo(conn: Raw, name: str = "proxy.example") -> list[str]:
             return lines
 
 
-async def transaction(conn: Raw, subject: str = "Forwarded", data: bytes | None = None) -> str:
+async def transaction(
+    conn: Raw,
+    subject: str = "Forwarded",
+    data: bytes | None = None,
+    sender: str = "customer@example.org",
+) -> str:
     """MAIL, RCPT and DATA with one message; its queue id."""
-    assert await conn.command("MAIL FROM:<customer@example.org>") == "250 2.1.0 Sender OK"
+    assert await conn.command(f"MAIL FROM:<{sender}>") == "250 2.1.0 Sender OK"
     assert await conn.command(f"RCPT TO:<{SUPPORT}>") == "250 2.1.5 Recipient OK"
     assert (await conn.command("DATA")).startswith("354 ")
     await conn.send((data if data is not None else message(subject=subject)) + b".\r\n")
@@ -220,7 +225,7 @@ async def test_quarantine_show_names_the_original_client(tmp_path: Path) -> None
             assert await conn.command("XFORWARD NAME=mx.client.example ADDR=192.0.2.9") == (
                 "250 2.0.0 Ok"
             )
-            queue_id = await transaction(conn, data=NO_FROM)
+            queue_id = await transaction(conn, data=NO_FROM, sender="")  # names nobody
         await daemon.settle()
         shown = daemon.cli("quarantine", "show", queue_id)
         assert shown.returncode == 0, shown.stderr

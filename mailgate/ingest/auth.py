@@ -316,6 +316,10 @@ class Authenticator:
     async def lookup(self, mail: ParsedMail, envelope: Envelope) -> Lookup:
         """Ask DNS what this message's verdict needs, within the budget; never raises."""
         from_domain = a_label(mail.sender.email.rpartition("@")[2])
+        if mail.evidence.from_missing:  # DMARC judges the From, and there is none: ask nothing
+            return Lookup(
+                from_domain, final=AuthResults("none", "none", "none", notes=("no From",))
+            )
         authserv_id = self._config.trusted_authserv_id
         if authserv_id and self._trusted_peer(envelope.peer_ip):
             results = self._trusted(mail.evidence.authentication_results, authserv_id, from_domain)

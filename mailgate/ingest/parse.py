@@ -3,25 +3,29 @@
 The MIME structure is read by `mime.read_message`, under hard limits (depth, parts, header
 sizes) that hostile mail cannot get past; the stdlib parses only single capped header blocks
 and decodes payloads. Headers are decoded here from their raw values (RFC 2047 words, raw
-UTF-8, mislabelled charsets). Raises `Unparseable` only when no usable sender can be found;
-everything else degrades to "what could be read", and a message cut by a limit says so at
-the end of its body.
+UTF-8, mislabelled charsets); address headers by `address_list`, which never decodes inside
+an addr-spec. Who wrote the message is decided here (ARCHITECTURE rule 5): the first valid
+From mailbox; failing that, the envelope sender, and the message says so (`from_missing`).
+Raises `Unparseable` only when neither names anyone (no usable From and a null sender);
+everything else degrades to "what could be read", and a message cut by a limit says so at the
+end of its body.
 """
 
 from __future__ import annotations
 
-import email.utils
+import hashlib
 import re
 from dataclasses import replace
 from email.message import Message as StdMessage
 
 from dkim.util import parse_tag_value
-from email_validator import EmailNotValidError, validate_email
 
+from mailgate.addresses import EmailNotValidError, validate_address
 from mailgate.domains import a_label
 from mailgate.errors import Unparseable
+from mailgate.ingest.address_list import Mailbox, mailboxes
 from mailgate.ingest.classify import automatic_reason, find_bounce
-from mailgate.ingest.mime import LIMIT_NOTES, MAX_DEPTH, read_message
+from mailgate.ingest.mime import LIMIT_NOTES, MAX_DEPTH, HeaderView, read_message
 from mailgate.model import Address, AttachmentPart, Bounce, DkimRef, ParsedMail, SenderEvidence
 from mailgate.text import (
     clean_body,
@@ -34,6 +38,7 @@ from mailgate.text import (
 MAX_REFERENCES = 100
 MAX_ADDRESSES = 100  # kept from one address header
 MAX_ADDRESSES_READ = 1000  # looked at in one address header, valid or not
+MAX_FROM_MAILBOXES = 100  # looked at in the From fields; the first valid one is the requester
 MAX_FILENAME = 255
 MAX_SIGNATURES = 10  # DKIM-Signature fields read; authentication checks fewer still
 MAX_AUTHENTICATION_RESULTS = 20
@@ -53,10 +58,11 @@ _MSGID = re.compile(r"<([^<>\s]{1,998})>")
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 
 
-def parse_mail(raw: bytes) -> ParsedMail:
-    """Parse one message; raise `Unparseable` if it has no usable From."""
+def parse_mail(raw: bytes, envelope_sender: str = "") -> ParsedMail:
+    """Parse one message; `envelope_sender` (MAIL FROM, "" for the null sender) stands in
+    for a missing or unusable From. Raise `Unparseable` if neither names a sender."""
     msg, limits, header = read_message(raw)
-    mail = _extract(msg, bare_line_ending=header.bare_line_ending)
+    mail = _extract(msg, header, envelope_sender, raw)
     if not limits:
         return mail
     # The agent must know that the ticket does not show all of the message.
@@ -64,13 +70,16 @@ def parse_mail(raw: bytes) -> ParsedMail:
     return replace(mail, body_text=f"{mail.body_text}\n\n{notes}".strip())
 
 
-def _extract(msg: StdMessage, *, bare_line_ending: bool) -> ParsedMail:
+def _extract(msg: StdMessage, header: HeaderView, envelope_sender: str, raw: bytes) -> ParsedMail:
     headers = _raw_headers(msg)
-    sender = _sender(headers)
+    from_fields = headers.get("from", [])
+    written = list(mailboxes(from_fields, limit=MAX_FROM_MAILBOXES))
+    sender, from_missing = _sender(written, envelope_sender)
     evidence = SenderEvidence(
-        from_fields=len(headers["from"]),
-        from_mailboxes=sum(1 for _name, addr in _getaddresses(headers["from"][:1]) if addr),
-        bare_line_ending=bare_line_ending,
+        from_fields=len(from_fields),
+        from_mailboxes=len(written),
+        from_missing=from_missing,
+        bare_line_ending=header.bare_line_ending,
         repeated=tuple(name for name in _SINGLE_FIELDS if len(headers.get(name, ())) > 1),
         signatures=_dkim_signatures(headers.get("dkim-signature", [])),
         authentication_results=tuple(headers.get("authentication-results", []))[
@@ -95,6 +104,7 @@ def _extract(msg: StdMessage, *, bare_line_ending: bool) -> ParsedMail:
         reply_to=_addresses(headers, "reply-to"),
         bounce=_safe_bounce(msg),
         evidence=evidence,
+        body_digest=body_digest(raw, header.body_start),
     )
 
 
@@ -142,11 +152,17 @@ def _first_msgid(value: str) -> str | None:
     return bare[:998] or None
 
 
-def normalise_address(addr: str) -> str:
-    """Return the addr-spec normalised by email-validator, or raise EmailNotValidError."""
-    return validate_email(
-        addr, check_deliverability=False, allow_smtputf8=True, allow_quoted_local=True
-    ).normalized
+def body_digest(raw: bytes, start: int) -> str:
+    """SHA-256 of the body after the header block, trailing line endings left out.
+
+    It tells a retry of the same message (an SMTP client that never saw our 250 sends the
+    same bytes again) from another message under the same Message-ID and sender, which is
+    kept. The header is left out: every relay adds its own Received fields to a retry.
+    """
+    end = len(raw)
+    while end > start and raw[end - 1] in b"\r\n":
+        end -= 1
+    return hashlib.sha256(memoryview(raw)[start:end]).hexdigest()
 
 
 def _parse_addresses(values: list[str], *, limit: int = MAX_ADDRESSES) -> list[Address]:
@@ -155,38 +171,41 @@ def _parse_addresses(values: list[str], *, limit: int = MAX_ADDRESSES) -> list[A
     Validating costs tens of microseconds an address, and a 64 KiB field holds 20,000.
     """
     found: list[Address] = []
-    for raw_name, raw_addr in _getaddresses(values)[:MAX_ADDRESSES_READ]:
+    for written in mailboxes(values, limit=MAX_ADDRESSES_READ):
         if len(found) == limit:
             break
-        addr = decode_header_text(raw_addr)
-        try:
-            normalised = normalise_address(addr)
-        except EmailNotValidError:
-            continue
-        name = decode_header_text(raw_name) if raw_name else ""
-        found.append(Address(normalised, name or None))
+        address = _valid(written)
+        if address is not None:
+            found.append(address)
     return found
 
 
-_ADDR_SPEC = re.compile(r"[^\s<>()\[\],;:\"]+@[^\s<>()\[\],;:\"]+")
-
-
-def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
-    """(name, address) pairs; the bare addresses when the stdlib cannot parse the list."""
+def _valid(written: Mailbox) -> Address | None:
+    """The mailbox as an Address, its addr-spec taken literally (never decoded), if valid."""
+    if written.addr_spec is None:
+        return None
     try:
-        return email.utils.getaddresses(values)
-    except Exception:  # noqa: BLE001 - nested comments raise RecursionError, for one
-        return [("", addr) for value in values for addr in _ADDR_SPEC.findall(value)]
+        return Address(validate_address(written.addr_spec), written.name)
+    except EmailNotValidError:
+        return None
 
 
-def _sender(headers: dict[str, list[str]]) -> Address:
-    values = headers.get("from", [])
-    if not values:
-        raise Unparseable("no From header")
-    found = _parse_addresses(values[:1], limit=1)
-    if not found:
-        raise Unparseable("From header holds no valid address")
-    return found[0]
+def _sender(written: list[Mailbox], envelope_sender: str) -> tuple[Address, bool]:
+    """Who wrote the message, and whether the envelope had to say so (no usable From).
+
+    The first valid From mailbox; then MAIL FROM, which is where RFC 3834 sends automatic
+    answers anyway. A null sender with no usable From names nobody.
+    """
+    for mailbox in written:
+        address = _valid(mailbox)
+        if address is not None:
+            return address, False
+    if not envelope_sender:
+        raise Unparseable("no usable From and a null envelope sender")
+    try:
+        return Address(validate_address(envelope_sender)), True
+    except EmailNotValidError:
+        raise Unparseable("no usable From and an unusable envelope sender") from None
 
 
 def _addresses(headers: dict[str, list[str]], name: str) -> tuple[Address, ...]:

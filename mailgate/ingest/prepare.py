@@ -60,10 +60,11 @@ class Prepared:
     failure: str | None = None
 
 
-def prepare(raw: bytes, attachments: Path) -> Prepared:
-    """Parse `raw` and store its attachments by content hash."""
+def prepare(raw: bytes, attachments: Path, envelope_sender: str = "") -> Prepared:
+    """Parse `raw` (its envelope sender stands in for a missing From) and store its
+    attachments by content hash."""
     try:
-        mail = parse_mail(raw)
+        mail = parse_mail(raw, envelope_sender)
     except Unparseable as exc:
         return Prepared(None, failure=str(exc))
     except Exception as exc:  # noqa: BLE001 - a parser failure quarantines, never kills
@@ -85,8 +86,9 @@ def prepare(raw: bytes, attachments: Path) -> Prepared:
     return Prepared(replace(mail, attachments=()), stored)
 
 
-def prepare_all(raws: Sequence[bytes], attachments: Path) -> list[Prepared]:
-    return [prepare(raw, attachments) for raw in raws]
+def prepare_all(raws: Sequence[bytes], attachments: Path, senders: Sequence[str]) -> list[Prepared]:
+    """Prepare each message; `senders` are their envelope senders, in the same order."""
+    return [prepare(raw, attachments, sender) for raw, sender in zip(raws, senders, strict=True)]
 
 
 def verify_all(jobs: Sequence[tuple[bytes, Sequence[VerifyJob]]]) -> list[dict[int, bool]]:
@@ -136,7 +138,7 @@ class ParserPool:
             return self._pool
         # spawn, not fork: forking a process that runs threads (SQLite's) is unsafe.
         pool = self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        future = asyncio.get_running_loop().run_in_executor(pool, prepare_all, [], Path())
+        future = asyncio.get_running_loop().run_in_executor(pool, prepare_all, [], Path(), [])
         try:
             await asyncio.wait_for(future, START_TIMEOUT)
         except TimeoutError as exc:

@@ -11,6 +11,13 @@ Every message ends in one of three trust levels, stored and shown with it:
 - *unauthenticated*: nothing proves or disproves the sender. The threading rule of the
   foundation applies, nothing more.
 
+A message without a usable From (flag `from_missing`; its envelope sender is the requester)
+is unauthenticated, whatever the checks say, and never failed: DMARC authenticates the From
+domain and there is none, so an SPF pass for MAIL FROM proves nothing about who wrote it; but
+a missing From is no sign of forgery either (scripts, cron jobs and old gateways send such
+mail, and a forger would rather write a From), so it keeps the foundation's threading, and
+the envelope sender, where RFC 3834 sends automatic answers anyway, gets them.
+
 DNS trouble is no verdict: `decide` answers None (undecided), and the message waits to be
 checked again; past `[auth] retry_for` it is decided as if the checks that did not answer
 had not passed (`final=True`): unauthenticated at best, and failed where the From domain's
@@ -51,6 +58,8 @@ def decide(results: AuthResults, evidence: SenderEvidence, *, final: bool) -> Ve
     shape = evidence.untrusted_shape
     if shape is not None:
         return Verdict("failed", shape)
+    if evidence.from_missing:  # no From to authenticate: see the module's docstring
+        return UNCHECKED
     if results.dmarc == "pass":
         return Verdict("authenticated")
     if results.dmarc == "fail":

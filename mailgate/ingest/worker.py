@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from mailgate.addresses import address_key, same_address
 from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
 from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
@@ -106,7 +107,7 @@ class IngestWorker:
         self._tag_prefix = config.tickets.tag_prefix
         self._is_support = config.smtp.accepts
         self._agents = config.agents
-        self._own_sender = config.outbound.sender.lower()
+        self._own_sender = address_key(config.outbound.sender)
         self._wake = wake or asyncio.Event()
         self._mail_queued = mail_queued or asyncio.Event()
         self._authenticator = (
@@ -260,7 +261,10 @@ class IngestWorker:
         """Parse in the parser process; if it dies, find the message that killed it."""
         try:
             results = await self._parser.run(
-                prepare_all, [row.raw for row in rows], self._attachments
+                prepare_all,
+                [row.raw for row in rows],
+                self._attachments,
+                [row.envelope.mail_from for row in rows],
             )
         except ParserCrashed as exc:  # or ParserTimedOut: a stalled parse is killed alike
             if len(rows) > 1:
@@ -342,11 +346,10 @@ class IngestWorker:
         if mail is None:
             tx.finish_inbound(row.id, "quarantined", reason=item.failure, at=now)
             return IngestOutcome(row.id, "quarantined", reason=item.failure)
-        if mail.message_id:
-            duplicate_of = tx.duplicate_ticket(mail.message_id, mail.sender.email)
-            if duplicate_of is not None:
-                tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
-                return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
+        duplicate_of, reused_id = self._seen(tx, mail)
+        if duplicate_of is not None:
+            tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
+            return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
         if item.throttled:
             tx.defer_inbound(
                 row.id, retry_at=now + timedelta(seconds=THROTTLE_SECONDS), count=False
@@ -361,7 +364,7 @@ class IngestWorker:
                 return self._apply_bounce(tx, item, mail, bounced, now)
         trusted = verdict.trust == "authenticated"
         failed = verdict.trust == "failed"
-        flags = [*verdict.flags, *_flags(mail, item.auth)]
+        flags = _flags(mail, item.auth, verdict, reused_id=reused_id)
         # A failed sender is not who it claims: it joins no ticket, is no agent, and gets no
         # automatic mail (which would go to the forged address).
         automatic = "untrusted sender" if failed else self._automatic_reason(mail, row)
@@ -428,6 +431,24 @@ class IngestWorker:
             row.id, "ingested", ticket_id, created=match.ticket_id is None, mails_queued=queued
         )
 
+    @staticmethod
+    def _seen(tx: IngestTx, mail: ParsedMail) -> tuple[int | None, bool]:
+        """(the ticket that holds this very message already, whether its Message-ID is taken).
+
+        A repeat delivery (an SMTP client that never saw our 250 sends again) carries the same
+        Message-ID, sender and body: it is stored once. The same Message-ID and sender with
+        another body is another message (a client that reuses IDs, an edited resend): it is
+        kept, flagged `duplicate_message_id`. Nothing accepted disappears.
+        """
+        if not mail.message_id:
+            return None, False
+        sender = mail.sender.email
+        if mail.body_digest is not None:
+            ticket_id = tx.duplicate_ticket(mail.message_id, sender, mail.body_digest)
+            if ticket_id is not None:
+                return ticket_id, True
+        return None, tx.has_message_id(mail.message_id, sender)
+
     def _defer(self, tx: IngestTx, row: InboundRow, now: datetime) -> IngestOutcome:
         """DNS trouble: leave the row 'received' and check it again later, as an MTA defers;
         the last check falls at `retry_for` after it arrived, and that one decides."""
@@ -467,22 +488,21 @@ class IngestWorker:
         )
 
     def _participants(self, mail: ParsedMail, covered: frozenset[str] | None) -> list[str]:
-        """To and Cc addresses besides the sender and ours; only fields the proof covers
-        (`covered`, None for all): a replayed signed mail with a Cc added adds no one."""
-        sender = mail.sender.email.lower()
+        """To and Cc addresses besides the sender and ours, one spelling of each; only fields
+        the proof covers (`covered`, None for all): a replayed signed mail with a Cc added
+        adds no one."""
+        sender = address_key(mail.sender.email)
         fields = [
             addresses
             for name, addresses in (("to", mail.to), ("cc", mail.cc))
             if covered is None or name in covered
         ]
-        return sorted(
-            {
-                a.email
-                for addresses in fields
-                for a in addresses
-                if not self._is_support(a.email) and a.email.lower() != sender
-            }
-        )
+        found: dict[str, str] = {}  # by key: one spelling of each address
+        for a in (address for addresses in fields for address in addresses):
+            key = address_key(a.email)
+            if not self._is_support(a.email) and key != sender:
+                found.setdefault(key, a.email)
+        return sorted(found.values())
 
     def _automatic_reason(self, mail: ParsedMail, row: InboundRow) -> str | None:
         """Why no automatic mail may answer this one (RFC 3834, rule 6), or None."""
@@ -496,7 +516,7 @@ class IngestWorker:
         for address in (sender, row.envelope.mail_from):
             if address.partition("@")[0].lower() in _ROLE_SENDERS:
                 return "mailer-daemon"
-        if self._is_support(sender) or sender.lower() == self._own_sender:
+        if self._is_support(sender) or address_key(sender) == self._own_sender:
             return "own address"
         if self._agents.includes(sender):
             return "agent"  # the team's own people need no verification or acknowledgement
@@ -525,25 +545,30 @@ class IngestWorker:
         )
         # Only an address the returned mail went to can be marked: a bounce that names others
         # would let anyone holding one of our mails silence a third party.
-        sent_to = {a.lower() for i in mail.bounce.returned_ids for a in tx.sent_to(i)}
+        sent_to = {address_key(a) for i in mail.bounce.returned_ids for a in tx.sent_to(i)}
         for recipient, status in mail.bounce.failed:
-            if status.startswith("5") and recipient.lower() in sent_to:
+            if status.startswith("5") and address_key(recipient) in sent_to:
                 tx.set_undeliverable(recipient, status, at=now)
         tx.finish_inbound(item.row.id, "ingested", reason="bounce", at=now)
         log.info("bounce_filed", ticket_id=ticket_id, permanent=len(mail.bounce.permanent))
         return IngestOutcome(item.row.id, "ingested", ticket_id)
 
 
-def _flags(mail: ParsedMail, auth: AuthResults | None) -> list[str]:
-    """What an agent should know before trusting this message, besides its trust level."""
-    flags = []
-    if any(a.email.lower() != mail.sender.email.lower() for a in mail.reply_to):
+def _flags(
+    mail: ParsedMail, auth: AuthResults | None, verdict: Verdict, *, reused_id: bool
+) -> list[str]:
+    """What an agent should know before trusting this message: its trust level, the shape of
+    its header (whether or not it was checked), then the rest; each flag once."""
+    flags = [*verdict.flags, *mail.evidence.flags]
+    if any(not same_address(a.email, mail.sender.email) for a in mail.reply_to):
         flags.append("reply_to_differs")  # stored and shown; it never changes the requester
     if auth is not None and any(s.partial_body for s in auth.signatures):
         flags.append("dkim_partial_body")
     if auth is not None and auth.forged_results:
         flags.append("forged_authentication_results")
-    return flags
+    if reused_id:
+        flags.append("duplicate_message_id")
+    return list(dict.fromkeys(flags))
 
 
 def _log_outcome(outcome: IngestOutcome) -> None:

@@ -63,10 +63,10 @@ class Composer:
     def compose(self, item: OutboxItem) -> EmailMessage:
         """Render and assemble; raises ConfigError if a template is broken."""
         variables = self.variables(item)
-        subject = clean_line(self._templates.mail(item.kind, "subject.txt", variables))
         tag = self.tag(item.ticket_id)
-        if tag not in subject:
-            subject = f"{subject} {tag}".strip()
+        subject = _with_tag(
+            clean_line(self._templates.mail(item.kind, "subject.txt", variables)), tag
+        )
         text = self._templates.mail(item.kind, "txt", variables)
         html = self._templates.mail(item.kind, "html", variables)
 
@@ -77,7 +77,7 @@ class Composer:
         msg["To"] = _mailbox(Address(item.to.email) if item.automatic else item.to)
         if item.cc:
             msg["Cc"] = ", ".join(_mailbox(Address(cc)) for cc in item.cc)
-        msg["Subject"] = subject[:MAX_SUBJECT]
+        msg["Subject"] = subject
         msg["Date"] = format_datetime(datetime.now(UTC))
         msg["Message-ID"] = f"<{item.message_id}>"
         thread = [i for i in item.references if _PLAIN_MSGID.fullmatch(i)]
@@ -92,6 +92,22 @@ class Composer:
         msg.set_content(text)
         msg.add_alternative(html, subtype="html")
         return msg
+
+
+def _with_tag(subject: str, tag: str) -> str:
+    """The subject with the ticket's tag, at most MAX_SUBJECT characters.
+
+    The tag is what threads the customer's answer (rule 4) when the client drops References,
+    so a subject too long is cut before the tag, never through it: `Re: <long text>... [#12]`.
+    """
+    if tag in subject and len(subject) <= MAX_SUBJECT:
+        return subject
+    text = subject.replace(tag, " ") if tag in subject else subject
+    text = " ".join(text.split())
+    room = MAX_SUBJECT - len(tag) - 1
+    if len(text) > room:
+        text = text[: room - 3].rstrip() + "..."
+    return f"{text} {tag}".strip()
 
 
 def _mailbox(address: Address) -> str:

@@ -2,6 +2,10 @@
 
 Intake calls `receive`; the ingest worker hands `ingest()` a unit of work whose writes commit
 together (or not at all) with the inbound rows' new state; the CLI reads.
+
+Every method that takes an address compares it by `addresses.address_key` (full Unicode case
+folding, the domain as an A-label) and stores it as spelled; none relies on the database's
+collation.
 """
 
 from __future__ import annotations
@@ -41,8 +45,12 @@ class IngestTx(Protocol):
 
     def inbound_state(self, inbound_id: str) -> InboundState | None: ...
 
-    def duplicate_ticket(self, message_id: str, sender: str) -> int | None:
-        """Return the ticket already holding this Message-ID from this sender, if any."""
+    def duplicate_ticket(self, message_id: str, sender: str, body_digest: str) -> int | None:
+        """Return the ticket already holding this message (its Message-ID from this sender,
+        with this body digest), if any: a repeat delivery."""
+
+    def has_message_id(self, message_id: str, sender: str) -> bool:
+        """Tell whether a message with this Message-ID from this sender is stored."""
 
     def tickets_by_message_ids(self, message_ids: Sequence[str], sender: str) -> list[int]:
         """Return the tickets that `message_ids` name for `sender`, newest message first.

@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from mailgate.addresses import address_key
 from mailgate.errors import StoreError, StoreUnavailable
 from mailgate.model import (
     Address,
@@ -113,6 +114,8 @@ class _Writer:
         db.row_factory = sqlite3.Row
         for pragma in _PRAGMAS:
             db.execute(pragma)
+        # Migration 007 keys the stored addresses; the key is Python's (casefold, IDNA).
+        db.create_function("address_key", 1, address_key, deterministic=True)
         _migrate(db)
         self._db = db
 
@@ -214,12 +217,20 @@ class _SqliteIngestTx:
         row = self._one("SELECT state FROM inbound WHERE id = ?", (inbound_id,))
         return cast(InboundState, row["state"]) if row else None
 
-    def duplicate_ticket(self, message_id: str, sender: str) -> int | None:
+    def duplicate_ticket(self, message_id: str, sender: str, body_digest: str) -> int | None:
         row = self._one(
-            "SELECT ticket_id FROM messages WHERE message_id = ? AND from_email = ? LIMIT 1",
-            (message_id, sender),
+            "SELECT ticket_id FROM messages WHERE message_id = ? AND from_key = ? "
+            "AND body_sha256 = ? LIMIT 1",
+            (message_id, address_key(sender), body_digest),
         )
         return int(row["ticket_id"]) if row else None
+
+    def has_message_id(self, message_id: str, sender: str) -> bool:
+        row = self._one(
+            "SELECT 1 FROM messages WHERE message_id = ? AND from_key = ? LIMIT 1",
+            (message_id, address_key(sender)),
+        )
+        return row is not None
 
     def tickets_by_message_ids(self, message_ids: Sequence[str], sender: str) -> list[int]:
         if not message_ids:
@@ -229,13 +240,13 @@ class _SqliteIngestTx:
         # that came from someone else is ambiguous, and an ambiguous ID names nothing.
         rows = self._db.execute(
             "SELECT m.ticket_id FROM messages m "
-            "JOIN (SELECT message_id, count(DISTINCT from_email) AS senders, "
-            "      max(from_email = ?2) AS own FROM messages "
+            "JOIN (SELECT message_id, count(DISTINCT from_key) AS senders, "
+            "      max(from_key = ?2) AS own FROM messages "
             "      WHERE message_id IN (SELECT value FROM json_each(?1)) GROUP BY message_id) c "
             "ON c.message_id = m.message_id "
-            "WHERE (c.own AND m.from_email = ?2) OR (NOT c.own AND c.senders = 1) "
+            "WHERE (c.own AND m.from_key = ?2) OR (NOT c.own AND c.senders = 1) "
             "GROUP BY m.ticket_id ORDER BY max(m.received_at) DESC",
-            (json.dumps(list(message_ids)), sender),
+            (json.dumps(list(message_ids)), address_key(sender)),
         )
         return [int(row["ticket_id"]) for row in rows]
 
@@ -244,11 +255,12 @@ class _SqliteIngestTx:
         return cast(TicketStatus, row["status"]) if row else None
 
     def may_post(self, ticket_id: int, email: str) -> bool:
+        key = address_key(email)
         row = self._one(
             "SELECT 1 FROM tickets t JOIN requesters r ON r.id = t.requester_id "
-            "WHERE t.id = ? AND r.email = ? "
-            "UNION ALL SELECT 1 FROM participants WHERE ticket_id = ? AND email = ? LIMIT 1",
-            (ticket_id, email, ticket_id, email),
+            "WHERE t.id = ? AND r.email_key = ? "
+            "UNION ALL SELECT 1 FROM participants WHERE ticket_id = ? AND email_key = ? LIMIT 1",
+            (ticket_id, key, ticket_id, key),
         )
         return row is not None
 
@@ -262,13 +274,14 @@ class _SqliteIngestTx:
         rename: bool = False,
     ) -> int:
         # With `rename`, the newest display name wins: requesters fix typos in their mail
-        # client's settings. Otherwise a known requester keeps the name it has.
+        # client's settings. Otherwise a known requester keeps the name it has. The address
+        # keeps the spelling it was first written with.
         row = self._one(
-            "INSERT INTO requesters (email, name, created_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (email) DO UPDATE SET name = CASE WHEN ? "
+            "INSERT INTO requesters (email, email_key, name, created_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (email_key) DO UPDATE SET name = CASE WHEN ? "
             "THEN coalesce(excluded.name, requesters.name) ELSE requesters.name END "
             "RETURNING id",
-            (requester.email, requester.name, _ts(at), rename),
+            (requester.email, address_key(requester.email), requester.name, _ts(at), rename),
         )
         assert row is not None
         row = self._one(
@@ -293,14 +306,15 @@ class _SqliteIngestTx:
         flags: Sequence[str] = (),
     ) -> int:
         row = self._one(
-            "INSERT INTO messages (ticket_id, inbound_id, message_id, from_email, from_name, "
-            "subject, body_text, body_html, thread_reason, author, received_at, auth, flags) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO messages (ticket_id, inbound_id, message_id, from_email, from_key, "
+            "from_name, subject, body_text, body_html, thread_reason, author, received_at, auth, "
+            "flags, body_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 ticket_id,
                 inbound_id,
                 mail.message_id,
                 mail.sender.email,
+                address_key(mail.sender.email),
                 mail.sender.name,
                 mail.subject,
                 mail.body_text,
@@ -310,6 +324,7 @@ class _SqliteIngestTx:
                 _ts(at),
                 json.dumps(dict(auth)) if auth is not None else None,
                 json.dumps(list(flags)),
+                mail.body_digest,
             ),
         )
         assert row is not None
@@ -327,8 +342,8 @@ class _SqliteIngestTx:
 
     def add_participants(self, ticket_id: int, emails: Sequence[str]) -> None:
         self._db.executemany(
-            "INSERT OR IGNORE INTO participants (ticket_id, email) VALUES (?, ?)",
-            [(ticket_id, email) for email in emails],
+            "INSERT OR IGNORE INTO participants (ticket_id, email, email_key) VALUES (?, ?, ?)",
+            [(ticket_id, email, address_key(email)) for email in emails],
         )
 
     def participants(self, ticket_id: int) -> list[str]:
@@ -357,14 +372,14 @@ class _SqliteIngestTx:
         return (customer[-1] if customer else None), [row["message_id"] for row in rows]
 
     def requester(self, email: str) -> Requester | None:
-        row = self._one(_REQUESTERS + "WHERE r.email = ?", (email,))
+        row = self._one(_REQUESTERS + "WHERE r.email_key = ?", (address_key(email),))
         return _requester(row) if row else None
 
     def has_live_token(self, email: str, *, at: datetime) -> bool:
         row = self._one(
             "SELECT 1 FROM verification_tokens v JOIN requesters r ON r.id = v.requester_id "
-            "WHERE r.email = ? AND v.used_at IS NULL AND v.expires_at > ? LIMIT 1",
-            (email, _ts(at)),
+            "WHERE r.email_key = ? AND v.used_at IS NULL AND v.expires_at > ? LIMIT 1",
+            (address_key(email), _ts(at)),
         )
         return row is not None
 
@@ -373,29 +388,37 @@ class _SqliteIngestTx:
     ) -> None:
         self._db.execute(
             "INSERT INTO verification_tokens (requester_id, token_hash, created_at, expires_at) "
-            "SELECT id, ?, ?, ? FROM requesters WHERE email = ?",
-            (token_hash, _ts(at), _ts(expires_at), email),
+            "SELECT id, ?, ?, ? FROM requesters WHERE email_key = ?",
+            (token_hash, _ts(at), _ts(expires_at), address_key(email)),
         )
 
     def automatic_mails_since(self, recipient: str | None, since: datetime) -> int:
-        row = self._one(
-            "SELECT count(*) AS n FROM outbox WHERE automatic = 1 AND created_at > ?1 "
-            "AND (?2 IS NULL OR recipient = ?2)",
-            (_ts(since), recipient),
+        if recipient is None:
+            row = self._one(
+                "SELECT count(*) AS n FROM outbox WHERE automatic = 1 AND created_at > ?",
+                (_ts(since),),
+            )
+            return int(row["n"]) if row else 0
+        # Compared by key in Python: the window holds at most the global cap's rows.
+        rows = self._db.execute(
+            "SELECT recipient FROM outbox WHERE automatic = 1 AND created_at > ?", (_ts(since),)
         )
-        return int(row["n"]) if row else 0
+        key = address_key(recipient)
+        return sum(1 for row in rows if address_key(row["recipient"]) == key)
 
     def undeliverable(self, email: str) -> bool:
-        return self._one("SELECT 1 FROM undeliverable WHERE email = ?", (email,)) is not None
+        found = self._one("SELECT 1 FROM undeliverable WHERE email_key = ?", (address_key(email),))
+        return found is not None
 
     def set_undeliverable(self, email: str, status: str | None, *, at: datetime) -> None:
+        key = address_key(email)
         if status is None:
-            self._db.execute("DELETE FROM undeliverable WHERE email = ?", (email,))
+            self._db.execute("DELETE FROM undeliverable WHERE email_key = ?", (key,))
             return
         self._db.execute(
-            "INSERT INTO undeliverable (email, status, since) VALUES (?, ?, ?) "
-            "ON CONFLICT (email) DO UPDATE SET status = excluded.status",
-            (email, status, _ts(at)),
+            "INSERT INTO undeliverable (email_key, email, status, since) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (email_key) DO UPDATE SET status = excluded.status",
+            (key, email, status, _ts(at)),
         )
 
     def sent_to(self, message_id: str) -> list[str]:
@@ -587,14 +610,16 @@ class SqliteStore:
             return [_requester(row) async for row in cursor]
 
     async def get_requester(self, email: str) -> Requester | None:
-        async with self._reader.execute(_REQUESTERS + "WHERE r.email = ?", (email,)) as cursor:
+        async with self._reader.execute(
+            _REQUESTERS + "WHERE r.email_key = ?", (address_key(email),)
+        ) as cursor:
             row = await cursor.fetchone()
         return _requester(row) if row else None
 
     async def verify_requester(self, email: str) -> bool:
         return await self._writer.changes_one(
-            "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email = ?",
-            (_now(), email),
+            "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email_key = ?",
+            (_now(), address_key(email)),
         )
 
     async def add_participant(self, ticket_id: int, email: str) -> bool:
@@ -602,8 +627,8 @@ class SqliteStore:
             if db.execute("SELECT 1 FROM tickets WHERE id = ?", (ticket_id,)).fetchone() is None:
                 return False
             db.execute(
-                "INSERT OR IGNORE INTO participants (ticket_id, email) VALUES (?, ?)",
-                (ticket_id, email),
+                "INSERT OR IGNORE INTO participants (ticket_id, email, email_key) VALUES (?, ?, ?)",
+                (ticket_id, email, address_key(email)),
             )
             return True
 
@@ -704,7 +729,7 @@ def _outbox_row(row: aiosqlite.Row) -> OutboxRow:
 
 def _redeem(db: sqlite3.Connection, token_hash: str) -> tuple[TokenOutcome, str | None]:
     row = db.execute(
-        "SELECT v.id, v.used_at, v.expires_at, r.email FROM verification_tokens v "
+        "SELECT v.id, v.requester_id, v.used_at, v.expires_at, r.email FROM verification_tokens v "
         "JOIN requesters r ON r.id = v.requester_id WHERE v.token_hash = ?",
         (token_hash,),
     ).fetchone()
@@ -717,8 +742,8 @@ def _redeem(db: sqlite3.Connection, token_hash: str) -> tuple[TokenOutcome, str 
         return "expired", None
     db.execute("UPDATE verification_tokens SET used_at = ? WHERE id = ?", (now, row["id"]))
     db.execute(
-        "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email = ?",
-        (now, row["email"]),
+        "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE id = ?",
+        (now, row["requester_id"]),
     )
     return "verified", str(row["email"])
 
@@ -757,7 +782,7 @@ def _message(row: aiosqlite.Row, attachments: tuple[StoredAttachment, ...]) -> M
 
 _REQUESTERS = (
     "SELECT r.*, u.status AS undeliverable FROM requesters r "
-    "LEFT JOIN undeliverable u ON u.email = r.email "
+    "LEFT JOIN undeliverable u ON u.email_key = r.email_key "
 )
 _CLAIM = (
     "UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id IN ("
