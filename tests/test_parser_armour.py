@@ -481,3 +481,29 @@ def test_html_to_text_keeps_words_and_drops_markup() -> None:
         html_to_text(html)
         == "Hello & welcome\n\n- one\n\n- two\n\na < b and c > d\nshown\nunclosed"
     )
+
+
+@pytest.mark.parametrize(
+    ("parameter", "filename"),
+    [
+        (b"filename*=utf-8''r%C3%A9sum%C3%A9.pdf", "résumé.pdf"),
+        (b"filename*=iso-8859-1''caf%E9.txt", "café.txt"),
+        (b"filename*0*=utf-8''long%20; filename*1=name.txt", "long name.txt"),
+        (b'filename="=?utf-8?q?caf=C3=A9.txt?="', "café.txt"),  # Outlook's RFC 2047 in quotes
+        # Codecs that are no mail charset never run: the bytes are read as an unknown charset.
+        (b"filename*=utf-7''+ADw-x.exe", "+ADw-x.exe"),
+        (b"filename*=punycode''abc-def", "abc-def"),
+        (b"filename*=rot13''ercbeg.cqs", "ercbeg.cqs"),
+        (b"filename*=zlib_codec''report.pdf", "report.pdf"),
+    ],
+)
+def test_rfc2231_file_names_decode_only_mail_charsets(parameter: bytes, filename: str) -> None:
+    raw = multipart(
+        "Names",
+        b"Content-Type: text/plain\r\n\r\nhi",
+        b"Content-Type: application/octet-stream\r\nContent-Disposition: attachment; "
+        + parameter
+        + b"\r\n\r\nAAAA",
+    )
+    [part] = parse_mail(raw).attachments
+    assert part.filename == filename

@@ -30,6 +30,7 @@ from mailgate.model import Address, AttachmentPart, Bounce, DkimRef, ParsedMail,
 from mailgate.text import (
     clean_body,
     clean_line,
+    codec_for,
     decode_bytes,
     decode_header_text,
     html_to_text,
@@ -283,8 +284,25 @@ def _content_type(part: StdMessage) -> str:
 
 
 def _filename(part: StdMessage) -> str | None:
-    raw = _safe(part.get_filename)
-    return decode_header_text(raw) if raw else None
+    """The part's file name, from Content-Disposition, else Content-Type's `name`.
+
+    Not `Message.get_filename`: it decodes an RFC 2231 value (`filename*=utf-7''...`) with
+    whatever Python codec the sender names; here its bytes go through `decode_bytes`, which
+    decodes only mail charsets. A plain value may hold RFC 2047 words (Outlook writes them).
+    """
+    for header, name in (("content-disposition", "filename"), ("content-type", "name")):
+        try:
+            value = part.get_param(name, header=header)
+        except Exception:  # noqa: BLE001, S112 - malformed parameters name no file
+            continue
+        if isinstance(value, tuple):  # RFC 2231: (charset, language, the bytes as str)
+            charset, _language, text = value
+            data = text.encode("latin-1", "replace")
+            codec = codec_for(charset)  # the declared charset, if it is one of mail's
+            return (data.decode(codec, "replace") if codec else decode_bytes(data, None)) or None
+        if value:
+            return decode_header_text(value) or None
+    return None
 
 
 def _payload(part: StdMessage) -> bytes:
