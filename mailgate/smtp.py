@@ -2,7 +2,9 @@
 
 `Handler` checks recipients against `[smtp] accept` (never an open relay), refuses mail while
 the store's disk is nearly full and mail that has looped, hands DATA to intake and maps the
-outcome to a reply. The session itself and its limits are in `smtp_session.py`.
+outcome to a reply. The session itself and its limits are in `smtp_session.py`; a large
+message reaches the handler as a spool file (`spool.py`), which the commit copies into the
+store.
 """
 
 from __future__ import annotations
@@ -35,8 +37,13 @@ from mailgate.smtp_session import (
     TransactionEnvelope,
     peer_of,
 )
+from mailgate.spool import Spooled
 
 log = structlog.get_logger(__name__)
+
+# Received fields are counted in this much of the message at most: the parser reads no more
+# of a header block either (ingest/mime.py), and a loop's fields are at the top.
+RECEIVED_SCAN = 1024 * 1024
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
@@ -59,7 +66,7 @@ class Handler:
     def __init__(self, config: SmtpConfig, intake: Intake, *, spool: Path) -> None:
         self._config = config
         self._intake = intake
-        self._spool = spool  # the folder holding the database
+        self._spool = spool  # the folder holding the database (and the spool files)
         self._commits: set[asyncio.Task[str | None]] = set()
         self.in_flight = 0  # DATA commits under way; the drain waits for them
         self.idle = asyncio.Event()
@@ -114,8 +121,11 @@ class Handler:
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        raw = envelope.original_content or b""
-        received = count_received(raw)
+        raw = envelope.message if isinstance(envelope, TransactionEnvelope) else None
+        raw = raw or envelope.original_content or b""
+        head = raw.head(RECEIVED_SCAN) if isinstance(raw, Spooled) else raw[:RECEIVED_SCAN]
+        received = count_received(head)
+        del head
         if received > self._config.max_received_headers:
             log.warning("mail_loop_refused", received=received)
             return MAIL_LOOP
@@ -134,6 +144,8 @@ class Handler:
         # leaves the commit to finish (the row is whole or absent, never half-written) and
         # the drain waits for it through in_flight. The sender got no 250 and may retry;
         # ingest stores a retried duplicate once.
+        if isinstance(raw, Spooled):
+            raw.retain()  # the session lets go when it is done; the commit when it is
         commit = asyncio.create_task(self._commit(stored, raw))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
@@ -144,19 +156,22 @@ class Handler:
             raise
         return TEMPFAIL if queue_id is None else f"250 2.0.0 Queued as {queue_id}"
 
-    async def _commit(self, stored: Envelope, raw: bytes) -> str | None:
+    async def _commit(self, stored: Envelope, raw: bytes | Spooled) -> str | None:
         """Commit one message; its queue id, or None if it was not stored."""
         self.in_flight += 1
         self.idle.clear()
+        size = raw.size if isinstance(raw, Spooled) else len(raw)
         try:
             queue_id = await self._intake.receive(stored, raw)
         except StoreUnavailable:
-            log.warning("message_deferred", size=len(raw))
+            log.warning("message_deferred", size=size)
             return None
         except Exception as exc:  # a sender gets 451, never an error text
             log.error("message_commit_failed", error=type(exc).__name__, exc_info=exc)
             return None
         finally:
+            if isinstance(raw, Spooled):
+                raw.release()
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
@@ -164,7 +179,7 @@ class Handler:
         log.info(
             "message_queued",
             queue_id=queue_id,
-            size=len(raw),
+            size=size,
             rcpts=len(stored.rcpt_tos),
             **client,
         )
@@ -230,8 +245,8 @@ async def start_smtp(
     """Listen on `config.listen` with `loop.create_server` (no threaded Controller).
 
     `sessions` is kept up to date with the open sessions; intake reads its size. `spool` is
-    the folder of the database, whose free space MAIL checks. The descriptor limit is raised
-    first (see `raise_descriptor_limit`).
+    the folder of the database, where large messages are spooled as they arrive and whose free
+    space MAIL checks. The descriptor limit is raised first (see `raise_descriptor_limit`).
     """
     raise_descriptor_limit()
     handler = Handler(config, intake, spool=spool)
@@ -239,6 +254,7 @@ async def start_smtp(
         handler,
         sessions=sessions,
         limits=config,
+        spool=spool,
         enable_SMTPUTF8=True,
         decode_data=False,
         hostname=config.hostname,

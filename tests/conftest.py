@@ -278,6 +278,7 @@ class SubprocessDaemon:
         *,
         smtp_extra: str = "",
         nofile: tuple[int, int] | None = None,
+        max_message_size: int = 1024 * 1024,
     ) -> None:
         self.folder = folder
         self.port = free_port()
@@ -287,6 +288,7 @@ class SubprocessDaemon:
             log_level="warning",
             relay_port=relay_port,
             smtp_extra=smtp_extra,
+            max_message_size=max_message_size,
         )
         self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None

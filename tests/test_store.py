@@ -25,4 +25,6 @@ async def test_received_rows_survive_reopening(tmp_path: Path) -> None:
         await store.receive([("Q1", ENVELOPE, raw)])
     async with open_store(tmp_path / "db.sqlite") as store:
         [row] = await store.pending_inbound(limit=10)
-    assert (row.id, row.raw, row.envelope, row.state) == ("Q1", raw, ENVELOPE, "received")
+        stored = await store.read_raw("Q1")
+    assert (row.id, row.size, row.envelope, row.state) == ("Q1", len(raw), ENVELOPE, "received")
+    assert stored == raw

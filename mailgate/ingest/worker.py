@@ -7,6 +7,10 @@ message; the messages whose checks are done are verified (DKIM, in the parser pr
 and applied in one transaction together with the rows' new state, so a crash at any point
 leaves each row either untouched ('received', done again on restart) or completely done. A
 message whose checks ran into DNS trouble stays 'received' and is checked again later.
+
+The daemon never holds raw messages: rows come without them, and the parser process reads
+each one from the database itself (for the parse and again for DKIM), so what ingest costs
+the daemon is bounded by what the parse made of a batch (`BATCH_BYTES`, `MAX_IN_FLIGHT_BYTES`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from mailgate.store import IngestTx, Store
 log = structlog.get_logger(__name__)
 
 BATCH = 64
+# Raw bytes of one batch past its first row. The parser process reads one raw message at a
+# time, but sends back what the parse made of the whole batch at once (bodies, as text).
+BATCH_BYTES = 16 * 1024 * 1024
 # While intake is busy, small batches: intake's commits queue behind each ingest transaction
 # on the one writer, so a short transaction keeps the 250s flowing.
 BATCH_WHILE_BUSY = 8
@@ -49,8 +56,8 @@ RETRY_SECONDS = 2.0
 # so a tenth of the event loop's time still ingests several hundred messages a second.
 SHARE_WHILE_BUSY = 0.1
 MAX_PAUSE = 1.0
-# Messages whose sender checks are under way at once, and their raw bytes in all: the rest
-# wait in the store.
+# Messages whose sender checks are under way at once, and their raw bytes in all (what they
+# hold is their parse, no more than that): the rest wait in the store.
 MAX_IN_FLIGHT = 256
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # A message whose checks ran into DNS trouble is checked again after this long (or an eighth
@@ -71,6 +78,7 @@ class _Prepared:
     mail: ParsedMail | None
     attachments: tuple[StoredAttachment, ...] = ()
     failure: str | None = None  # why it goes to quarantine
+    mentioned_ids: tuple[str, ...] = ()  # a bounce's strings shaped like our Message-IDs
     lookup: Lookup | None = None  # what DNS said ([auth] enabled)
     auth: AuthResults | None = None  # None: not checked ([auth] enabled = false)
     verdict: Verdict | None = None  # None (with a mail): undecided, check again later
@@ -95,6 +103,7 @@ class IngestWorker:
         self._msgids = msgids
         self._reactions = Reactions(config, msgids)
         self._attachments = config.storage.attachments
+        self._database = config.storage.database  # where the parser process reads raw mail
         self._tag_prefix = config.tickets.tag_prefix
         self._is_support = config.smtp.accepts
         self._agents = config.agents
@@ -145,20 +154,21 @@ class IngestWorker:
         if len(self._checks) < MAX_IN_FLIGHT and self._checks_bytes < MAX_IN_FLIGHT_BYTES:
             rows = await self._store.pending_inbound(
                 limit=min(BATCH_WHILE_BUSY if busy else BATCH, MAX_IN_FLIGHT - len(self._checks)),
+                max_bytes=BATCH_BYTES,
                 exclude=list(self._checks),
             )
             if rows:
                 worked = True
                 for item in await self._prepare(rows):
                     self._checks[item.row.id] = asyncio.create_task(self._check(item))
-                    self._checks_bytes += len(item.row.raw)
+                    self._checks_bytes += item.row.size
                 await asyncio.sleep(0)  # checks that need no DNS are done at once
         done = [task.result() for task in self._checks.values() if task.done()]
         if done:
             worked = True
             for item in done:
                 del self._checks[item.row.id]
-                self._checks_bytes -= len(item.row.raw)
+                self._checks_bytes -= item.row.size
             await self._finish(done)
         if worked and self._intake_busy():
             spent = time.monotonic() - started
@@ -208,7 +218,7 @@ class IngestWorker:
         """Parse in the parser process; if it dies, find the message that killed it."""
         try:
             results = await self._parser.run(
-                prepare_all, [row.raw for row in rows], self._attachments
+                prepare_all, self._database, [row.id for row in rows], self._attachments
             )
         except ParserCrashed as exc:  # or ParserTimedOut: a stalled parse is killed alike
             if len(rows) > 1:
@@ -218,7 +228,7 @@ class IngestWorker:
         except AttachmentsUnwritable as exc:
             raise StoreUnavailable(str(exc)) from exc
         return [
-            _Prepared(row, r.mail, r.attachments, r.failure)
+            _Prepared(row, r.mail, r.attachments, r.failure, mentioned_ids=r.mentioned_ids)
             for row, r in zip(rows, results, strict=True)
         ]
 
@@ -239,7 +249,7 @@ class IngestWorker:
         authenticator = self._authenticator
         if authenticator is None:
             return [replace(item, verdict=UNCHECKED) for item in items]
-        jobs = [(i.row.raw, i.lookup.jobs) for i in items if i.lookup is not None and i.lookup.jobs]
+        jobs = [(i.row.id, i.lookup.jobs) for i in items if i.lookup is not None and i.lookup.jobs]
         verified = iter(await self._verify(jobs))
         now = datetime.now(UTC)
         decided = []
@@ -257,12 +267,12 @@ class IngestWorker:
             decided.append(replace(item, auth=auth, verdict=verdict))
         return decided
 
-    async def _verify(self, jobs: list[tuple[bytes, list[VerifyJob]]]) -> list[dict[int, bool]]:
+    async def _verify(self, jobs: list[tuple[str, list[VerifyJob]]]) -> list[dict[int, bool]]:
         """Verify signatures in the parser process; a message that kills it verifies nothing."""
         if not jobs:
             return []
         try:
-            return await self._parser.run(verify_all, jobs)
+            return await self._parser.run(verify_all, self._database, jobs)
         except ParserCrashed as exc:
             if len(jobs) > 1:
                 return [found for job in jobs for found in await self._verify([job])]
@@ -294,7 +304,7 @@ class IngestWorker:
                 tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
                 return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
         if mail.bounce is not None:
-            bounced = self._bounced_ticket(tx, mail, row)
+            bounced = self._bounced_ticket(tx, item, mail)
             if bounced is not None:
                 return self._apply_bounce(tx, item, mail, bounced, now)
         if item.verdict is None:
@@ -434,11 +444,11 @@ class IngestWorker:
             return "agent"  # the team's own people need no verification or acknowledgement
         return None
 
-    def _bounced_ticket(self, tx: IngestTx, mail: ParsedMail, row: InboundRow) -> int | None:
+    def _bounced_ticket(self, tx: IngestTx, item: _Prepared, mail: ParsedMail) -> int | None:
         """The ticket of the mail of ours a bounce returns, if it names one with a valid HMAC."""
         assert mail.bounce is not None
         tickets = [t for t in map(self._msgids.ticket_of, mail.bounce.returned_ids) if t]
-        tickets = tickets or self._msgids.find_in(row.raw.decode("latin-1"))
+        tickets = tickets or self._msgids.tickets_of(item.mentioned_ids)
         return next((t for t in tickets if tx.ticket_status(t) is not None), None)
 
     def _apply_bounce(

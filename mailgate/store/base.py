@@ -26,6 +26,7 @@ from mailgate.model import (
     Ticket,
     TicketStatus,
 )
+from mailgate.spool import Spooled
 
 TokenOutcome = Literal["verified", "used", "expired", "unknown"]
 
@@ -128,8 +129,9 @@ class IngestTx(Protocol):
 
 
 class Store(Protocol):
-    async def receive(self, batch: Sequence[tuple[str, Envelope, bytes]]) -> None:
-        """Commit raw messages durably, all in one transaction.
+    async def receive(self, batch: Sequence[tuple[str, Envelope, bytes | Spooled]]) -> None:
+        """Commit raw messages durably, all in one transaction; a spooled one is copied in
+        from its file in pieces (it stays open until this returns).
 
         Raises:
             StoreUnavailable: nothing was committed; the caller answers 451.
@@ -148,7 +150,15 @@ class Store(Protocol):
 
     async def get_inbound(self, inbound_id: str) -> InboundRow | None: ...
 
-    async def list_inbound(self, state: InboundState) -> list[InboundRow]: ...
+    async def list_inbound(self, state: InboundState) -> list[InboundRow]:
+        """The rows in `state`, oldest first; no raw message is read for it."""
+
+    async def read_raw(self, inbound_id: str, *, limit: int | None = None) -> bytes | None:
+        """The raw message (only its first `limit` bytes, reading no more), or None if there
+        is no such row."""
+
+    async def copy_raw(self, inbound_id: str, write: Callable[[bytes], object]) -> bool:
+        """Hand the raw message to `write` in pieces; False if there is no such row."""
 
     async def requeue_inbound(self, inbound_id: str) -> bool:
         """Move a quarantined row back to 'received'; False if it was not quarantined."""
