@@ -1,10 +1,10 @@
 """The SMTP listener: an aiosmtpd handler that is only an adapter, and its server.
 
 `Handler` checks recipients against `[smtp] accept` (never an open relay), refuses mail while
-the store's disk is nearly full and mail that has looped, hands DATA to intake and maps the
-outcome to a reply. The session itself and its limits are in `smtp_session.py`; a large
-message reaches the handler as a spool file (`spool.py`), which the commit copies into the
-store.
+the disk of the store or of the attachments is nearly full and mail that has looped, hands
+DATA to intake and maps the outcome to a reply. The session itself and its limits are in
+`smtp_session.py`; a large message reaches the handler as a spool file (`spool.py`), which
+the commit copies into the store.
 """
 
 from __future__ import annotations
@@ -63,10 +63,14 @@ def count_received(raw: bytes) -> int:
 class Handler:
     """aiosmtpd hooks: storage check, RCPT policy, loop check, DATA to intake, errors to 451."""
 
-    def __init__(self, config: SmtpConfig, intake: Intake, *, spool: Path) -> None:
+    def __init__(
+        self, config: SmtpConfig, intake: Intake, *, spool: Path, attachments: Path
+    ) -> None:
         self._config = config
         self._intake = intake
-        self._spool = spool  # the folder holding the database (and the spool files)
+        # Where mail is written before ingest is done with it: the database's folder (and
+        # the spool files in it) and the attachment files.
+        self._disks = (spool, attachments)
         self._commits: set[asyncio.Task[str | None]] = set()
         self.in_flight = 0  # DATA commits under way; the drain waits for them
         self.idle = asyncio.Event()
@@ -95,11 +99,13 @@ class Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        """Refuse mail early (before DATA is sent) while the store could not take it."""
-        free = shutil.disk_usage(self._spool).free
-        if free < FREE_SPACE_MESSAGES * self._config.max_message_size:
-            log.warning("storage_low", free=free)
-            return LOW_STORAGE
+        """Refuse mail early (before DATA is sent) while the store could not take it: the
+        database's disk, or the attachments' (mail with attachments would wait there)."""
+        for folder in self._disks:
+            free = shutil.disk_usage(folder).free
+            if free < FREE_SPACE_MESSAGES * self._config.max_message_size:
+                log.warning("storage_low", free=free, folder=str(folder))
+                return LOW_STORAGE
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
@@ -240,16 +246,22 @@ def raise_descriptor_limit() -> None:
 
 
 async def start_smtp(
-    config: SmtpConfig, intake: Intake, *, sessions: set[MailgateSMTP], spool: Path
+    config: SmtpConfig,
+    intake: Intake,
+    *,
+    sessions: set[MailgateSMTP],
+    spool: Path,
+    attachments: Path,
 ) -> Listener:
     """Listen on `config.listen` with `loop.create_server` (no threaded Controller).
 
     `sessions` is kept up to date with the open sessions; intake reads its size. `spool` is
-    the folder of the database, where large messages are spooled as they arrive and whose free
-    space MAIL checks. The descriptor limit is raised first (see `raise_descriptor_limit`).
+    the folder of the database, where large messages are spooled as they arrive; its free
+    space and that of `attachments` MAIL checks. The descriptor limit is raised first (see
+    `raise_descriptor_limit`).
     """
     raise_descriptor_limit()
-    handler = Handler(config, intake, spool=spool)
+    handler = Handler(config, intake, spool=spool, attachments=attachments)
     factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
         handler,
         sessions=sessions,

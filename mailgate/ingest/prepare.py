@@ -54,10 +54,6 @@ class ParserTimedOut(ParserCrashed):
     reason = "parse timed out"
 
 
-class AttachmentsUnwritable(MailgateError):
-    """Attachment files could not be written (disk full): transient, retry the row later."""
-
-
 # What a message whose raw bytes are gone (purged since it was picked) is prepared as; its
 # row is gone too, so ingest finds nothing to do.
 GONE = "raw message not found"
@@ -65,18 +61,24 @@ GONE = "raw message not found"
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """One message parsed, its attachment files written, or the reason it goes to quarantine."""
+    """One message parsed, its attachment files written; or the reason it goes to quarantine
+    (`failure`); or the reason it must wait and be prepared again later (`retry`)."""
 
     mail: ParsedMail | None
     attachments: tuple[StoredAttachment, ...] = ()
     failure: str | None = None
+    retry: str | None = None
     # For a bounce: strings in the raw message shaped like our Message-IDs, for the daemon
     # to check with the secret (the returned mail may not be where RFC 3464 puts it).
     mentioned_ids: tuple[str, ...] = ()
 
 
 def prepare(raw: bytes, attachments: Path) -> Prepared:
-    """Parse `raw` and store its attachments by content hash."""
+    """Parse `raw` and store its attachments by content hash.
+
+    Attachment files that cannot be written (disk full, I/O error) are a reason to wait, not
+    to fail: the result says `retry`, and this message alone waits for the disk.
+    """
     try:
         mail = parse_mail(raw)
     except Unparseable as exc:
@@ -95,7 +97,7 @@ def prepare(raw: bytes, attachments: Path) -> Prepared:
             for part in mail.attachments
         )
     except OSError as exc:
-        raise AttachmentsUnwritable(f"attachments: {exc.strerror}") from exc
+        return Prepared(None, retry=f"attachments unwritable: {exc.strerror or exc}")
     mentioned = tuple(shaped_like_ours(raw.decode("latin-1"))) if mail.bounce else ()
     # The content is on disk now; don't ship it back across the process boundary.
     return Prepared(replace(mail, attachments=()), stored, mentioned_ids=mentioned)

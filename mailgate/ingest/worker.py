@@ -6,7 +6,8 @@ message's sender checks (DNS) then run on their own, so a slow answer holds up o
 message; the messages whose checks are done are verified (DKIM, in the parser process again)
 and applied in one transaction together with the rows' new state, so a crash at any point
 leaves each row either untouched ('received', done again on restart) or completely done. A
-message whose checks ran into DNS trouble stays 'received' and is checked again later.
+message whose checks ran into DNS trouble stays 'received' and is checked again later, and so
+does one whose attachment files cannot be written (a full disk), while the rest flows on.
 
 The daemon never holds raw messages: rows come without them, and the parser process reads
 each one from the database itself (for the parse and again for DKIM), so what ingest costs
@@ -27,13 +28,7 @@ from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
 from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
 from mailgate.ingest.match import ThreadMatch, display_subject, find_thread
-from mailgate.ingest.prepare import (
-    AttachmentsUnwritable,
-    ParserCrashed,
-    ParserPool,
-    prepare_all,
-    verify_all,
-)
+from mailgate.ingest.prepare import ParserCrashed, ParserPool, prepare_all, verify_all
 from mailgate.ingest.trust import UNCHECKED, Verdict, decide
 from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
 from mailgate.msgid import MessageIds
@@ -60,6 +55,10 @@ MAX_PAUSE = 1.0
 # hold is their parse, no more than that): the rest wait in the store.
 MAX_IN_FLIGHT = 256
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
+# A message whose attachment files could not be written is prepared again after an eighth of
+# the time it has waited, at least this long and at most ATTACHMENT_RETRY_MAX.
+ATTACHMENT_RETRY = 2.0
+ATTACHMENT_RETRY_MAX = 60.0
 # A message whose checks ran into DNS trouble is checked again after this long (or an eighth
 # of `[auth] retry_for`, if less), doubling up to AUTH_RETRY_MAX, until `retry_for`.
 AUTH_RETRY_INITIAL = 15.0
@@ -78,6 +77,7 @@ class _Prepared:
     mail: ParsedMail | None
     attachments: tuple[StoredAttachment, ...] = ()
     failure: str | None = None  # why it goes to quarantine
+    retry: str | None = None  # why it must be prepared again later (attachment disk full)
     mentioned_ids: tuple[str, ...] = ()  # a bounce's strings shaped like our Message-IDs
     lookup: Lookup | None = None  # what DNS said ([auth] enabled)
     auth: AuthResults | None = None  # None: not checked ([auth] enabled = false)
@@ -225,10 +225,11 @@ class IngestWorker:
                 return [item for row in rows for item in await self._prepare([row])]
             log.error("parser_crashed", queue_id=rows[0].id, reason=exc.reason)
             return [_Prepared(rows[0], None, failure=exc.reason)]
-        except AttachmentsUnwritable as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        for row, r in zip(rows, results, strict=True):
+            if r.retry is not None:
+                log.warning("message_waits", queue_id=row.id, reason=r.retry)
         return [
-            _Prepared(row, r.mail, r.attachments, r.failure, mentioned_ids=r.mentioned_ids)
+            _Prepared(row, r.mail, r.attachments, r.failure, r.retry, r.mentioned_ids)
             for row, r in zip(rows, results, strict=True)
         ]
 
@@ -295,6 +296,8 @@ class IngestWorker:
         state = tx.inbound_state(row.id)
         if state != "received":  # done meanwhile (a replay racing the daemon): nothing to do
             return IngestOutcome(row.id, state or "ingested", reason="already processed")
+        if item.retry is not None:
+            return self._wait(tx, row, item.retry, now)
         if mail is None:
             tx.finish_inbound(row.id, "quarantined", reason=item.failure, at=now)
             return IngestOutcome(row.id, "quarantined", reason=item.failure)
@@ -377,6 +380,16 @@ class IngestWorker:
         return IngestOutcome(
             row.id, "ingested", ticket_id, created=match.ticket_id is None, mails_queued=queued
         )
+
+    def _wait(self, tx: IngestTx, row: InboundRow, reason: str, now: datetime) -> IngestOutcome:
+        """Something on our side (a full attachment disk) keeps this message from becoming a
+        ticket now: leave it 'received' and prepare it again later, with no attempt counted
+        (attempts are its sender checks'). It waits no longer than the trouble lasts plus a
+        retry interval, which grows with how long it has waited already."""
+        waited = (now - row.received_at).total_seconds()
+        delay = min(max(ATTACHMENT_RETRY, waited / 8), ATTACHMENT_RETRY_MAX)
+        tx.defer_inbound(row.id, retry_at=now + timedelta(seconds=delay), count=False)
+        return IngestOutcome(row.id, "received", reason=reason)
 
     def _defer(self, tx: IngestTx, row: InboundRow, now: datetime) -> IngestOutcome:
         """DNS trouble: leave the row 'received' and check it again later, as an MTA defers;

@@ -120,8 +120,9 @@ class IngestTx(Protocol):
 
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None: ...
 
-    def defer_inbound(self, inbound_id: str, *, retry_at: datetime) -> None:
-        """Leave the row 'received' until `retry_at`, counting one more attempt."""
+    def defer_inbound(self, inbound_id: str, *, retry_at: datetime, count: bool = True) -> None:
+        """Leave the row 'received' until `retry_at`, counting one more attempt at its sender
+        checks unless `count` is false (it waits for something else: attachment space)."""
 
     def finish_inbound(
         self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime

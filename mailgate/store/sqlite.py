@@ -435,10 +435,10 @@ class _SqliteIngestTx:
             (status, _ts(at), ticket_id),
         )
 
-    def defer_inbound(self, inbound_id: str, *, retry_at: datetime) -> None:
+    def defer_inbound(self, inbound_id: str, *, retry_at: datetime, count: bool = True) -> None:
         self._db.execute(
-            "UPDATE inbound SET attempts = attempts + 1, retry_at = ? WHERE id = ?",
-            (_ts(retry_at), inbound_id),
+            "UPDATE inbound SET attempts = attempts + ?, retry_at = ? WHERE id = ?",
+            (int(count), _ts(retry_at), inbound_id),
         )
 
     def finish_inbound(
