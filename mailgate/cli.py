@@ -259,6 +259,15 @@ async def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_quarantine_purge(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        if not await store.purge_inbound(args.id):
+            raise NotFound(f"no quarantined message {args.id}")
+        # The audit log (privacy issue) records the purge here: which row, when, by whom.
+    print(f"{args.id}: purged")
+    return 0
+
+
 async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int:
     async with open_store(config.storage.database) as store:
         if not await store.requeue_inbound(args.id):
@@ -445,6 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     q_show.add_argument("id", metavar="ID")
     q_show.add_argument("--raw", action="store_true", help="print the raw message as received")
     add("replay", cmd_quarantine_replay, "ingest a quarantined message again", q_sub).add_argument(
+        "id", metavar="ID"
+    )
+    add("purge", cmd_quarantine_purge, "delete a quarantined message for good", q_sub).add_argument(
         "id", metavar="ID"
     )
 

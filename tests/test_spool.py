@@ -23,7 +23,7 @@ from mailgate.config import Config, load_config
 from mailgate.spool import SPOOL_THRESHOLD
 from mailgate.store import open_store
 from mailgate.store.blobs import blob_path
-from tests.conftest import SUPPORT, Running, cli_json, daemon_running, write_config
+from tests.conftest import SUPPORT, Running, cli_json, daemon_running, run_cli, write_config
 
 MIB = 1024 * 1024
 
@@ -176,7 +176,7 @@ async def test_a_client_gone_in_the_middle_of_a_large_message_leaves_nothing(
     assert spool_files(big.config.storage.database.parent) == []
 
 
-async def test_a_large_quarantined_message_is_listed_and_shown(big: Running) -> None:
+async def test_a_large_quarantined_message_is_listed_shown_and_purged(big: Running) -> None:
     body = b"y" * 76 + b"\r\n"
     no_from = b"To: support@example.com\r\nSubject: Nobody wrote this\r\n\r\n" + body * 40_000
     queue_id = await big.send(no_from)
@@ -185,6 +185,15 @@ async def test_a_large_quarantined_message_is_listed_and_shown(big: Running) -> 
     assert (row["id"], row["size"], row["subject"]) == (queue_id, len(no_from), "Nobody wrote this")
     shown = run_raw(big, "quarantine", "show", queue_id, "--raw")
     assert shown == no_from
+
+    purged = big.cli("quarantine", "purge", queue_id)
+    assert purged.returncode == 0, purged.stderr
+    assert cli_json(big, "quarantine", "list") == []
+    again = big.cli("quarantine", "purge", queue_id)
+    assert again.returncode == 1
+    assert queue_id in again.stderr
+    async with open_store(big.config.storage.database) as store:
+        assert await store.get_inbound(queue_id) is None
 
 
 def run_raw(running: Running, *args: str) -> bytes:
@@ -198,3 +207,15 @@ def run_raw(running: Running, *args: str) -> bytes:
         check=True,
     )
     return result.stdout
+
+
+async def test_purge_refuses_an_ingested_or_unknown_row(big: Running) -> None:
+    ingested = await big.send(single_line_base64(b"kept", "Kept"))
+    await big.settle()
+    for queue_id in (ingested, "NOSUCHQUEUEID"):
+        result = big.cli("quarantine", "purge", queue_id)
+        assert result.returncode == 1
+        assert result.stdout == ""
+    [ticket] = await big.tickets()
+    assert ticket.subject == "Kept"
+    assert run_cli("--config", str(big.config.path), "quarantine", "list").returncode == 0

@@ -164,6 +164,9 @@ class Store(Protocol):
     async def requeue_inbound(self, inbound_id: str) -> bool:
         """Move a quarantined row back to 'received'; False if it was not quarantined."""
 
+    async def purge_inbound(self, inbound_id: str) -> bool:
+        """Delete a quarantined row, raw message and all; False if it was not quarantined."""
+
     async def ingest(self, work: Callable[[IngestTx], T]) -> T:
         """Run `work` in one write transaction and return its result.
 

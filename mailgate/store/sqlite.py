@@ -587,6 +587,13 @@ class SqliteStore:
 
         return await _reading(copy)
 
+    async def purge_inbound(self, inbound_id: str) -> bool:
+        # secure_delete (see _PRAGMAS) overwrites the freed pages: the raw message is gone
+        # from the file, not only from the table.
+        return await self._writer.changes_one(
+            "DELETE FROM inbound WHERE id = ? AND state = 'quarantined'", (inbound_id,)
+        )
+
     async def requeue_inbound(self, inbound_id: str) -> bool:
         return await self._writer.changes_one(
             "UPDATE inbound SET state = 'received', reason = NULL, processed_at = NULL "
