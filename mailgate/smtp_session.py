@@ -63,8 +63,9 @@ DATA_RATE_GRACE = 10.0
 # A hung-up client that does not read its last reply is aborted (RST) after this long, so a
 # full send buffer cannot keep the connection open.
 HANG_UP_LINGER = 10.0
-# MAIL is refused while the database's filesystem has less free space than this many
-# maximum-size messages (the WAL needs room for the message before the checkpoint).
+# MAIL is refused while the database's filesystem (the message's spool file, then the WAL
+# before the checkpoint) or the attachments' has less free space than this many
+# maximum-size messages.
 FREE_SPACE_MESSAGES = 1.5
 # New sessions are refused while fewer file descriptors than this are left under the soft
 # RLIMIT_NOFILE: the database, the parser's pipes, the HTTP listener and outbound delivery
