@@ -294,9 +294,10 @@ class MailgateSMTP(SMTP):
     """
 
     # The stream reader's limit: a command line longer than this is read to its end and
-    # refused (commands are held to 512 octets anyway), and DATA is read in pieces of about
-    # this size. DATA lines have no limit of their own (RFC 5321 says 1,000 octets; real
-    # mailers send base64 and HTML in one line, and Postfix takes them up to the message size).
+    # refused (commands are held to 512 octets anyway), and the reader stops reading from the
+    # socket while it holds twice this. DATA lines have no limit of their own (RFC 5321 says
+    # 1,000 octets; real mailers send base64 and HTML in one line, and Postfix takes them up
+    # to the message size): DATA is read in pieces (`smtp_data.py`).
     line_length_limit = 10_002
 
     def __init__(
@@ -524,7 +525,7 @@ class MailgateSMTP(SMTP):
 
         aiosmtpd keeps a bytearray object per line until the final dot: about 90 bytes of
         overhead a line, so 25 MiB of empty lines took 2.1 GiB, and it refuses long lines.
-        Here `DataReader` gives the data out dot-unstuffed in pieces of about 10 KB whatever
+        Here `DataReader` gives the data out dot-unstuffed in pieces of up to 64 KiB whatever
         the lines are, and `Spool` keeps a small message in memory and a large one in an
         unnamed file: a session holds about one read buffer. The same rules hold: only
         CRLF.CRLF ends the data (RFC 5321 4.1.1.4; no smuggling with bare CR or LF), and

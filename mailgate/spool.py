@@ -87,10 +87,6 @@ class Spooled:
         if self._holders == 0:
             self._file.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._file.closed
-
 
 class Spool:
     """Collects one message's bytes: memory up to `threshold`, then an unnamed file."""
