@@ -37,6 +37,8 @@ from mailgate.store import SqliteStore, open_store
 from mailgate.text import clean_body, clean_line, decode_header_text
 
 EX_STARTUP = 3
+# What of a raw message a listing reads for its Subject: the header, as far as it matters.
+HEAD_BYTES = 65536
 Command = Callable[[Config, argparse.Namespace], Awaitable[int]]
 
 
@@ -97,9 +99,10 @@ def message_json(message: Message) -> dict[str, Any]:
     }
 
 
-def inbound_json(row: InboundRow) -> dict[str, Any]:
+def inbound_json(row: InboundRow, head: bytes) -> dict[str, Any]:
+    """The row for output; `head` is the start of its raw message (HEAD_BYTES), for Subject."""
     # compat32: raw values that never raise; decode_header_text does the decoding.
-    headers = BytesHeaderParser(policy=compat32).parsebytes(row.raw[:65536])
+    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
     forwarded = row.envelope.forwarded
     return {
         "id": row.id,
@@ -112,7 +115,7 @@ def inbound_json(row: InboundRow) -> dict[str, Any]:
         "helo": row.envelope.helo,
         # Behind a trusted proxy (XFORWARD): the client that talked to it; peer is the proxy.
         "forwarded": dataclasses.asdict(forwarded) if forwarded is not None else None,
-        "size": len(row.raw),
+        "size": row.size,
         "subject": decode_header_text(str(headers.get("subject", ""))),
     }
 
@@ -242,30 +245,44 @@ async def cmd_close(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
+    # Only what is printed is read: the table needs no raw message at all, the JSON the first
+    # HEAD_BYTES of each (for Subject), one at a time.
     async with open_store(config.storage.database) as store:
         rows = await store.list_inbound("quarantined")
-    if args.json:
-        _print_json([inbound_json(r) for r in rows])
-    else:
-        _table(
-            [
-                (r.id, r.received_at.isoformat(timespec="seconds"), len(r.raw), r.reason)
-                for r in rows
-            ],
-            ("ID", "RECEIVED", "SIZE", "REASON"),
-        )
+        if args.json:
+            listed = []
+            for r in rows:
+                head = await store.read_raw(r.id, limit=HEAD_BYTES)
+                listed.append(inbound_json(r, head or b""))
+            _print_json(listed)
+            return 0
+    _table(
+        [(r.id, r.received_at.isoformat(timespec="seconds"), r.size, r.reason) for r in rows],
+        ("ID", "RECEIVED", "SIZE", "REASON"),
+    )
     return 0
 
 
 async def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
     async with open_store(config.storage.database) as store:
         row = await store.get_inbound(args.id)
-    if row is None or row.state != "quarantined":
-        raise NotFound(f"no quarantined message {args.id}")
-    if args.raw:
-        sys.stdout.buffer.write(row.raw)
-        return 0
-    _print_json(inbound_json(row))
+        if row is None or row.state != "quarantined":
+            raise NotFound(f"no quarantined message {args.id}")
+        if args.raw:  # in pieces: a 25 MiB message is never read whole
+            await store.copy_raw(row.id, sys.stdout.buffer.write)
+            sys.stdout.buffer.flush()
+            return 0
+        head = await store.read_raw(row.id, limit=HEAD_BYTES)
+    _print_json(inbound_json(row, head or b""))
+    return 0
+
+
+async def cmd_quarantine_purge(config: Config, args: argparse.Namespace) -> int:
+    async with open_store(config.storage.database) as store:
+        if not await store.purge_inbound(args.id):
+            raise NotFound(f"no quarantined message {args.id}")
+        # The audit log (privacy issue) records the purge here: which row, when, by whom.
+    print(f"{args.id}: purged")
     return 0
 
 
@@ -462,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     q_show.add_argument("id", metavar="ID")
     q_show.add_argument("--raw", action="store_true", help="print the raw message as received")
     add("replay", cmd_quarantine_replay, "ingest a quarantined message again", q_sub).add_argument(
+        "id", metavar="ID"
+    )
+    add("purge", cmd_quarantine_purge, "delete a quarantined message for good", q_sub).add_argument(
         "id", metavar="ID"
     )
 

@@ -79,11 +79,13 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class InboundRow:
-    """A raw message as intake committed it, waiting for (or done with) ingest."""
+    """A message as intake committed it, waiting for (or done with) ingest, without its raw
+    bytes: those are read where they are needed (the parser process, `quarantine show
+    --raw`), so listing or ingesting many large messages never holds them all."""
 
     id: str
     envelope: Envelope
-    raw: bytes
+    size: int  # of the raw message, bytes
     state: InboundState
     received_at: datetime
     reason: str | None = None

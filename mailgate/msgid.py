@@ -12,6 +12,7 @@ import hmac
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 
 from mailgate.config import Config
@@ -66,8 +67,23 @@ class MessageIds:
 
     def find_in(self, text: str) -> list[int]:
         """Tickets named by valid IDs of ours anywhere in `text` (a returned message)."""
-        found = [self.ticket_of(m.group(0)) for m in _OWN_ID.finditer(text)]
+        return self.tickets_of(shaped_like_ours(text))
+
+    def tickets_of(self, message_ids: Sequence[str]) -> list[int]:
+        """Tickets named by those of `message_ids` that are ours with a valid HMAC, once each."""
+        found = [self.ticket_of(message_id) for message_id in message_ids]
         return list(dict.fromkeys(t for t in found if t is not None))
+
+
+def shaped_like_ours(text: str, *, limit: int = 100) -> list[str]:
+    """The first `limit` strings in `text` shaped like our Message-IDs (HMAC not checked):
+    what the parser process finds in a raw message, for the daemon to check with the secret."""
+    found = []
+    for match in _OWN_ID.finditer(text):
+        found.append(match.group(0))
+        if len(found) >= limit:
+            break
+    return found
 
 
 def message_ids(config: Config) -> MessageIds:

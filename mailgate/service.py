@@ -124,7 +124,11 @@ async def serve(
         stack.push_async_callback(intake.stop)
 
         listener = await start_smtp(
-            config.smtp, intake, sessions=sessions, spool=config.storage.database.parent
+            config.smtp,
+            intake,
+            sessions=sessions,
+            spool=config.storage.database.parent,
+            attachments=config.storage.attachments,
         )
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 

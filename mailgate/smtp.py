@@ -1,8 +1,10 @@
 """The SMTP listener: an aiosmtpd handler that is only an adapter, and its server.
 
 `Handler` checks recipients against `[smtp] accept` (never an open relay), refuses mail while
-the store's disk is nearly full and mail that has looped, hands DATA to intake and maps the
-outcome to a reply. The session itself and its limits are in `smtp_session.py`.
+the disk of the store or of the attachments is nearly full and mail that has looped, hands
+DATA to intake and maps the outcome to a reply. The session itself and its limits are in
+`smtp_session.py`; a large message reaches the handler as a spool file (`spool.py`), which
+the commit copies into the store.
 """
 
 from __future__ import annotations
@@ -35,8 +37,13 @@ from mailgate.smtp_session import (
     TransactionEnvelope,
     peer_of,
 )
+from mailgate.spool import Spooled
 
 log = structlog.get_logger(__name__)
+
+# Received fields are counted in this much of the message at most: the parser reads no more
+# of a header block either (ingest/mime.py), and a loop's fields are at the top.
+RECEIVED_SCAN = 1024 * 1024
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
@@ -56,10 +63,14 @@ def count_received(raw: bytes) -> int:
 class Handler:
     """aiosmtpd hooks: storage check, RCPT policy, loop check, DATA to intake, errors to 451."""
 
-    def __init__(self, config: SmtpConfig, intake: Intake, *, spool: Path) -> None:
+    def __init__(
+        self, config: SmtpConfig, intake: Intake, *, spool: Path, attachments: Path
+    ) -> None:
         self._config = config
         self._intake = intake
-        self._spool = spool  # the folder holding the database
+        # Where mail is written before ingest is done with it: the database's folder (and
+        # the spool files in it) and the attachment files.
+        self._disks = (spool, attachments)
         self._commits: set[asyncio.Task[str | None]] = set()
         self.in_flight = 0  # DATA commits under way; the drain waits for them
         self.idle = asyncio.Event()
@@ -88,11 +99,13 @@ class Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        """Refuse mail early (before DATA is sent) while the store could not take it."""
-        free = shutil.disk_usage(self._spool).free
-        if free < FREE_SPACE_MESSAGES * self._config.max_message_size:
-            log.warning("storage_low", free=free)
-            return LOW_STORAGE
+        """Refuse mail early (before DATA is sent) while the store could not take it: the
+        database's disk, or the attachments' (mail with attachments would wait there)."""
+        for folder in self._disks:
+            free = shutil.disk_usage(folder).free
+            if free < FREE_SPACE_MESSAGES * self._config.max_message_size:
+                log.warning("storage_low", free=free, folder=str(folder))
+                return LOW_STORAGE
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
@@ -114,8 +127,11 @@ class Handler:
         return "250 2.1.5 Recipient OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        raw = envelope.original_content or b""
-        received = count_received(raw)
+        raw = envelope.message if isinstance(envelope, TransactionEnvelope) else None
+        raw = raw or envelope.original_content or b""
+        head = raw.head(RECEIVED_SCAN) if isinstance(raw, Spooled) else raw[:RECEIVED_SCAN]
+        received = count_received(head)
+        del head
         if received > self._config.max_received_headers:
             log.warning("mail_loop_refused", received=received)
             return MAIL_LOOP
@@ -134,6 +150,8 @@ class Handler:
         # leaves the commit to finish (the row is whole or absent, never half-written) and
         # the drain waits for it through in_flight. The sender got no 250 and may retry;
         # ingest stores a retried duplicate once.
+        if isinstance(raw, Spooled):
+            raw.retain()  # the session lets go when it is done; the commit when it is
         commit = asyncio.create_task(self._commit(stored, raw))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
@@ -144,19 +162,22 @@ class Handler:
             raise
         return TEMPFAIL if queue_id is None else f"250 2.0.0 Queued as {queue_id}"
 
-    async def _commit(self, stored: Envelope, raw: bytes) -> str | None:
+    async def _commit(self, stored: Envelope, raw: bytes | Spooled) -> str | None:
         """Commit one message; its queue id, or None if it was not stored."""
         self.in_flight += 1
         self.idle.clear()
+        size = raw.size if isinstance(raw, Spooled) else len(raw)
         try:
             queue_id = await self._intake.receive(stored, raw)
         except StoreUnavailable:
-            log.warning("message_deferred", size=len(raw))
+            log.warning("message_deferred", size=size)
             return None
         except Exception as exc:  # a sender gets 451, never an error text
             log.error("message_commit_failed", error=type(exc).__name__, exc_info=exc)
             return None
         finally:
+            if isinstance(raw, Spooled):
+                raw.release()
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
@@ -164,7 +185,7 @@ class Handler:
         log.info(
             "message_queued",
             queue_id=queue_id,
-            size=len(raw),
+            size=size,
             rcpts=len(stored.rcpt_tos),
             **client,
         )
@@ -225,20 +246,27 @@ def raise_descriptor_limit() -> None:
 
 
 async def start_smtp(
-    config: SmtpConfig, intake: Intake, *, sessions: set[MailgateSMTP], spool: Path
+    config: SmtpConfig,
+    intake: Intake,
+    *,
+    sessions: set[MailgateSMTP],
+    spool: Path,
+    attachments: Path,
 ) -> Listener:
     """Listen on `config.listen` with `loop.create_server` (no threaded Controller).
 
     `sessions` is kept up to date with the open sessions; intake reads its size. `spool` is
-    the folder of the database, whose free space MAIL checks. The descriptor limit is raised
-    first (see `raise_descriptor_limit`).
+    the folder of the database, where large messages are spooled as they arrive; its free
+    space and that of `attachments` MAIL checks. The descriptor limit is raised first (see
+    `raise_descriptor_limit`).
     """
     raise_descriptor_limit()
-    handler = Handler(config, intake, spool=spool)
+    handler = Handler(config, intake, spool=spool, attachments=attachments)
     factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
         handler,
         sessions=sessions,
         limits=config,
+        spool=spool,
         enable_SMTPUTF8=True,
         decode_data=False,
         hostname=config.hostname,

@@ -2,7 +2,8 @@
 
 `MailgateSMTP` holds what a hostile client must not be able to exhaust: connections (in total
 and per IP), file descriptors, errors, time (an idle timeout and a minimum DATA rate) and
-memory (line and message sizes, DATA in one buffer). Command arguments that are not UTF-8 or
+memory (the message size; DATA read in pieces whatever its line lengths, `smtp_data.py`, and
+a large message kept in a spool file, `spool.py`). Command arguments that are not UTF-8 or
 hold controls are refused at their command, so no session keeps a value the store could not
 take. Replies carry RFC 3463 enhanced status codes; aiosmtpd's own bare replies are rewritten
 on the way out, and no exception text ever reaches a client. A trusted proxy may name the
@@ -22,6 +23,7 @@ import resource
 import uuid
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
+from pathlib import Path
 from typing import Any, NoReturn
 
 import structlog
@@ -30,6 +32,8 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mailgate.config import SmtpConfig
 from mailgate.model import ForwardedClient, HostPort
+from mailgate.smtp_data import DataReader
+from mailgate.spool import Spool, Spooled
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +48,6 @@ DATA_TOO_SLOW = "421 4.4.2 Data transfer too slow, closing connection"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 LOW_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 MAIL_LOOP = "554 5.4.6 Too many Received headers: mail loop detected"
-LINE_TOO_LONG = "500 5.5.6 Line too long"
 MESSAGE_TOO_BIG = "552 5.3.4 Message too big for this system"
 NOT_UTF8 = "501 5.5.2 Syntax error: not UTF-8"
 CONTROL_CHARACTER = "501 5.5.2 Syntax error: control character"
@@ -60,8 +63,9 @@ DATA_RATE_GRACE = 10.0
 # A hung-up client that does not read its last reply is aborted (RST) after this long, so a
 # full send buffer cannot keep the connection open.
 HANG_UP_LINGER = 10.0
-# MAIL is refused while the database's filesystem has less free space than this many
-# maximum-size messages (the WAL needs room for the message before the checkpoint).
+# MAIL is refused while the database's filesystem (the message's spool file, then the WAL
+# before the checkpoint) or the attachments' has less free space than this many
+# maximum-size messages.
 FREE_SPACE_MESSAGES = 1.5
 # New sessions are refused while fewer file descriptors than this are left under the soft
 # RLIMIT_NOFILE: the database, the parser's pipes, the HTTP listener and outbound delivery
@@ -78,7 +82,6 @@ _ENHANCED = {
     "552 Error: message size exceeds fixed maximum message size": (
         "552 5.3.4 Message size exceeds fixed maximum message size"
     ),
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.6 Line too long",
     "500 Command line too long": "500 5.5.2 Command line too long",
     "500 Error: bad syntax": "500 5.5.2 Syntax error",
     "503 Error: need MAIL command": "503 5.5.1 Need MAIL command",
@@ -217,6 +220,8 @@ class TransactionEnvelope(SmtpEnvelope):
     def __init__(self) -> None:
         super().__init__()
         self.xforward: dict[str, str | None] | None = None  # None: no XFORWARD yet
+        # The message after DATA: bytes (also in `content`), or a spool file if it was large.
+        self.message: bytes | Spooled | None = None
 
     def forward(self, attributes: dict[str, str | None]) -> None:
         """Apply one XFORWARD: the first makes every attribute unknown, then each overwrites."""
@@ -288,8 +293,11 @@ class MailgateSMTP(SMTP):
     client pipelined after it is processed and no message of it is stored.
     """
 
-    # Real clients send DATA lines beyond RFC 5321's 1,000 octets; accept up to 10,000
-    # (aiosmtpd refuses a line when it plus CRLF exceeds this). Commands stay at 512.
+    # The stream reader's limit: a command line longer than this is read to its end and
+    # refused (commands are held to 512 octets anyway), and the reader stops reading from the
+    # socket while it holds twice this. DATA lines have no limit of their own (RFC 5321 says
+    # 1,000 octets; real mailers send base64 and HTML in one line, and Postfix takes them up
+    # to the message size): DATA is read in pieces (`smtp_data.py`).
     line_length_limit = 10_002
 
     def __init__(
@@ -298,6 +306,7 @@ class MailgateSMTP(SMTP):
         *,
         sessions: set[MailgateSMTP],
         limits: SmtpConfig,
+        spool: Path,
         **kwargs: Any,
     ) -> None:
         # aiosmtpd keeps command_size_limits on the class, shared by every session, and grows
@@ -311,6 +320,7 @@ class MailgateSMTP(SMTP):
         )
         self._sessions = sessions
         self._limits = limits
+        self._spool = spool  # the folder of spool files (see spool.py)
         self._grace = min(DATA_RATE_GRACE, limits.timeout / 10)
         self.peer_ip = ""
         self.xforward_allowed = False  # a trusted proxy: XFORWARD advertised and honoured
@@ -511,13 +521,15 @@ class MailgateSMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        """aiosmtpd 1.4.6's DATA with the message in one buffer, and timed.
+        """aiosmtpd 1.4.6's DATA, read in pieces into a spool, and timed.
 
         aiosmtpd keeps a bytearray object per line until the final dot: about 90 bytes of
-        overhead a line, so 25 MiB of empty lines took 2.1 GiB. Here each line is appended to
-        one buffer as it comes (dot-unstuffed), and the same rules hold: only CRLF.CRLF ends
-        the data (RFC 5321 4.1.1.4; no smuggling with bare CR or LF), lines over
-        `line_length_limit` and data over `data_size_limit` are read to the end and refused.
+        overhead a line, so 25 MiB of empty lines took 2.1 GiB, and it refuses long lines.
+        Here `DataReader` gives the data out dot-unstuffed in pieces of up to 64 KiB whatever
+        the lines are, and `Spool` keeps a small message in memory and a large one in an
+        unnamed file: a session holds about one read buffer. The same rules hold: only
+        CRLF.CRLF ends the data (RFC 5321 4.1.1.4; no smuggling with bare CR or LF), and
+        data over `data_size_limit` is read to the end and refused.
         """
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
@@ -540,39 +552,52 @@ class MailgateSMTP(SMTP):
             self.envelope = self._create_envelope()
             await self.push(content)
             return
-        self.envelope.content = self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self.envelope = self._create_envelope()
+        envelope = self.envelope
+        assert isinstance(envelope, TransactionEnvelope)
+        envelope.message = content
+        if isinstance(content, bytes):
+            envelope.content = envelope.original_content = content
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            if isinstance(content, Spooled):
+                content.release()  # the commit holds it for as long as it needs it
+            self.envelope = self._create_envelope()
         await self.push("250 OK" if status is MISSING else status)
 
-    async def _read_data(self) -> bytes | str:
+    async def _read_data(self) -> bytes | Spooled | str:
         """Read up to the final dot: the content, or the refusal if it was over a limit."""
-        data = bytearray()
-        size = 0
+        data = DataReader(self._reader)
+        spool: Spool | None = Spool(self._spool)
         refusal: str | None = None
-        in_long_line = False  # the last read ended inside a line longer than the reader's limit
-        while True:
+        try:
+            while (piece := await data.read()) is not None:
+                if spool is None:
+                    continue  # refused: read to the end, keep nothing
+                if self.data_size_limit and data.size > self.data_size_limit:
+                    refusal = MESSAGE_TOO_BIG
+                elif piece:
+                    try:
+                        await spool.write(piece)
+                    except OSError as exc:  # the spool's disk is full or failing
+                        log.error("spool_write_failed", error=exc.strerror or str(exc))
+                        refusal = TEMPFAIL
+                if refusal is not None:
+                    spool.discard()  # let the memory (and the file) go now, not at the dot
+                    spool = None
+            if spool is None:
+                assert refusal is not None
+                return refusal
             try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                line = await self._reader.read(exc.consumed)
-                size += len(line)
-                in_long_line = True
-                refusal = refusal or LINE_TOO_LONG
-                data = bytearray()
-                continue
-            if line == b".\r\n" and not in_long_line:
-                return refusal or bytes(data)
-            in_long_line = False
-            size += len(line)
-            if refusal is None and self.data_size_limit and size > self.data_size_limit:
-                refusal = MESSAGE_TOO_BIG
-            if refusal is None and len(line) > self.line_length_limit:
-                refusal = LINE_TOO_LONG
-            if refusal is None:
-                data += memoryview(line)[1:] if line.startswith(b".") else line
-            elif data:
-                data = bytearray()  # let the memory go now, not at the final dot
+                return await spool.finish()
+            except OSError as exc:
+                log.error("spool_write_failed", error=exc.strerror or str(exc))
+                spool.discard()
+                return TEMPFAIL
+        except BaseException:
+            if spool is not None:
+                spool.discard()
+            raise
 
     def _end_data(self) -> None:
         if self._data_start is not None:

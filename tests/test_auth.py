@@ -4,6 +4,7 @@ acceptance. Also the header trust boundary (Authentication-Results, X-Mailgate-*
 from __future__ import annotations
 
 import email.policy
+import re
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -11,9 +12,11 @@ from typing import Any
 
 import dkim
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailgate.config import AuthConfig, Config, load_config
-from mailgate.ingest.auth import Authenticator, AuthResults, verify_signatures
+from mailgate.ingest.auth import Authenticator, AuthResults, crlf_lines, verify_signatures
 from mailgate.ingest.parse import parse_mail
 from mailgate.model import Envelope, HostPort, Ticket
 from tests.conftest import Key, Relay, Running, cli_json, daemon_running, mail, write_config
@@ -332,3 +335,10 @@ async def test_bad_signature_fails(key: Key) -> None:
         results = await check(port, message)
     assert results.dkim == "fail"
     assert results.signatures[0].result == "fail"
+
+
+@given(body=st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b" "]), max_size=30))
+def test_body_lines_end_with_crlf_as_dkimpy_reads_them(body: list[bytes]) -> None:
+    # The cheap way (two replaces) gives what the regex gives, without a list entry per line.
+    joined = b"".join(body)
+    assert crlf_lines(joined) == re.sub(rb"\r?\n", b"\r\n", joined)

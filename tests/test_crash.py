@@ -11,9 +11,11 @@ Scenario:
 from __future__ import annotations
 
 import asyncio
+import random
 import sqlite3
 from collections import Counter
 from email.message import EmailMessage
+from pathlib import Path
 
 import aiosmtplib
 
@@ -102,3 +104,68 @@ async def test_kill_9_mid_load_loses_nothing(subprocess_daemon: SubprocessDaemon
     assert set(stored) == {f"crash-{n}@client.example" for n in range(TOTAL)}
     assert set(stored.values()) == {1}, "a message was stored twice"
     assert set(acked_before_kill.values()) <= queue_ids, "an acknowledged raw message is gone"
+
+
+# -- large messages: spooled to a file, copied into the database inside the commit ----------
+
+LARGE = 18
+LARGE_CONNECTIONS = 6
+
+
+def large(n: int) -> bytes:
+    """A mail of 1.5 to 4 MiB (past the spool threshold), different for each n."""
+    msg = numbered(n)
+    content = random.Random(n).randbytes(1_200_000 + n * 100_000)
+    msg.add_attachment(content, maintype="application", subtype="octet-stream", filename="b.bin")
+    return msg.as_bytes().replace(b"\n", b"\r\n")
+
+
+async def test_kill_9_while_large_messages_are_spooled_and_committed(tmp_path: Path) -> None:
+    daemon = SubprocessDaemon(tmp_path / "daemon", max_message_size=8 * 1024 * 1024)
+    sent = {n: large(n) for n in range(LARGE)}
+    acked: dict[int, str] = {}
+    enough = asyncio.Event()
+
+    async def send_all(todo: list[int]) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=daemon.port, start_tls=False)
+        try:
+            await smtp.connect()
+            for n in todo:
+                _, reply = await smtp.sendmail("customer@example.org", [SUPPORT], sent[n])
+                acked[n] = reply.rsplit(" ", 1)[1]
+                if len(acked) >= LARGE // 4:
+                    enough.set()
+        except (aiosmtplib.SMTPException, OSError):
+            return
+        finally:
+            smtp.close()
+
+    async def kill_when_busy() -> None:
+        await enough.wait()
+        daemon.kill(9)
+
+    daemon.start()
+    try:
+        queues = [list(range(LARGE))[i::LARGE_CONNECTIONS] for i in range(LARGE_CONNECTIONS)]
+        await asyncio.gather(*(send_all(q) for q in queues), kill_when_busy())
+        assert LARGE // 4 <= len(acked) < LARGE, "the kill did not land mid-load"
+        with sqlite3.connect(daemon.database) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            stored = dict(db.execute("SELECT id, raw FROM inbound").fetchall())
+        for n, queue_id in acked.items():
+            assert stored[queue_id] == sent[n], f"acknowledged message {n} is not whole"
+        assert set(stored.values()) <= set(sent.values()), "a row holds a part of a message"
+        # The spool files had no name: nothing is left beside the database.
+        left = {p.name for p in daemon.database.parent.iterdir()}
+        assert left <= {"mailgate.db", "mailgate.db-wal", "mailgate.db-shm", "secret.key",
+                        "attachments", "outbox"}, left  # fmt: skip
+
+        daemon.start()  # what was stored becomes tickets
+        async with open_store(daemon.database) as store:
+            for _ in range(600):
+                if not await store.pending_inbound(limit=1):
+                    break
+                await asyncio.sleep(0.05)
+            assert not await store.pending_inbound(limit=1)
+    finally:
+        daemon.kill(15)

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
-import subprocess
+import sqlite3
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 
 from mailgate.config import load_config
 from mailgate.ingest.prepare import ParserCrashed, ParserPool
-from mailgate.store import open_store
-from tests.conftest import daemon_running, mail, tmpfs, write_config
+from mailgate.store import SqliteStore, open_store
+from mailgate.store.blobs import blob_path
+from tests.conftest import SUPPORT, Running, daemon_running, fill_disk, mail, tmpfs, write_config
 
 
 async def test_parser_process_crash_is_reported_and_the_pool_recovers() -> None:
@@ -29,37 +32,96 @@ async def test_parser_process_crash_is_reported_and_the_pool_recovers() -> None:
 
 @pytest.fixture
 def small_mount(tmp_path: Path) -> Iterator[Path]:
-    with tmpfs(tmp_path / "attachments", "1m") as mount:
+    with tmpfs(tmp_path / "attachments", "3m") as mount:
         yield mount
 
 
-def with_attachment(size: int) -> EmailMessage:
-    msg = mail(subject="Logs attached")
-    msg.add_attachment(os.urandom(size), maintype="application", subtype="octet-stream",
+def with_attachment(content: bytes, subject: str) -> EmailMessage:
+    msg = mail(subject=subject)
+    msg.add_attachment(content, maintype="application", subtype="octet-stream",
                        filename="logs.bin")  # fmt: skip
     return msg
 
 
-async def test_full_attachment_disk_keeps_the_row_until_space_returns(
+async def open_transaction(running: Running) -> aiosmtplib.SMTP:
+    """A session that has passed MAIL and RCPT, its DATA still to come."""
+    smtp = aiosmtplib.SMTP(hostname=running.host, port=running.port, start_tls=False)
+    await smtp.connect()
+    await smtp.ehlo()
+    await smtp.mail("customer@example.org")
+    await smtp.rcpt(SUPPORT)
+    return smtp
+
+
+async def queue_id_of(smtp: aiosmtplib.SMTP, message: EmailMessage) -> str:
+    reply = await smtp.data(message.as_bytes())
+    await smtp.quit()
+    return reply.message.rsplit(" ", 1)[1]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and p.name != "ballast")
+
+
+async def test_a_full_attachment_disk_heals_by_itself_and_holds_up_no_other_mail(
     tmp_path: Path, small_mount: Path
 ) -> None:
-    # 1. Attachments live on a 1 MiB filesystem; a 2 MiB attachment cannot be written.
-    # 2. The message is accepted (the raw bytes are in the database) and stays 'received'.
-    # 3. Ops grow the filesystem; the worker retries and the ticket appears, attachment intact.
-    config_path = write_config(tmp_path / "daemon", max_message_size=8 * 1024 * 1024)
+    # 1. Attachments live on a 3 MiB filesystem. Two sessions pass MAIL (room enough), then
+    #    the disk fills: the mail with an attachment cannot write it; the mail without
+    #    becomes a ticket at once, and new mail is refused at MAIL until there is room.
+    # 2. The waiting mail is tried again and again, leaving no temporary file behind.
+    # 3. Space returns (the ballast goes): the waiting mail becomes a ticket on its own,
+    #    its attachment intact, and MAIL is accepted again.
+    config_path = write_config(tmp_path / "daemon", max_message_size=1024 * 1024)
     text = config_path.read_text().replace('"var/attachments"', f'"{small_mount}"')
     config_path.write_text(text)
     config = load_config(config_path)
+    content = os.urandom(700 * 1024)
     async with daemon_running(config) as daemon:
-        queue_id = await daemon.send(with_attachment(2 * 1024 * 1024))
-        await asyncio.sleep(3)
+        with_files, without = await open_transaction(daemon), await open_transaction(daemon)
+        ballast = fill_disk(small_mount, leave=256 * 1024)
+        waiting = await queue_id_of(with_files, with_attachment(content, "Logs attached"))
+        plain = await queue_id_of(without, mail(subject="No attachment"))
         async with open_store(config.storage.database) as store:
-            row = await store.get_inbound(queue_id)
-            assert row is not None and row.state == "received"
-            assert await store.list_tickets() == []
-        grow = ["mount", "-o", "remount,size=8m", str(small_mount)]
-        await asyncio.to_thread(subprocess.run, grow, check=True)
-        await daemon.settle(within=15)
-        [ticket] = await daemon.tickets()
-        [attachment] = ticket.messages[0].attachments
-        assert attachment.size == 2 * 1024 * 1024
+            retries = await wait_for_retries(store, waiting, plain)
+            [ticket] = await store.list_tickets()
+        assert ticket.subject == "No attachment"
+        assert len(retries) >= 2
+        assert leftovers(small_mount) == []  # no temporary file from any of those tries
+        with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+            await daemon.send(mail(subject="Refused at MAIL"))
+        assert (refused.value.code, refused.value.message[:5]) == (452, "4.3.1")
+
+        ballast.unlink()
+        async with open_store(config.storage.database) as store:
+            for _ in range(600):  # retried within ATTACHMENT_RETRY of the space returning
+                row = await store.get_inbound(waiting)
+                if row is not None and row.state != "received":
+                    break
+                await asyncio.sleep(0.05)
+        tickets = {t.subject: t for t in await daemon.tickets()}
+        assert sorted(tickets) == ["Logs attached", "No attachment"]
+        [attachment] = tickets["Logs attached"].messages[0].attachments
+        assert attachment.sha256 == hashlib.sha256(content).hexdigest()
+        assert blob_path(small_mount, attachment.sha256).read_bytes() == content
+        assert leftovers(small_mount) == [attachment.sha256]  # and nothing else
+        await daemon.send(mail(subject="Accepted again"))
+
+
+async def wait_for_retries(store: SqliteStore, waiting: str, plain: str) -> set[float]:
+    """Wait until the plain message is ingested and the waiting one was put back at least
+    twice (each try sets a new retry time); return the retry times seen."""
+    seen: set[float] = set()
+    for _ in range(1000):
+        row, done = await store.get_inbound(waiting), await store.get_inbound(plain)
+        assert row is not None and row.state == "received"
+        with sqlite3.connect(store.path) as db:
+            (retry_at,) = db.execute(
+                "SELECT retry_at FROM inbound WHERE id = ?", (waiting,)
+            ).fetchone()
+        if retry_at is not None:
+            seen.add(retry_at)
+        if len(seen) >= 2 and done is not None and done.state == "ingested":
+            return seen
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no retries seen: {seen}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,7 +30,9 @@ async def test_received_rows_survive_reopening(tmp_path: Path) -> None:
         await store.receive([("Q1", ENVELOPE, raw)])
     async with open_store(tmp_path / "db.sqlite") as store:
         [row] = await store.pending_inbound(limit=10)
-    assert (row.id, row.raw, row.envelope, row.state) == ("Q1", raw, ENVELOPE, "received")
+        stored = await store.read_raw("Q1")
+    assert (row.id, row.size, row.envelope, row.state) == ("Q1", len(raw), ENVELOPE, "received")
+    assert stored == raw
 
 
 async def test_deferred_and_excluded_rows_are_not_pending(tmp_path: Path) -> None:
@@ -164,3 +167,25 @@ async def test_migration_007_keys_the_stored_addresses_and_merges_spellings(
     ]
     assert [t.requester.email for t in tickets] == ["Ünal@example.org"] * 2 + ["ann@example.org"]
     assert found == (["STRASSE@example.net"], True, True, True)
+
+
+async def test_listing_rows_reads_no_raw_message(tmp_path: Path) -> None:
+    # Quarantine lists (and ingest's picks) select sizes, not bytes: listing three 4 MiB
+    # messages costs what listing three small ones does; a head is read without the rest.
+    raws = [bytes([n]) * (4 * 1024 * 1024) for n in range(3)]
+    async with open_store(tmp_path / "db.sqlite") as store:
+        await store.receive([(f"Q{n}", ENVELOPE, raw) for n, raw in enumerate(raws)])
+        with sqlite3.connect(tmp_path / "db.sqlite") as db:
+            db.execute("UPDATE inbound SET state = 'quarantined', reason = 'test'")
+        tracemalloc.start()
+        try:
+            rows = await store.list_inbound("quarantined")
+            picked = await store.pending_inbound(limit=10)
+            head = await store.read_raw("Q1", limit=65536)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert [(r.id, r.size) for r in rows] == [(f"Q{n}", len(raw)) for n, raw in enumerate(raws)]
+    assert picked == []
+    assert head == raws[1][:65536]
+    assert peak < 1024 * 1024

@@ -1,10 +1,15 @@
-"""The database-free half of ingest, run in a separate parser process.
+"""The half of ingest that needs no write to the database, run in a separate parser process.
 
 Parsing is CPU-bound Python: in the daemon's process it would compete with the event loop for
 the GIL. A child process parses on another core, and a parser that crashes takes down only
 the child (`ParserPool` replaces it and ingest quarantines the message that did it). The
 child is also what makes a time budget possible: a stalled parse is ended by killing the
 process (a thread cannot be stopped), and ingest treats it like a crash.
+
+The child reads each raw message from the database itself (read-only, by queue id, one at a
+time), for the parse and again for DKIM verification: the daemon never holds a batch of raw
+messages, nor pickles them across the pipe, and gets back only what the parse made of them
+(attachments are written to their files here and stay out of it).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from mailgate.errors import MailgateError, Unparseable
 from mailgate.ingest.auth import VerifyJob, verify_signatures
 from mailgate.ingest.parse import parse_mail
 from mailgate.model import ParsedMail, StoredAttachment
+from mailgate.msgid import shaped_like_ours
 from mailgate.store.blobs import save_blob
+from mailgate.store.sqlite_raw import RawReader
 
 T = TypeVar("T")
 
@@ -47,22 +54,32 @@ class ParserTimedOut(ParserCrashed):
     reason = "parse timed out"
 
 
-class AttachmentsUnwritable(MailgateError):
-    """Attachment files could not be written (disk full): transient, retry the row later."""
+# What a message whose raw bytes are gone (purged since it was picked) is prepared as; its
+# row is gone too, so ingest finds nothing to do.
+GONE = "raw message not found"
 
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
-    """One message parsed, its attachment files written, or the reason it goes to quarantine."""
+    """One message parsed, its attachment files written; or the reason it goes to quarantine
+    (`failure`); or the reason it must wait and be prepared again later (`retry`)."""
 
     mail: ParsedMail | None
     attachments: tuple[StoredAttachment, ...] = ()
     failure: str | None = None
+    retry: str | None = None
+    # For a bounce: strings in the raw message shaped like our Message-IDs, for the daemon
+    # to check with the secret (the returned mail may not be where RFC 3464 puts it).
+    mentioned_ids: tuple[str, ...] = ()
 
 
 def prepare(raw: bytes, attachments: Path, envelope_sender: str = "") -> Prepared:
     """Parse `raw` (its envelope sender stands in for a missing From) and store its
-    attachments by content hash."""
+    attachments by content hash.
+
+    Attachment files that cannot be written (disk full, I/O error) are a reason to wait, not
+    to fail: the result says `retry`, and this message alone waits for the disk.
+    """
     try:
         mail = parse_mail(raw, envelope_sender)
     except Unparseable as exc:
@@ -81,20 +98,53 @@ def prepare(raw: bytes, attachments: Path, envelope_sender: str = "") -> Prepare
             for part in mail.attachments
         )
     except OSError as exc:
-        raise AttachmentsUnwritable(f"attachments: {exc.strerror}") from exc
+        return Prepared(None, retry=f"attachments unwritable: {exc.strerror or exc}")
+    mentioned = tuple(shaped_like_ours(raw.decode("latin-1"))) if mail.bounce else ()
     # The content is on disk now; don't ship it back across the process boundary.
-    return Prepared(replace(mail, attachments=()), stored)
+    return Prepared(replace(mail, attachments=()), stored, mentioned_ids=mentioned)
 
 
-def prepare_all(raws: Sequence[bytes], attachments: Path, senders: Sequence[str]) -> list[Prepared]:
-    """Prepare each message; `senders` are their envelope senders, in the same order."""
-    return [prepare(raw, attachments, sender) for raw, sender in zip(raws, senders, strict=True)]
+_readers: dict[Path, RawReader] = {}
 
 
-def verify_all(jobs: Sequence[tuple[bytes, Sequence[VerifyJob]]]) -> list[dict[int, bool]]:
-    """DKIM verification of each message with its fetched keys (see `auth.verify_signatures`):
-    here, under the parser's time budget, a hostile header cannot stall the daemon."""
-    return [verify_signatures(raw, message_jobs) for raw, message_jobs in jobs]
+def _raw_of(database: Path, inbound_id: str) -> bytes | None:
+    """The raw message of a row, over this process's one read-only connection to `database`."""
+    reader = _readers.get(database)
+    if reader is None:
+        for stale in _readers.values():
+            stale.close()
+        _readers.clear()
+        reader = _readers[database] = RawReader(database)
+    return reader.read(inbound_id)
+
+
+def prepare_all(
+    database: Path, ids: Sequence[str], attachments: Path, senders: Sequence[str]
+) -> list[Prepared]:
+    """Prepare the rows `ids` of `database`, reading one raw message at a time; `senders`
+    are their envelope senders, in the same order."""
+    results = []
+    for inbound_id, sender in zip(ids, senders, strict=True):
+        raw = _raw_of(database, inbound_id)
+        results.append(
+            Prepared(None, failure=GONE) if raw is None else prepare(raw, attachments, sender)
+        )
+        del raw
+    return results
+
+
+def verify_all(
+    database: Path, jobs: Sequence[tuple[str, Sequence[VerifyJob]]]
+) -> list[dict[int, bool]]:
+    """DKIM verification of each row's message with its fetched keys (see
+    `auth.verify_signatures`): here, under the parser's time budget, a hostile header cannot
+    stall the daemon. A row whose raw message is gone verifies nothing."""
+    found = []
+    for inbound_id, message_jobs in jobs:
+        raw = _raw_of(database, inbound_id)
+        found.append({} if raw is None else verify_signatures(raw, message_jobs))
+        del raw
+    return found
 
 
 class ParserPool:
@@ -138,7 +188,9 @@ class ParserPool:
             return self._pool
         # spawn, not fork: forking a process that runs threads (SQLite's) is unsafe.
         pool = self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        future = asyncio.get_running_loop().run_in_executor(pool, prepare_all, [], Path(), [])
+        future = asyncio.get_running_loop().run_in_executor(
+            pool, prepare_all, Path(), [], Path(), []
+        )
         try:
             await asyncio.wait_for(future, START_TIMEOUT)
         except TimeoutError as exc:

@@ -6,7 +6,12 @@ message's sender checks (DNS) then run on their own, so a slow answer holds up o
 message; the messages whose checks are done are verified (DKIM, in the parser process again)
 and applied in one transaction together with the rows' new state, so a crash at any point
 leaves each row either untouched ('received', done again on restart) or completely done. A
-message whose checks ran into DNS trouble stays 'received' and is checked again later.
+message whose checks ran into DNS trouble stays 'received' and is checked again later, and so
+does one whose attachment files cannot be written (a full disk), while the rest flows on.
+
+The daemon never holds raw messages: rows come without them, and the parser process reads
+each one from the database itself (for the parse and again for DKIM), so what ingest costs
+the daemon is bounded by what the parse made of a batch (`BATCH_BYTES`, `MAX_IN_FLIGHT_BYTES`).
 """
 
 from __future__ import annotations
@@ -25,13 +30,7 @@ from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
 from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
 from mailgate.ingest.match import ThreadMatch, display_subject, find_thread
-from mailgate.ingest.prepare import (
-    AttachmentsUnwritable,
-    ParserCrashed,
-    ParserPool,
-    prepare_all,
-    verify_all,
-)
+from mailgate.ingest.prepare import ParserCrashed, ParserPool, prepare_all, verify_all
 from mailgate.ingest.trust import UNCHECKED, Verdict, decide
 from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
 from mailgate.msgid import MessageIds
@@ -41,6 +40,9 @@ from mailgate.store import IngestTx, Store
 log = structlog.get_logger(__name__)
 
 BATCH = 64
+# Raw bytes of one batch past its first row. The parser process reads one raw message at a
+# time, but sends back what the parse made of the whole batch at once (bodies, as text).
+BATCH_BYTES = 16 * 1024 * 1024
 # While intake is busy, small batches: intake's commits queue behind each ingest transaction
 # on the one writer, so a short transaction keeps the 250s flowing.
 BATCH_WHILE_BUSY = 8
@@ -51,16 +53,20 @@ RETRY_SECONDS = 2.0
 # so a tenth of the event loop's time still ingests several hundred messages a second.
 SHARE_WHILE_BUSY = 0.1
 MAX_PAUSE = 1.0
-# Messages whose sender checks are under way at once, and their raw bytes in all: the rest
-# wait in the store. Of one source (the From's organisational domain), at most
-# MAX_PER_SOURCE, DNS_PER_SOURCE of them asking DNS at once: a domain whose nameservers never
-# answer holds a few slots for `dns_timeout`, not all of them.
+# Messages whose sender checks are under way at once, and their raw bytes in all (what they
+# hold is their parse, no more than that): the rest wait in the store. Of one source (the
+# From's organisational domain), at most MAX_PER_SOURCE, DNS_PER_SOURCE of them asking DNS at
+# once: a domain whose nameservers never answer holds a few slots for `dns_timeout`, not all.
 MAX_IN_FLIGHT = 1024
 MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024
 MAX_PER_SOURCE = 128
 DNS_PER_SOURCE = 16
 # A message over its source's share waits this long in the store, no attempt counted.
 THROTTLE_SECONDS = 2.0
+# A message whose attachment files could not be written is prepared again after an eighth of
+# the time it has waited, at least this long and at most ATTACHMENT_RETRY_MAX.
+ATTACHMENT_RETRY = 2.0
+ATTACHMENT_RETRY_MAX = 60.0
 # A message whose checks ran into DNS trouble is checked again after this long (or an eighth
 # of `[auth] retry_for`, if less), doubling up to AUTH_RETRY_MAX, until `retry_for`.
 AUTH_RETRY_INITIAL = 15.0
@@ -79,6 +85,8 @@ class _Prepared:
     mail: ParsedMail | None
     attachments: tuple[StoredAttachment, ...] = ()
     failure: str | None = None  # why it goes to quarantine
+    retry: str | None = None  # why it must be prepared again later (attachment disk full)
+    mentioned_ids: tuple[str, ...] = ()  # a bounce's strings shaped like our Message-IDs
     lookup: Lookup | None = None  # what DNS said ([auth] enabled)
     auth: AuthResults | None = None  # None: not checked ([auth] enabled = false)
     verdict: Verdict | None = None  # None (with a mail): undecided, check again later
@@ -104,6 +112,7 @@ class IngestWorker:
         self._msgids = msgids
         self._reactions = Reactions(config, msgids)
         self._attachments = config.storage.attachments
+        self._database = config.storage.database  # where the parser process reads raw mail
         self._tag_prefix = config.tickets.tag_prefix
         self._is_support = config.smtp.accepts
         self._agents = config.agents
@@ -160,6 +169,7 @@ class IngestWorker:
         if len(self._checks) < MAX_IN_FLIGHT and self._checks_bytes < MAX_IN_FLIGHT_BYTES:
             rows = await self._store.pending_inbound(
                 limit=min(BATCH_WHILE_BUSY if busy else BATCH, MAX_IN_FLIGHT - len(self._checks)),
+                max_bytes=BATCH_BYTES,
                 exclude=list(self._checks),
             )
             if rows:
@@ -177,7 +187,7 @@ class IngestWorker:
             worked = True
             for item in done:
                 del self._checks[item.row.id]
-                self._checks_bytes -= len(item.row.raw)
+                self._checks_bytes -= item.row.size
                 self._release(item)
             await self._finish(done)
         if worked and self._intake_busy():
@@ -201,7 +211,7 @@ class IngestWorker:
         if source is not None:
             self._sources[source] += 1
         self._checks[item.row.id] = asyncio.create_task(self._check(item, source))
-        self._checks_bytes += len(item.row.raw)
+        self._checks_bytes += item.row.size
         return True
 
     def _release(self, item: _Prepared) -> None:
@@ -262,7 +272,8 @@ class IngestWorker:
         try:
             results = await self._parser.run(
                 prepare_all,
-                [row.raw for row in rows],
+                self._database,
+                [row.id for row in rows],
                 self._attachments,
                 [row.envelope.mail_from for row in rows],
             )
@@ -271,10 +282,11 @@ class IngestWorker:
                 return [item for row in rows for item in await self._prepare([row])]
             log.error("parser_crashed", queue_id=rows[0].id, reason=exc.reason)
             return [_Prepared(rows[0], None, failure=exc.reason)]
-        except AttachmentsUnwritable as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        for row, r in zip(rows, results, strict=True):
+            if r.retry is not None:
+                log.warning("message_waits", queue_id=row.id, reason=r.retry)
         return [
-            _Prepared(row, r.mail, r.attachments, r.failure)
+            _Prepared(row, r.mail, r.attachments, r.failure, r.retry, r.mentioned_ids)
             for row, r in zip(rows, results, strict=True)
         ]
 
@@ -297,7 +309,7 @@ class IngestWorker:
         authenticator = self._authenticator
         if authenticator is None:
             return [replace(item, verdict=UNCHECKED) for item in items]
-        jobs = [(i.row.raw, i.lookup.jobs) for i in items if i.lookup is not None and i.lookup.jobs]
+        jobs = [(i.row.id, i.lookup.jobs) for i in items if i.lookup is not None and i.lookup.jobs]
         verified = iter(await self._verify(jobs))
         now = datetime.now(UTC)
         decided = []
@@ -315,12 +327,12 @@ class IngestWorker:
             decided.append(replace(item, auth=auth, verdict=verdict))
         return decided
 
-    async def _verify(self, jobs: list[tuple[bytes, list[VerifyJob]]]) -> list[dict[int, bool]]:
+    async def _verify(self, jobs: list[tuple[str, list[VerifyJob]]]) -> list[dict[int, bool]]:
         """Verify signatures in the parser process; a message that kills it verifies nothing."""
         if not jobs:
             return []
         try:
-            return await self._parser.run(verify_all, jobs)
+            return await self._parser.run(verify_all, self._database, jobs)
         except ParserCrashed as exc:
             if len(jobs) > 1:
                 return [found for job in jobs for found in await self._verify([job])]
@@ -343,6 +355,8 @@ class IngestWorker:
         state = tx.inbound_state(row.id)
         if state != "received":  # done meanwhile (a replay racing the daemon): nothing to do
             return IngestOutcome(row.id, state or "ingested", reason="already processed")
+        if item.retry is not None:
+            return self._wait(tx, row, item.retry, now)
         if mail is None:
             tx.finish_inbound(row.id, "quarantined", reason=item.failure, at=now)
             return IngestOutcome(row.id, "quarantined", reason=item.failure)
@@ -359,7 +373,7 @@ class IngestWorker:
             return self._defer(tx, row, now)
         verdict = item.verdict
         if mail.bounce is not None and verdict.trust != "failed":  # a failed one is no bounce
-            bounced = self._bounced_ticket(tx, mail, row)
+            bounced = self._bounced_ticket(tx, item, mail)
             if bounced is not None:
                 return self._apply_bounce(tx, item, mail, bounced, now)
         trusted = verdict.trust == "authenticated"
@@ -449,6 +463,16 @@ class IngestWorker:
                 return ticket_id, True
         return None, tx.has_message_id(mail.message_id, sender)
 
+    def _wait(self, tx: IngestTx, row: InboundRow, reason: str, now: datetime) -> IngestOutcome:
+        """Something on our side (a full attachment disk) keeps this message from becoming a
+        ticket now: leave it 'received' and prepare it again later, with no attempt counted
+        (attempts are its sender checks'). It waits no longer than the trouble lasts plus a
+        retry interval, which grows with how long it has waited already."""
+        waited = (now - row.received_at).total_seconds()
+        delay = min(max(ATTACHMENT_RETRY, waited / 8), ATTACHMENT_RETRY_MAX)
+        tx.defer_inbound(row.id, retry_at=now + timedelta(seconds=delay), count=False)
+        return IngestOutcome(row.id, "received", reason=reason)
+
     def _defer(self, tx: IngestTx, row: InboundRow, now: datetime) -> IngestOutcome:
         """DNS trouble: leave the row 'received' and check it again later, as an MTA defers;
         the last check falls at `retry_for` after it arrived, and that one decides."""
@@ -522,11 +546,11 @@ class IngestWorker:
             return "agent"  # the team's own people need no verification or acknowledgement
         return None
 
-    def _bounced_ticket(self, tx: IngestTx, mail: ParsedMail, row: InboundRow) -> int | None:
+    def _bounced_ticket(self, tx: IngestTx, item: _Prepared, mail: ParsedMail) -> int | None:
         """The ticket of the mail of ours a bounce returns, if it names one with a valid HMAC."""
         assert mail.bounce is not None
         tickets = [t for t in map(self._msgids.ticket_of, mail.bounce.returned_ids) if t]
-        tickets = tickets or self._msgids.find_in(row.raw.decode("latin-1"))
+        tickets = tickets or self._msgids.tickets_of(item.mentioned_ids)
         return next((t for t in tickets if tx.ticket_status(t) is not None), None)
 
     def _apply_bounce(

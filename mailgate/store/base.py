@@ -30,6 +30,7 @@ from mailgate.model import (
     Ticket,
     TicketStatus,
 )
+from mailgate.spool import Spooled
 
 TokenOutcome = Literal["verified", "used", "expired", "unknown"]
 
@@ -128,7 +129,8 @@ class IngestTx(Protocol):
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None: ...
 
     def defer_inbound(self, inbound_id: str, *, retry_at: datetime, count: bool = True) -> None:
-        """Leave the row 'received' until `retry_at`, counting one more attempt (`count`)."""
+        """Leave the row 'received' until `retry_at`, counting one more attempt at its sender
+        checks unless `count` is false (it waits for something else: attachment space)."""
 
     def finish_inbound(
         self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
@@ -136,8 +138,9 @@ class IngestTx(Protocol):
 
 
 class Store(Protocol):
-    async def receive(self, batch: Sequence[tuple[str, Envelope, bytes]]) -> None:
-        """Commit raw messages durably, all in one transaction.
+    async def receive(self, batch: Sequence[tuple[str, Envelope, bytes | Spooled]]) -> None:
+        """Commit raw messages durably, all in one transaction; a spooled one is copied in
+        from its file in pieces (it stays open until this returns).
 
         Raises:
             StoreUnavailable: nothing was committed; the caller answers 451.
@@ -156,10 +159,21 @@ class Store(Protocol):
 
     async def get_inbound(self, inbound_id: str) -> InboundRow | None: ...
 
-    async def list_inbound(self, state: InboundState) -> list[InboundRow]: ...
+    async def list_inbound(self, state: InboundState) -> list[InboundRow]:
+        """The rows in `state`, oldest first; no raw message is read for it."""
+
+    async def read_raw(self, inbound_id: str, *, limit: int | None = None) -> bytes | None:
+        """The raw message (only its first `limit` bytes, reading no more), or None if there
+        is no such row."""
+
+    async def copy_raw(self, inbound_id: str, write: Callable[[bytes], object]) -> bool:
+        """Hand the raw message to `write` in pieces; False if there is no such row."""
 
     async def requeue_inbound(self, inbound_id: str) -> bool:
         """Move a quarantined row back to 'received'; False if it was not quarantined."""
+
+    async def purge_inbound(self, inbound_id: str) -> bool:
+        """Delete a quarantined row, raw message and all; False if it was not quarantined."""
 
     async def ingest(self, work: Callable[[IngestTx], T]) -> T:
         """Run `work` in one write transaction and return its result.

@@ -2,10 +2,15 @@
 
 A file's name is the SHA-256 of its bytes, so the customer's filename never reaches the
 filesystem, identical attachments are stored once, and writing again is harmless.
+
+A write goes to a temporary file first, then is renamed into place; a write that fails (a
+full disk) removes its temporary file, so retrying costs no space and freeing space is all
+it takes for the next try to succeed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -17,18 +22,27 @@ def blob_path(root: Path, sha256: str) -> Path:
 
 
 def save_blob(root: Path, data: bytes) -> str:
-    """Write `data` durably (fsync, atomic rename) unless already present; return its hash."""
+    """Write `data` durably (fsync, atomic rename) unless already present; return its hash.
+
+    Raises:
+        OSError: it could not be written; nothing of this attempt is left behind.
+    """
     digest = hashlib.sha256(data).hexdigest()
     target = blob_path(root, digest)
     if target.exists():
         return digest
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{digest}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "xb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -5,6 +5,8 @@ whole transaction per call: one hand-over between threads per transaction, howev
 statements it holds, so a busy event loop cannot stretch a transaction (and the commits
 queued behind it) statement by statement. Reads use an aiosqlite connection, which WAL lets
 run beside the writer. WAL with synchronous=FULL: a returned commit has been fsynced.
+Raw messages are written and read in pieces where they are large (`sqlite_raw.py`); the
+queries that list or pick rows never select them.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from mailgate.model import (
     Ticket,
     TicketStatus,
 )
+from mailgate.spool import Spooled
 from mailgate.store.base import IngestTx, TokenOutcome
+from mailgate.store.sqlite_raw import RawReader, insert_spooled
 
 T = TypeVar("T")
 
@@ -105,12 +109,12 @@ class _Writer:
     """The one write connection, confined to its own thread; each call is one transaction."""
 
     def __init__(self, path: Path) -> None:
-        self._path = path
+        self.path = path
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self._db: sqlite3.Connection | None = None
 
     def _open(self) -> None:
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         for pragma in _PRAGMAS:
             db.execute(pragma)
@@ -195,7 +199,7 @@ def _inbound_row(row: aiosqlite.Row) -> InboundRow:
             smtputf8=bool(row["smtputf8"]),
             forwarded=_forwarded(row["forwarded"]),
         ),
-        raw=bytes(row["raw"]),
+        size=row["size"],
         state=row["state"],
         received_at=_dt(row["received_at"]),
         reason=row["reason"],
@@ -474,6 +478,32 @@ _INSERT_INBOUND = (
     "raw) VALUES "
 )
 _INBOUND_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INBOUND_SPOOLED = _INSERT_INBOUND + "(?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?))"
+# Every column of inbound but the raw message, and its size (length() of a BLOB reads no
+# more than the row's header).
+_SELECT_INBOUND = (
+    "SELECT id, received_at, mail_from, rcpt_tos, peer, helo, smtputf8, forwarded, state, "
+    "reason, attempts, length(raw) AS size FROM inbound "
+)
+
+# The oldest due rows up to a limit, cut where their sizes add up past a number of bytes (the
+# first row always comes).
+_PENDING = (
+    _SELECT_INBOUND  # noqa: S608 - constant text; the values are parameters
+    + "WHERE id IN ("
+    " SELECT id FROM ("
+    "  SELECT id, size, sum(size) OVER (ORDER BY received_at, id) AS running FROM ("
+    "   SELECT id, received_at, length(raw) AS size FROM inbound"
+    "   WHERE state = 'received' AND (retry_at IS NULL OR retry_at <= ?)"
+    "   AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?))"
+    " WHERE running - size < ?) "
+    "ORDER BY received_at, id"
+)
+
+
+def _envelope_params(queue_id: str, now: float, env: Envelope) -> list[object]:
+    return [queue_id, now, env.mail_from, json.dumps(list(env.rcpt_tos)), env.peer, env.helo,
+            int(env.smtputf8), _forwarded_json(env.forwarded)]  # fmt: skip
 
 
 class SqliteStore:
@@ -499,19 +529,32 @@ class SqliteStore:
         await self._reader.close()
         await self._writer.close()
 
-    async def receive(self, batch: Sequence[tuple[str, Envelope, bytes]]) -> None:
+    async def receive(self, batch: Sequence[tuple[str, Envelope, bytes | Spooled]]) -> None:
         now = _now()
-        params: list[object] = []
+        small: list[object] = []
+        rows = 0
+        spooled: list[tuple[list[object], Spooled]] = []
         for queue_id, env, raw in batch:
-            params += (queue_id, now, env.mail_from, json.dumps(list(env.rcpt_tos)), env.peer,
-                       env.helo, int(env.smtputf8), _forwarded_json(env.forwarded),
-                       raw)  # fmt: skip
-        # One multi-row INSERT in autocommit mode, not executemany in a transaction: a single
-        # sqlite3_step, so the writer thread gives up and retakes the GIL once per batch rather
-        # than once per message (each retake can wait out the GIL's 5 ms switch interval).
-        await self._writer.statement(
-            _INSERT_INBOUND + ",".join([_INBOUND_ROW] * len(batch)), params
-        )
+            if isinstance(raw, Spooled):
+                spooled.append((_envelope_params(queue_id, now, env), raw))
+            else:
+                small += [*_envelope_params(queue_id, now, env), raw]
+                rows += 1
+        # The small messages: one multi-row INSERT, not executemany: a single sqlite3_step, so
+        # the writer thread gives up and retakes the GIL once per batch rather than once per
+        # message (each retake can wait out the GIL's 5 ms switch interval).
+        insert = _INSERT_INBOUND + ",".join([_INBOUND_ROW] * rows)
+        if not spooled:
+            await self._writer.statement(insert, small)  # atomic on its own (autocommit)
+            return
+
+        def work(db: sqlite3.Connection) -> None:
+            if rows:
+                db.execute(insert, small)
+            for params, raw in spooled:
+                insert_spooled(db, _INBOUND_SPOOLED, params, raw)
+
+        await self._writer.transaction(work)
 
     async def ingest(self, work: Callable[[IngestTx], T]) -> T:
         return await self._writer.transaction(lambda db: work(_SqliteIngestTx(db)))
@@ -526,30 +569,53 @@ class SqliteStore:
         # The oldest due rows up to `limit`, cut where their sizes add up past `max_bytes` (the
         # first row always comes), so a backlog of large messages never loads all at once.
         async with self._reader.execute(
-            "SELECT * FROM inbound WHERE id IN ("
-            " SELECT id FROM ("
-            "  SELECT id, size, sum(size) OVER (ORDER BY received_at, id) AS running FROM ("
-            "   SELECT id, received_at, length(raw) AS size FROM inbound"
-            "   WHERE state = 'received' AND (retry_at IS NULL OR retry_at <= ?)"
-            "   AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?))"
-            " WHERE running - size < ?) "
-            "ORDER BY received_at, id",
-            (_now(), json.dumps(list(exclude)), limit, max_bytes),
+            _PENDING, (_now(), json.dumps(list(exclude)), limit, max_bytes)
         ) as cursor:
             return [_inbound_row(row) async for row in cursor]
 
     async def get_inbound(self, inbound_id: str) -> InboundRow | None:
-        async with self._reader.execute(
-            "SELECT * FROM inbound WHERE id = ?", (inbound_id,)
-        ) as cursor:
+        async with self._reader.execute(_SELECT_INBOUND + "WHERE id = ?", (inbound_id,)) as cursor:
             row = await cursor.fetchone()
         return _inbound_row(row) if row else None
 
     async def list_inbound(self, state: InboundState) -> list[InboundRow]:
         async with self._reader.execute(
-            "SELECT * FROM inbound WHERE state = ? ORDER BY received_at, id", (state,)
+            _SELECT_INBOUND + "WHERE state = ? ORDER BY received_at, id",
+            (state,),
         ) as cursor:
             return [_inbound_row(row) async for row in cursor]
+
+    @property
+    def path(self) -> Path:
+        """The database file: the parser process reads raw messages from it itself."""
+        return self._writer.path
+
+    async def read_raw(self, inbound_id: str, *, limit: int | None = None) -> bytes | None:
+        def read() -> bytes | None:
+            reader = RawReader(self.path)
+            try:
+                return reader.read(inbound_id) if limit is None else reader.head(inbound_id, limit)
+            finally:
+                reader.close()
+
+        return await _reading(read)
+
+    async def copy_raw(self, inbound_id: str, write: Callable[[bytes], object]) -> bool:
+        def copy() -> bool:
+            reader = RawReader(self.path)
+            try:
+                return reader.copy(inbound_id, write)
+            finally:
+                reader.close()
+
+        return await _reading(copy)
+
+    async def purge_inbound(self, inbound_id: str) -> bool:
+        # secure_delete (see _PRAGMAS) overwrites the freed pages: the raw message is gone
+        # from the file, not only from the table.
+        return await self._writer.changes_one(
+            "DELETE FROM inbound WHERE id = ? AND state = 'quarantined'", (inbound_id,)
+        )
 
     async def requeue_inbound(self, inbound_id: str) -> bool:
         return await self._writer.changes_one(
@@ -690,6 +756,16 @@ class SqliteStore:
             "WHERE id = ? AND state IN ('queued', 'failed')",
             (_now(), outbox_id),
         )
+
+
+async def _reading(read: Callable[[], T]) -> T:
+    """Run a `RawReader` call in a thread, with the store's error mapping."""
+    try:
+        return await asyncio.to_thread(read)
+    except sqlite3.OperationalError as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    except sqlite3.Error as exc:
+        raise StoreError(str(exc)) from exc
 
 
 def _requester(row: sqlite3.Row | aiosqlite.Row) -> Requester:
