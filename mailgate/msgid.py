@@ -66,8 +66,13 @@ class MessageIds:
 
     def find_in(self, text: str) -> list[int]:
         """Tickets named by valid IDs of ours anywhere in `text` (a returned message)."""
-        found = [self.ticket_of(m.group(0)) for m in _OWN_ID.finditer(text)]
+        found = [self.ticket_of(i) for i in self.ids_in(text)]
         return list(dict.fromkeys(t for t in found if t is not None))
+
+    def ids_in(self, text: str) -> list[str]:
+        """Valid IDs of ours anywhere in `text`, each once, in order."""
+        found = (m.group(0) for m in _OWN_ID.finditer(text))
+        return list(dict.fromkeys(i for i in found if self.ticket_of(i) is not None))
 
 
 def message_ids(config: Config) -> MessageIds:
