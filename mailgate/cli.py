@@ -140,6 +140,8 @@ def outbox_json(row: OutboxRow) -> dict[str, Any]:
         "automatic": row.item.automatic,
         "attempts": row.attempts,
         "last_error": _opt(row.last_error),
+        # The relay's whole reply, its lines kept (one per refused recipient, then DATA's).
+        "reply": clean_body(row.reply) if row.reply is not None else None,
         "created_at": row.created_at.isoformat(),
         "next_attempt_at": row.next_attempt_at.isoformat(),
         "sent_at": row.sent_at.isoformat() if row.sent_at else None,
@@ -150,9 +152,15 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
+def _table(
+    rows: Sequence[Sequence[object]], header: Sequence[str], *, whole_last: bool = False
+) -> None:
+    """Print aligned columns, each cut at 50 characters; with `whole_last`, the last column
+    is printed whole (it is the one a reader needs all of)."""
     cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
     widths = [min(50, max(len(r[i]) for r in cells)) for i in range(len(header))]
+    if whole_last:
+        widths[-1] = max(len(r[-1]) for r in cells)
     for row in cells:
         print("  ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(row)).rstrip())
 
@@ -358,10 +366,12 @@ async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
                     r.item.ticket_id,
                     r.attempts,
                     _line(r.last_error or ""),
+                    _line((r.reply or "").replace("\n", " | ")),
                 )
                 for r in rows
             ],
-            ("ID", "STATE", "KIND", "TICKET", "ATTEMPTS", "LAST ERROR"),
+            ("ID", "STATE", "KIND", "TICKET", "ATTEMPTS", "LAST ERROR", "RELAY REPLY"),
+            whole_last=True,
         )
     return 0
 
