@@ -31,7 +31,10 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from mailgate.config import Config, load_config, parse_config
+from mailgate.msgid import message_ids as load_msgids
+from mailgate.reactions import Reactions
 from mailgate.service import stop_budget
+from mailgate.store import open_store
 from tests.conftest import (
     REPO,
     SUPPORT,
@@ -726,3 +729,35 @@ async def test_reply_usage_errors_change_nothing_and_stdin_works(
     body = replies[0].get_body(("plain",))
     assert body is not None
     assert "Unplug it, from stdin." in str(body.get_content())
+
+
+async def test_a_mail_that_cannot_be_composed_fails_with_the_reason(
+    relay: Relay, relay_config: Config, tmp_path: Path
+) -> None:
+    """A row whose data cannot make a mail (here an agent reply holding a lone surrogate,
+    which no charset encodes) ends 'failed' with the reason at its first attempt, rather than
+    stay 'sending' until a restart; the mail after it is delivered."""
+    reactions = Reactions(relay_config, load_msgids(relay_config))
+    body = tmp_path / "reply.txt"
+    body.write_text("Fine.\n", encoding="utf-8")
+    async with daemon_running(relay_config) as running:
+        await running.send(mail(sender=CUSTOMER))
+        await relay.wait_for(2)
+        async with open_store(relay_config.storage.database) as store:
+            await store.ingest(
+                lambda tx: reactions.relay_agent_reply(
+                    tx, 1, "Broken \udcff text\n", agent=None, at=datetime.now(UTC)
+                )
+            )
+        rows = await wait_outbox(
+            relay_config.path,
+            lambda rows: len(rows) == 3 and any(r["state"] == "failed" for r in rows),
+        )
+        [row] = [r for r in rows if r["state"] == "failed"]
+        assert row["kind"] == "agent_reply" and row["attempts"] == 1
+        assert row["last_error"].startswith("composition failed: UnicodeEncodeError"), row
+        result = await cli(relay_config.path, "reply", "1", "--body-file", str(body))
+        assert result.returncode == 0, result.stderr
+        await relay.wait_for(3)
+    states = [r["state"] for r in await outbox(relay_config.path)]
+    assert states == ["sent", "sent", "failed", "sent"]

@@ -172,11 +172,18 @@ class OutboundWorker:
         recipients = [item.to.email, *item.cc]
         try:
             message = serialise(self._composer.compose(item), recipients)
+        except ConfigError as exc:  # a broken template: ops can fix it, so retry later
+            return Outcome("retry", f"template: {exc}")
+        except Exception as exc:  # noqa: BLE001 - this row's data cannot make a mail
+            # A value that cannot be encoded, an error a template raises on this row's data:
+            # the same row fails the same way each time, so it fails now, with the reason,
+            # rather than stay 'sending' until a restart.
+            log.error("outbox_composition_failed", outbox_id=row.id, error=type(exc).__name__)
+            return Outcome("failed", f"composition failed: {type(exc).__name__}: {exc}")
+        try:
             delivery = await self._transport.send(
                 message, sender=self._composer.sender, recipients=recipients, handover=handover
             )
-        except ConfigError as exc:  # a broken template: ops can fix it, so retry later
-            return Outcome("retry", f"template: {exc}")
         except DeliveryFailed as exc:
             state: Literal["failed", "retry"] = "failed" if exc.permanent else "retry"
             return Outcome(state, str(exc), exc.reply, exc.refused)
