@@ -228,3 +228,18 @@ def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
     assert result.stdout == ""
     assert "usage: mailgate" in result.stderr
     assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"0123456789"], ids=["empty", "blank", "short"])
+def test_an_empty_or_short_secret_file_stops_serve_with_78_naming_it(
+    tmp_path: Path, content: bytes
+) -> None:
+    """A damaged key file is a config error naming the file, not a crash, for the daemon and
+    for a command that needs the key alike."""
+    path = write_config(tmp_path)
+    secret = tmp_path / "var" / "secret.key"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(content)
+    for command in (["serve"], ["reply", "1", "--body-file", str(path)]):
+        result = run_cli("--config", str(path), *command)
+        assert_config_error(result, "outbound.secret_file", str(secret))
