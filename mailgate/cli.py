@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -165,6 +166,16 @@ def _table(
         print("  ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(row)).rstrip())
 
 
+def _existing_store(config: Config) -> AbstractAsyncContextManager[SqliteStore]:
+    """The store, if it exists. Every command but `serve` reads or changes what is there, so
+    on a database that does not exist (a wrong `storage.database`, a daemon never started)
+    it says so rather than create an empty one and report nothing found."""
+    path = config.storage.database
+    if not path.exists():
+        raise NotFound(f"no database at {path} (has `mailgate serve` run with this config?)")
+    return open_store(path)
+
+
 # -- commands --
 
 
@@ -184,7 +195,7 @@ async def cmd_serve(config: Config, _args: argparse.Namespace) -> int:
 
 
 async def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         tickets = await store.list_tickets(status=args.status)
     if args.json:
         _print_json([ticket_json(t) for t in tickets])
@@ -207,7 +218,7 @@ async def _ticket(store: SqliteStore, ticket_id: int) -> Ticket:
 
 
 async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         ticket = await _ticket(store, args.id)
     if args.json:
         _print_json({**ticket_json(ticket), "messages": [message_json(m) for m in ticket.messages]})
@@ -242,7 +253,7 @@ def _auth_line(auth: dict[str, Any]) -> str:
 
 
 async def cmd_close(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.set_ticket_status(args.id, "closed"):
             raise NotFound(f"no ticket {args.id}")
     print(f"ticket {args.id} closed")
@@ -250,7 +261,7 @@ async def cmd_close(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         rows = await store.list_inbound("quarantined")
     if args.json:
         _print_json([inbound_json(r) for r in rows])
@@ -266,7 +277,7 @@ async def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         row = await store.get_inbound(args.id)
     if row is None or row.state != "quarantined":
         raise NotFound(f"no quarantined message {args.id}")
@@ -278,7 +289,7 @@ async def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.requeue_inbound(args.id):
             raise NotFound(f"no quarantined message {args.id}")
         row = await store.get_inbound(args.id)
@@ -318,7 +329,7 @@ async def cmd_participants_add(config: Config, args: argparse.Namespace) -> int:
         email = validate_address(args.email)
     except EmailNotValidError as exc:
         raise UsageError(f"EMAIL: not a valid address: {exc}") from None
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.add_participant(args.id, email):
             raise NotFound(f"no ticket {args.id}")
     print(f"ticket {args.id}: {email} may post")
@@ -342,7 +353,7 @@ def _read_body(source: str) -> str:
 async def cmd_reply(config: Config, args: argparse.Namespace) -> int:
     body = _read_body(args.body_file)
     reactions = Reactions(config, message_ids(config))
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         await _ticket(store, args.id)
         outbox_id = await store.ingest(
             lambda tx: reactions.agent_reply(tx, args.id, body, agent=None, at=datetime.now(UTC))
@@ -352,7 +363,7 @@ async def cmd_reply(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         rows = await store.list_outbox(args.state)
     if args.json:
         _print_json([outbox_json(r) for r in rows])
@@ -377,7 +388,7 @@ async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.retry_outbox(args.id):
             raise NotFound(f"no queued or failed outbox row {args.id}")
     print(f"outbox {args.id}: due now")
@@ -392,7 +403,7 @@ async def _requester(store: SqliteStore, email: str) -> Requester:
 
 
 async def cmd_requesters_list(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         requesters = await store.list_requesters()
     if args.json:
         _print_json([requester_json(r) for r in requesters])
@@ -413,7 +424,7 @@ async def cmd_requesters_list(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_requesters_show(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         requester = await _requester(store, args.email)
     if args.json:
         _print_json(requester_json(requester))
@@ -428,7 +439,7 @@ async def cmd_requesters_show(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_requesters_verify(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.verify_requester(args.email):
             raise NotFound(f"no requester {args.email}")
     print(f"{args.email}: verified")
