@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -143,6 +144,8 @@ def outbox_json(row: OutboxRow) -> dict[str, Any]:
         "automatic": row.item.automatic,
         "attempts": row.attempts,
         "last_error": _opt(row.last_error),
+        # The relay's whole reply, its lines kept (one per refused recipient, then DATA's).
+        "reply": clean_body(row.reply) if row.reply is not None else None,
         "created_at": row.created_at.isoformat(),
         "next_attempt_at": row.next_attempt_at.isoformat(),
         "sent_at": row.sent_at.isoformat() if row.sent_at else None,
@@ -153,11 +156,27 @@ def _print_json(value: object) -> None:
     print(json.dumps(value, ensure_ascii=False, indent=2))
 
 
-def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
+def _table(
+    rows: Sequence[Sequence[object]], header: Sequence[str], *, whole_last: bool = False
+) -> None:
+    """Print aligned columns, each cut at 50 characters; with `whole_last`, the last column
+    is printed whole (it is the one a reader needs all of)."""
     cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
     widths = [min(50, max(len(r[i]) for r in cells)) for i in range(len(header))]
+    if whole_last:
+        widths[-1] = max(len(r[-1]) for r in cells)
     for row in cells:
         print("  ".join(c[: widths[i]].ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+
+
+def _existing_store(config: Config) -> AbstractAsyncContextManager[SqliteStore]:
+    """The store, if it exists. Every command but `serve` reads or changes what is there, so
+    on a database that does not exist (a wrong `storage.database`, a daemon never started)
+    it says so rather than create an empty one and report nothing found."""
+    path = config.storage.database
+    if not path.exists():
+        raise NotFound(f"no database at {path} (has `mailgate serve` run with this config?)")
+    return open_store(path)
 
 
 # -- commands --
@@ -179,7 +198,7 @@ async def cmd_serve(config: Config, _args: argparse.Namespace) -> int:
 
 
 async def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         tickets = await store.list_tickets(status=args.status)
     if args.json:
         _print_json([ticket_json(t) for t in tickets])
@@ -202,7 +221,7 @@ async def _ticket(store: SqliteStore, ticket_id: int) -> Ticket:
 
 
 async def cmd_tickets_show(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         ticket = await _ticket(store, args.id)
     if args.json:
         _print_json({**ticket_json(ticket), "messages": [message_json(m) for m in ticket.messages]})
@@ -237,7 +256,7 @@ def _auth_line(auth: dict[str, Any]) -> str:
 
 
 async def cmd_close(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.set_ticket_status(args.id, "closed"):
             raise NotFound(f"no ticket {args.id}")
     print(f"ticket {args.id} closed")
@@ -247,7 +266,7 @@ async def cmd_close(config: Config, args: argparse.Namespace) -> int:
 async def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
     # Only what is printed is read: the table needs no raw message at all, the JSON the first
     # HEAD_BYTES of each (for Subject), one at a time.
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         rows = await store.list_inbound("quarantined")
         if args.json:
             listed = []
@@ -264,7 +283,7 @@ async def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         row = await store.get_inbound(args.id)
         if row is None or row.state != "quarantined":
             raise NotFound(f"no quarantined message {args.id}")
@@ -287,7 +306,7 @@ async def cmd_quarantine_purge(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.requeue_inbound(args.id):
             raise NotFound(f"no quarantined message {args.id}")
         row = await store.get_inbound(args.id)
@@ -327,7 +346,7 @@ async def cmd_participants_add(config: Config, args: argparse.Namespace) -> int:
         email = validate_address(args.email)
     except EmailNotValidError as exc:
         raise UsageError(f"EMAIL: not a valid address: {exc}") from None
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.add_participant(args.id, email):
             raise NotFound(f"no ticket {args.id}")
     print(f"ticket {args.id}: {email} may post")
@@ -351,7 +370,7 @@ def _read_body(source: str) -> str:
 async def cmd_reply(config: Config, args: argparse.Namespace) -> int:
     body = _read_body(args.body_file)
     reactions = Reactions(config, message_ids(config))
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         await _ticket(store, args.id)
         outbox_id = await store.ingest(
             lambda tx: reactions.agent_reply(tx, args.id, body, agent=None, at=datetime.now(UTC))
@@ -361,7 +380,7 @@ async def cmd_reply(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         rows = await store.list_outbox(args.state)
     if args.json:
         _print_json([outbox_json(r) for r in rows])
@@ -375,16 +394,18 @@ async def cmd_outbox_list(config: Config, args: argparse.Namespace) -> int:
                     r.item.ticket_id,
                     r.attempts,
                     _line(r.last_error or ""),
+                    _line((r.reply or "").replace("\n", " | ")),
                 )
                 for r in rows
             ],
-            ("ID", "STATE", "KIND", "TICKET", "ATTEMPTS", "LAST ERROR"),
+            ("ID", "STATE", "KIND", "TICKET", "ATTEMPTS", "LAST ERROR", "RELAY REPLY"),
+            whole_last=True,
         )
     return 0
 
 
 async def cmd_outbox_retry(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.retry_outbox(args.id):
             raise NotFound(f"no queued or failed outbox row {args.id}")
     print(f"outbox {args.id}: due now")
@@ -399,7 +420,7 @@ async def _requester(store: SqliteStore, email: str) -> Requester:
 
 
 async def cmd_requesters_list(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         requesters = await store.list_requesters()
     if args.json:
         _print_json([requester_json(r) for r in requesters])
@@ -420,7 +441,7 @@ async def cmd_requesters_list(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_requesters_show(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         requester = await _requester(store, args.email)
     if args.json:
         _print_json(requester_json(requester))
@@ -435,7 +456,7 @@ async def cmd_requesters_show(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_requesters_verify(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.verify_requester(args.email):
             raise NotFound(f"no requester {args.email}")
     print(f"{args.email}: verified")

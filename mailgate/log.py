@@ -40,24 +40,39 @@ def _masked(match: re.Match[str]) -> str:
     return f"{local[:1]}***@{match.group(2)}"
 
 
-def _mask(value: Any) -> Any:
-    """Mask the strings in `value`, however nested; never raises (a log call must not fail)."""
-    if isinstance(value, str):
-        return mask_address(value)
-    if isinstance(value, list):
-        return [_mask(item) for item in value]
-    if isinstance(value, tuple):  # a NamedTuple (HostPort) cannot be rebuilt from one iterable
-        return tuple(_mask(item) for item in value)
-    if isinstance(value, dict):  # e.g. authentication results, rendered whole into JSON
-        return {key: _mask(item) for key, item in value.items()}
-    return value
+_PLAIN = (bool, int, float, type(None))
+MAX_DEPTH = 20  # nesting masked; deeper (or a value that holds itself) is cut
+
+
+def _mask(value: Any, depth: int = 0) -> Any:
+    """Mask the strings in `value`, however nested: dict keys and values, lists, tuples and
+    sets; any other object as the renderer would show it (its repr), masked. Never raises
+    (a log call must not fail): what cannot be shown is logged as "[unloggable]"."""
+    try:
+        if isinstance(value, str):
+            return mask_address(value)
+        if isinstance(value, _PLAIN):
+            return value
+        if depth >= MAX_DEPTH:
+            return "[nested too deep]"
+        if isinstance(value, list | set | frozenset):
+            return [_mask(item, depth + 1) for item in value]
+        if isinstance(value, tuple):  # a NamedTuple (HostPort) cannot be rebuilt from one
+            return tuple(_mask(item, depth + 1) for item in value)
+        if isinstance(value, dict):  # e.g. authentication results, rendered whole into JSON
+            return {_mask(k, depth + 1): _mask(item, depth + 1) for k, item in value.items()}
+        # An exception, an Address, a Path: the renderers would print its repr unmasked.
+        return mask_address(repr(value))
+    except Exception:  # noqa: BLE001 - a repr that raises, a dict key that cannot be hashed
+        return "[unloggable]"
 
 
 def mask_addresses(
     _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """structlog processor: mask addresses in every string value (exception text included)."""
-    for key, value in event_dict.items():
+    """structlog processor: mask addresses in every value (exception text included: it runs
+    after `format_exc_info` has rendered the traceback into a string)."""
+    for key, value in list(event_dict.items()):
         event_dict[key] = _mask(value)
     return event_dict
 
@@ -71,8 +86,9 @@ def configure_logging(level: str = "info", *, fmt: str = "auto") -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    tail: list[Processor] = [structlog.processors.format_exc_info] if as_json else []
-    tail.append(mask_addresses)
+    # Tracebacks are rendered to text before masking, in either format: the console
+    # renderer's own traceback printing would come after it and show addresses.
+    tail: list[Processor] = [structlog.processors.format_exc_info, mask_addresses]
     renderer: Processor = (
         structlog.processors.JSONRenderer()
         if as_json

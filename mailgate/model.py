@@ -108,6 +108,7 @@ class Bounce:
 
     failed: tuple[tuple[str, str], ...]  # (recipient, status such as "5.1.1")
     returned_ids: tuple[str, ...]  # Message-IDs found in the returned message or headers
+    tokens: tuple[str, ...] = ()  # hashes of verification tokens in the returned copy
 
     @property
     def permanent(self) -> tuple[str, ...]:
@@ -269,3 +270,4 @@ class OutboxRow:
     created_at: datetime
     next_attempt_at: datetime
     sent_at: datetime | None = None
+    reply: str | None = None  # the relay's whole reply to the last attempt

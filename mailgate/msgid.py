@@ -24,21 +24,49 @@ _OWN_ID = re.compile(r"mg-(\d{1,18})-([0-9a-f]{12})-([0-9a-f]{24})@[^<>\s@]+")
 
 
 def load_secret(path: Path) -> bytes:
-    """Read the HMAC secret, creating it (mode 0600, fsynced) at first start."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Read the HMAC secret, creating it (mode 0600) at first start.
+
+    Raises:
+        ValueError: the file cannot be read, or holds a key too short (an empty one too).
+    """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            _create_secret(path)
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    if not secret:
+        raise ValueError(f"{path}: the secret file is empty (remove it to make a new one)")
+    if len(secret) < SECRET_BYTES:
+        raise ValueError(f"{path}: the secret is shorter than {SECRET_BYTES} bytes")
+    return secret
+
+
+def _create_secret(path: Path) -> None:
+    """Write a new secret so that `path` is never seen empty or half-written: into a
+    temporary file (fsynced), then linked into place, which fails if another process (a CLI
+    command starting beside the daemon) got there first: then theirs is the secret. The
+    folder is fsynced, so the name survives a power loss. A crash leaves at most a stray
+    temporary file, never an empty key that would stop every later start."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(secrets.token_hex(SECRET_BYTES).encode())
             fh.flush()
             os.fsync(fh.fileno())
-    secret = path.read_bytes().strip()
-    if len(secret) < SECRET_BYTES:
-        raise ValueError(f"{path}: the secret is shorter than {SECRET_BYTES} bytes")
-    return secret
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class MessageIds:

@@ -46,9 +46,15 @@ class Reactions:
                 ttl = timedelta(seconds=self._config.verification.ttl)
                 context: dict[str, str | int | None] = {"token": token, "email": sender}
                 to = Address(requester.email, requester.name)
-                outbox_id = self._automatic(tx, "verification", ticket_id, to, context, at=at)
+                # The token knows its mail: a permanent bounce of that mail revokes it.
+                message_id = self._msgids.new(ticket_id)
+                outbox_id = self._automatic(
+                    tx, "verification", ticket_id, to, context, at=at, message_id=message_id
+                )
                 if outbox_id is not None:
-                    tx.issue_token(sender, digest, at=at, expires_at=at + ttl)
+                    tx.issue_token(
+                        sender, digest, at=at, expires_at=at + ttl, message_id=message_id
+                    )
                     queued.append(outbox_id)
         if created and self._config.outbound.acknowledge:
             _subject, to = tx.ticket_head(ticket_id)
@@ -66,6 +72,7 @@ class Reactions:
         context: dict[str, str | int | None],
         *,
         at: datetime,
+        message_id: str | None = None,
     ) -> int | None:
         """Queue an automatic mail to `to`, unless a limit says no."""
         outbound = self._config.outbound
@@ -85,7 +92,9 @@ class Reactions:
         if tx.automatic_mails_since(None, since) >= outbound.auto_reply_global_limit:
             log.warning("automatic_mail_skipped", kind=kind, ticket_id=ticket_id, why="global cap")
             return None
-        return self._enqueue(tx, kind, ticket_id, to, context, automatic=True, at=at)
+        return self._enqueue(
+            tx, kind, ticket_id, to, context, automatic=True, at=at, message_id=message_id
+        )
 
     def agent_reply(
         self, tx: IngestTx, ticket_id: int, body: str, *, agent: Address | None, at: datetime

@@ -408,6 +408,8 @@ class Relay:
     """A real SMTP relay on loopback (aiosmtpd) that records what mailgate delivers.
 
     `reply` chooses its answer to DATA: None accepts, "550 ..." rejects, "451 ..." defers.
+    `refuse` maps a recipient to its answer at RCPT ("550 ...", several lines joined by CRLF
+    as a multi-line reply), as a relay that knows the mailbox is gone answers at once.
     `stop()`/`start()` take it off the air and back on the same port.
     """
 
@@ -416,7 +418,17 @@ class Relay:
         self.received: list[Received] = []
         self.attempts = 0
         self.reply: str | None = None
+        self.refuse: dict[str, str] = {}
         self._server: asyncio.AbstractServer | None = None
+
+    async def handle_RCPT(
+        self, _server: Any, _session: Any, envelope: Any, address: str, _options: list[str]
+    ) -> str:
+        refusal = self.refuse.get(address.lower())
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
         self.attempts += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.config import load_config
+from mailgate.store import open_store
 from tests.conftest import REPO, run_cli, write_config
 
 EX_CONFIG = 78
@@ -187,23 +189,65 @@ def test_relative_paths_resolve_against_the_config_folder(
     assert config.path == path.resolve()
 
 
-def test_cli_creates_the_database_next_to_the_config(tmp_path: Path) -> None:
+def test_cli_finds_the_database_next_to_the_config(tmp_path: Path) -> None:
+    """Relative paths are the config file's: from another folder, a read-only command names
+    the database next to the config when there is none (exit 1, nothing created anywhere),
+    and reads it once the daemon made it."""
     folder = tmp_path / "etc"
     write_config(folder)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "mailgate", "--config", "../etc/config.toml", "tickets", "list"],
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "MAILGATE_CONFIG"},
-        check=False,
+
+    def tickets_list() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mailgate", "--config", "../etc/config.toml", "tickets", "list"],
+            cwd=elsewhere,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "MAILGATE_CONFIG"},
+            check=False,
+        )
+
+    database = (folder / "var" / "mailgate.db").resolve()
+    result = tickets_list()
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"mailgate: no database at {database} (has `mailgate serve` run with this config?)\n"
     )
+    assert not (folder / "var").exists() and not (elsewhere / "var").exists()
+
+    asyncio.run(_create_store(database))  # as the daemon's first start does
+    result = tickets_list()
     assert result.returncode == 0, result.stderr
-    assert (folder / "var" / "mailgate.db").is_file()
     assert not (elsewhere / "var").exists()
+
+
+async def _create_store(path: Path) -> None:
+    async with open_store(path):
+        pass
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("tickets", "list"),
+        ("tickets", "show", "1"),
+        ("quarantine", "list"),
+        ("quarantine", "show", "X"),
+        ("outbox", "list"),
+        ("requesters", "list"),
+        ("requesters", "show", "a@example.org"),
+    ],
+)
+def test_a_read_only_command_on_a_missing_database_says_so(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    path = write_config(tmp_path)
+    result = run_cli("--config", str(path), *command)
+    assert result.returncode == 1, result.stderr
+    assert "no database at" in result.stderr and "mailgate.db" in result.stderr
+    assert not (tmp_path / "var" / "mailgate.db").exists()
 
 
 @pytest.mark.parametrize(
@@ -228,3 +272,18 @@ def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
     assert result.stdout == ""
     assert "usage: mailgate" in result.stderr
     assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"0123456789"], ids=["empty", "blank", "short"])
+def test_an_empty_or_short_secret_file_stops_serve_with_78_naming_it(
+    tmp_path: Path, content: bytes
+) -> None:
+    """A damaged key file is a config error naming the file, not a crash, for the daemon and
+    for a command that needs the key alike."""
+    path = write_config(tmp_path)
+    secret = tmp_path / "var" / "secret.key"
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(content)
+    for command in (["serve"], ["reply", "1", "--body-file", str(path)]):
+        result = run_cli("--config", str(path), *command)
+        assert_config_error(result, "outbound.secret_file", str(secret))

@@ -405,7 +405,8 @@ async def test_idle_session_gets_421_442(tmp_path: Path) -> None:
         await conn.start()
         started = time.monotonic()
         assert await conn.reply() == "421 4.4.2 Timeout, closing connection"
-        assert 1.5 < time.monotonic() - started < 4
+        # Not before the idle timeout (2 s); when after it depends on the machine.
+        assert time.monotonic() - started > 1.5
         assert await conn.closed()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import smtplib
+import subprocess
+import sys
 import timeit
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from mailgate.log import mask_address, mask_addresses
-from mailgate.model import HostPort
+from mailgate.model import Address, HostPort
 from tests.conftest import SUPPORT, SubprocessDaemon, write_config
 
 SENDER = "Jane.Doe@example.org"
@@ -186,3 +188,60 @@ def test_masking_never_raises_on_named_tuples() -> None:
         "relay": ("relay.example", 25),
         "peer": ("j***@example.org", 25),
     }
+
+
+def test_masking_covers_keys_sets_and_objects() -> None:
+    """Dict keys, sets and objects the renderer would print by repr (an exception, an
+    Address) are masked too."""
+    event = {
+        "refused": {"jane@example.org": 550},
+        "seen": {"bob@example.net"},
+        "error": ValueError("no mailbox jane@example.org"),
+        "who": Address("jane@example.org", "Jane"),
+    }
+    masked = mask_addresses(None, "info", event)
+    assert masked["refused"] == {"j***@example.org": 550}
+    assert masked["seen"] == ["b***@example.net"]
+    assert "jane@" not in repr(masked) and "bob@" not in repr(masked)
+    assert "j***@example.org" in masked["error"] and "j***@example.org" in masked["who"]
+
+
+def test_masking_never_raises() -> None:
+    class Hostile:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr for jane@example.org")
+
+    looped: list[object] = ["jane@example.org"]
+    looped.append(looped)
+    event = {"hostile": Hostile(), "looped": looped, "deep": [[[[[[["x@y.example"]]]]]]]}
+    masked = mask_addresses(None, "info", event)
+    assert masked["hostile"] == "[unloggable]"
+    assert masked["looped"][0] == "j***@example.org"
+    assert "jane@" not in repr(masked)
+
+
+_LOG_A_TRACEBACK = """\
+import structlog
+from mailgate.log import configure_logging
+configure_logging("info", fmt="{fmt}")
+try:
+    raise LookupError("no requester jane.doe@example.org")
+except LookupError:
+    structlog.get_logger("t").exception("lookup_failed", extra={{"to": ("bob@example.net",)}})
+"""
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_are_masked_in_either_format(fmt: str) -> None:
+    """The traceback's text (exc_info) is rendered before masking, on a terminal too."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LOG_A_TRACEBACK.format(fmt=fmt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "LookupError" in result.stdout and "Traceback" in result.stdout, result.stdout
+    assert "j***@example.org" in result.stdout and "b***@example.net" in result.stdout
+    assert "jane.doe@" not in result.stdout and "bob@" not in result.stdout

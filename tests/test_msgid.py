@@ -62,3 +62,32 @@ def test_tokens_are_random_and_stored_hashed() -> None:
     assert len(token) >= 43 and token.replace("-", "").replace("_", "").isalnum()
     assert digest == token_hash(token) and token not in digest
     assert new_token()[0] != token
+
+
+def test_an_empty_secret_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    """What a crash mid-write used to leave: every start then failed. Now it is a clear
+    config error naming the file (exit 78), and a new secret is never written half."""
+    path = tmp_path / "secret.key"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{path}: the secret file is empty"):
+        load_secret(path)
+
+
+def test_an_unreadable_secret_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "secret.key"
+    path.mkdir()
+    with pytest.raises(ValueError, match=str(path)):
+        load_secret(path)
+
+
+def test_creating_the_secret_leaves_no_temporary_file_and_keeps_a_rivals(tmp_path: Path) -> None:
+    """The secret appears whole or not at all (written aside, then linked into place); a
+    process that finds one made meanwhile keeps that one."""
+    path = tmp_path / "secret.key"
+    first = load_secret(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.key"]
+    from mailgate import msgid
+
+    msgid._create_secret(path)  # a rival that lost the race
+    assert load_secret(path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.key"]

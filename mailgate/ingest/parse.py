@@ -24,9 +24,11 @@ from mailgate.addresses import EmailNotValidError, validate_address
 from mailgate.domains import a_label
 from mailgate.errors import Unparseable
 from mailgate.ingest.address_list import Mailbox, mailboxes
-from mailgate.ingest.classify import automatic_reason, find_bounce
+from mailgate.ingest.classify import automatic_reason, find_bounce, reporting_mta
 from mailgate.ingest.mime import LIMIT_NOTES, MAX_DEPTH, HeaderView, read_message
+from mailgate.ingest.returned import bounce_tokens
 from mailgate.model import Address, AttachmentPart, Bounce, DkimRef, ParsedMail, SenderEvidence
+from mailgate.privacy.tokens import redact_token_bytes, redact_tokens
 from mailgate.text import (
     clean_body,
     clean_line,
@@ -75,7 +77,9 @@ def _extract(msg: StdMessage, header: HeaderView, envelope_sender: str, raw: byt
     headers = _raw_headers(msg)
     from_fields = headers.get("from", [])
     written = list(mailboxes(from_fields, limit=MAX_FROM_MAILBOXES))
-    sender, from_missing = _sender(written, envelope_sender)
+    bounce = _safe_bounce(msg, headers, envelope_sender, raw)
+    mta = reporting_mta(msg) if bounce is not None else None
+    sender, from_missing = _sender(written, envelope_sender, mta)
     evidence = SenderEvidence(
         from_fields=len(from_fields),
         from_mailboxes=len(written),
@@ -89,7 +93,11 @@ def _extract(msg: StdMessage, header: HeaderView, envelope_sender: str, raw: byt
     )
     body = _Body()
     body.walk(msg, depth=0)
-    body_text = body.text()
+    body_text, body_html, attachments = body.text(), body.html, tuple(body.attachments)
+    if bounce is not None:  # it may return our verification mail: keep no link of it
+        body_text = redact_tokens(body_text)
+        body_html = redact_tokens(body_html) if body_html is not None else None
+        attachments = tuple(replace(a, content=redact_token_bytes(a.content)) for a in attachments)
     return ParsedMail(
         sender=sender,
         to=_addresses(headers, "to"),
@@ -99,11 +107,11 @@ def _extract(msg: StdMessage, header: HeaderView, envelope_sender: str, raw: byt
         in_reply_to=tuple(_MSGID.findall(" ".join(headers.get("in-reply-to", []))))[:10],
         references=tuple(_MSGID.findall(" ".join(headers.get("references", []))))[-MAX_REFERENCES:],
         body_text=body_text,
-        body_html=body.html,
-        attachments=tuple(body.attachments),
+        body_html=body_html,
+        attachments=attachments,
         automatic=automatic_reason(headers),
         reply_to=_addresses(headers, "reply-to"),
-        bounce=_safe_bounce(msg),
+        bounce=bounce,
         evidence=evidence,
         body_digest=body_digest(raw, header.body_start),
     )
@@ -130,9 +138,13 @@ def _dkim_signatures(values: list[str]) -> tuple[DkimRef, ...]:
     return tuple(found)
 
 
-def _safe_bounce(msg: StdMessage) -> Bounce | None:
+def _safe_bounce(
+    msg: StdMessage, headers: dict[str, list[str]], envelope_sender: str, raw: bytes
+) -> Bounce | None:
+    """The bounce `msg` is, with the verification tokens it returns; None if it is none."""
     try:
-        return find_bounce(msg)
+        bounce = find_bounce(msg, headers, envelope_sender)
+        return replace(bounce, tokens=bounce_tokens(msg, raw)) if bounce else None
     except Exception:  # noqa: BLE001 - a malformed report is kept as an ordinary mail
         return None
 
@@ -191,16 +203,25 @@ def _valid(written: Mailbox) -> Address | None:
         return None
 
 
-def _sender(written: list[Mailbox], envelope_sender: str) -> tuple[Address, bool]:
+def _sender(
+    written: list[Mailbox], envelope_sender: str, reporting_mta: str | None = None
+) -> tuple[Address, bool]:
     """Who wrote the message, and whether the envelope had to say so (no usable From).
 
     The first valid From mailbox; then MAIL FROM, which is where RFC 3834 sends automatic
-    answers anyway. A null sender with no usable From names nobody.
+    answers anyway. A null sender with no usable From names nobody, unless the message is a
+    bounce whose report names the MTA that wrote it (Courier's From is `<@>`): then its
+    MAILER-DAEMON.
     """
     for mailbox in written:
         address = _valid(mailbox)
         if address is not None:
             return address, False
+    if not envelope_sender and reporting_mta:
+        try:
+            return Address(validate_address(f"MAILER-DAEMON@{reporting_mta}")), True
+        except EmailNotValidError:
+            pass
     if not envelope_sender:
         raise Unparseable("no usable From and a null envelope sender")
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -25,6 +26,7 @@ from typing import TypeVar
 
 from mailgate.errors import MailgateError, Unparseable
 from mailgate.ingest.auth import VerifyJob, verify_signatures
+from mailgate.ingest.child import die_with_parent
 from mailgate.ingest.parse import parse_mail
 from mailgate.model import ParsedMail, StoredAttachment
 from mailgate.msgid import shaped_like_ours
@@ -186,8 +188,14 @@ class ParserPool:
         """The running pool, or a new one whose process has started and imported the parser."""
         if self._pool is not None:
             return self._pool
-        # spawn, not fork: forking a process that runs threads (SQLite's) is unsafe.
-        pool = self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        # spawn, not fork: forking a process that runs threads (SQLite's) is unsafe. The child
+        # ends when we do, kill -9 included (`child.die_with_parent`).
+        pool = self._pool = ProcessPoolExecutor(
+            1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=die_with_parent,
+            initargs=(os.getpid(),),
+        )
         future = asyncio.get_running_loop().run_in_executor(
             pool, prepare_all, Path(), [], Path(), []
         )

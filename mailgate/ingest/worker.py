@@ -372,6 +372,9 @@ class IngestWorker:
         if item.verdict is None:
             return self._defer(tx, row, now)
         verdict = item.verdict
+        if mail.bounce is not None and mail.bounce.tokens:
+            # Whatever its trust: a link in a stored copy of our mail must verify no one.
+            tx.revoke_tokens(hashes=mail.bounce.tokens, at=now)
         if mail.bounce is not None and verdict.trust != "failed":  # a failed one is no bounce
             bounced = self._bounced_ticket(tx, item, mail)
             if bounced is not None:
@@ -548,10 +551,17 @@ class IngestWorker:
 
     def _bounced_ticket(self, tx: IngestTx, item: _Prepared, mail: ParsedMail) -> int | None:
         """The ticket of the mail of ours a bounce returns, if it names one with a valid HMAC."""
-        assert mail.bounce is not None
-        tickets = [t for t in map(self._msgids.ticket_of, mail.bounce.returned_ids) if t]
-        tickets = tickets or self._msgids.tickets_of(item.mentioned_ids)
+        tickets = [t for t in map(self._msgids.ticket_of, self._returned_ids(mail, item)) if t]
         return next((t for t in tickets if tx.ticket_status(t) is not None), None)
+
+    def _returned_ids(self, mail: ParsedMail, item: _Prepared) -> list[str]:
+        """Our Message-IDs (valid HMAC) of the mail a bounce returns: those of its returned
+        part, or, where it returns only some headers or nothing (many formats besides RFC
+        3464), those anywhere in the bounce (found by the parser process: `mentioned_ids`)."""
+        assert mail.bounce is not None
+        ours = self._msgids.ticket_of
+        own = [i for i in mail.bounce.returned_ids if ours(i) is not None]
+        return own or list(dict.fromkeys(i for i in item.mentioned_ids if ours(i) is not None))
 
     def _apply_bounce(
         self, tx: IngestTx, item: _Prepared, mail: ParsedMail, ticket_id: int, now: datetime
@@ -568,11 +578,17 @@ class IngestWorker:
             author="system",
         )
         # Only an address the returned mail went to can be marked: a bounce that names others
-        # would let anyone holding one of our mails silence a third party.
-        sent_to = {address_key(a) for i in mail.bounce.returned_ids for a in tx.sent_to(i)}
+        # would let anyone holding one of our mails silence a third party. And no address
+        # bounces its own mail: the "failure" an auto-reply names as its sender is a heuristic
+        # read of its text, not a mail system's report.
+        returned = self._returned_ids(mail, item)
+        sent_to = {address_key(a) for i in returned for a in tx.sent_to(i)}
+        sent_to.discard(address_key(mail.sender.email))
         for recipient, status in mail.bounce.failed:
             if status.startswith("5") and address_key(recipient) in sent_to:
                 tx.set_undeliverable(recipient, status, at=now)
+        if mail.bounce.permanent:  # a verification mail that never arrived verifies no one
+            tx.revoke_tokens(message_ids=returned, at=now)
         tx.finish_inbound(item.row.id, "ingested", reason="bounce", at=now)
         log.info("bounce_filed", ticket_id=ticket_id, permanent=len(mail.bounce.permanent))
         return IngestOutcome(item.row.id, "ingested", ticket_id)

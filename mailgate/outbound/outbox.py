@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -21,10 +22,11 @@ import structlog
 from mailgate.config import OutboundConfig
 from mailgate.errors import ConfigError, StoreUnavailable
 from mailgate.log import mask_address
-from mailgate.model import OutboxRow
+from mailgate.model import Address, OutboxRow
 from mailgate.outbound.compose import Composer, serialise
-from mailgate.outbound.transports import DeliveryFailed, Handover, Transport
-from mailgate.store import Store
+from mailgate.outbound.refusals import record_refusals
+from mailgate.outbound.transports import DeliveryFailed, Handover, Refusal, Transport
+from mailgate.store import IngestTx, Store
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +42,15 @@ UNCONFIRMED = (
     "the mail, so it is not sent again unless `mailgate outbox retry` says so"
 )
 
-Outcome = tuple[Literal["sent", "failed", "retry"], str | None]
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One attempt: what to record, why, and what the relay said."""
+
+    state: Literal["sent", "failed", "retry"]
+    error: str | None = None
+    reply: str | None = None  # the relay's whole reply text
+    refused: tuple[Refusal, ...] = ()  # recipients the relay refused at once
 
 
 def stop_seconds(config: OutboundConfig) -> float:
@@ -70,6 +80,7 @@ class OutboundWorker:
         self._wake = wake or asyncio.Event()
         self._stopping = False
         self._under_way: dict[asyncio.Task[None], Handover] = {}
+        self._sender = Address(composer.sender, "Mail relay")  # of the refusal notes
 
     def stop(self) -> None:
         """Claim nothing more; settle the deliveries under way, then return from `run()`.
@@ -145,37 +156,51 @@ class OutboundWorker:
 
     async def _deliver(self, row: OutboxRow, handover: Handover) -> None:
         try:
-            state, error = await self._attempt(row, handover)
+            outcome = await self._attempt(row, handover)
         except asyncio.CancelledError:
             handover.done = True
             await self._record_cut(row, handover)
             raise
         handover.done = True  # only the outcome is left to write: a stop lets it be
-        if state == "retry":
-            await self._retry_or_fail(row, error or "")
+        if outcome.state == "retry":
+            await self._retry_or_fail(row, outcome)
         else:
-            await self._finish(row, state, error)
+            await self._finish(row, outcome)
 
     async def _attempt(self, row: OutboxRow, handover: Handover) -> Outcome:
         item = row.item
         recipients = [item.to.email, *item.cc]
         try:
             message = serialise(self._composer.compose(item), recipients)
-            await self._transport.send(
+        except ConfigError as exc:  # a broken template: ops can fix it, so retry later
+            return Outcome("retry", f"template: {exc}")
+        except Exception as exc:  # noqa: BLE001 - this row's data cannot make a mail
+            # A value that cannot be encoded, an error a template raises on this row's data:
+            # the same row fails the same way each time, so it fails now, with the reason,
+            # rather than stay 'sending' until a restart.
+            log.error("outbox_composition_failed", outbox_id=row.id, error=type(exc).__name__)
+            return Outcome("failed", f"composition failed: {type(exc).__name__}: {exc}")
+        try:
+            delivery = await self._transport.send(
                 message, sender=self._composer.sender, recipients=recipients, handover=handover
             )
-        except ConfigError as exc:  # a broken template: ops can fix it, so retry later
-            return "retry", f"template: {exc}"
         except DeliveryFailed as exc:
-            return ("failed" if exc.permanent else "retry"), str(exc)
-        return "sent", None
+            state: Literal["failed", "retry"] = "failed" if exc.permanent else "retry"
+            return Outcome(state, str(exc), exc.reply, exc.refused)
+        if not delivery.refused:
+            return Outcome("sent", None, delivery.reply)
+        # Taken for some recipients, refused for others: sent, but not silently so.
+        error = f"refused {len(delivery.refused)} of {len(recipients)} recipients: " + "; ".join(
+            f"<{r.recipient}> {r.code}" for r in delivery.refused
+        )
+        return Outcome("sent", error, delivery.reply, delivery.refused)
 
     async def _record_cut(self, row: OutboxRow, handover: Handover) -> None:
         """A stop cut this delivery: record what the relay may have (see `stop`)."""
         if handover.delivered:
-            await self._finish(row, "sent", None)
+            await self._finish(row, Outcome("sent"))
         elif handover.committed:
-            await self._finish(row, "failed", UNCONFIRMED)
+            await self._finish(row, Outcome("failed", UNCONFIRMED))
         else:
             await self._put_back(row)
 
@@ -186,24 +211,37 @@ class OutboundWorker:
         )
         log.info("outbox_put_back", outbox_id=row.id)
 
-    async def _retry_or_fail(self, row: OutboxRow, error: str) -> None:
-        """Queue the next attempt; the last one falls at `max_lifetime`, then the mail fails."""
+    async def _retry_or_fail(self, row: OutboxRow, outcome: Outcome) -> None:
+        """Queue the next attempt; the last one falls at `max_lifetime`, then the mail fails.
+
+        Refusals are recorded (marks, the ticket's note) only with the final outcome: a
+        recipient refused on each of ten attempts is noted once."""
         now = datetime.now(UTC)
         deadline = row.created_at + timedelta(seconds=self._config.max_lifetime)
+        error = outcome.error or ""
         if now >= deadline:
-            await self._finish(row, "failed", f"gave up after {row.attempts} attempts: {error}")
+            error = f"gave up after {row.attempts} attempts: {error}"
+            await self._finish(row, Outcome("failed", error, outcome.reply, outcome.refused))
             return
         delay = min(self._config.retry_initial * 2 ** (row.attempts - 1), self._config.retry_max)
         retry_at = min(now + timedelta(seconds=delay), deadline)
-        await self._store.finish_outbox(row.id, "queued", error=error, retry_at=retry_at)
+        await self._store.finish_outbox(
+            row.id, "queued", error=error, retry_at=retry_at, reply=outcome.reply
+        )
         log.warning(
             "outbox_deferred", outbox_id=row.id, attempts=row.attempts, delay=delay, error=error
         )
 
-    async def _finish(
-        self, row: OutboxRow, state: Literal["sent", "failed"], error: str | None
-    ) -> None:
-        await self._store.finish_outbox(row.id, state, error=error, retry_at=None)
+    async def _finish(self, row: OutboxRow, outcome: Outcome) -> None:
+        state = outcome.state
+        assert state != "retry"
+        verification_lost = row.item.kind == "verification" and state == "failed"
+        if outcome.refused or verification_lost:
+            await self._store.ingest(lambda tx: self._record(tx, row, outcome))
+        else:
+            await self._store.finish_outbox(
+                row.id, state, error=outcome.error, retry_at=None, reply=outcome.reply
+            )
         event = "outbox_sent" if state == "sent" else "outbox_failed"
         log.info(
             event,
@@ -212,5 +250,21 @@ class OutboundWorker:
             ticket_id=row.item.ticket_id,
             recipient=mask_address(row.item.to.email),
             attempts=row.attempts,
-            error=error,
+            refused=len(outcome.refused),
+            error=outcome.error,
         )
+
+    def _record(self, tx: IngestTx, row: OutboxRow, outcome: Outcome) -> None:
+        """The outcome with what follows from it, in one transaction: the relay's refusals
+        (marks, a note on the ticket), and a verification mail that never arrived revokes
+        its link (it failed: a stored row must not hold a usable token)."""
+        now = datetime.now(UTC)
+        delivered = outcome.state == "sent"
+        if outcome.refused:
+            record_refusals(
+                tx, row.item, outcome.refused, delivered=delivered, sender=self._sender, at=now
+            )
+        elif not delivered:
+            tx.revoke_tokens(message_ids=[row.item.message_id], at=now)
+        state: Literal["sent", "failed"] = "sent" if delivered else "failed"
+        tx.finish_outbox(row.id, state, error=outcome.error, retry_at=None, reply=outcome.reply)

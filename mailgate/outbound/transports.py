@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -21,13 +23,57 @@ from aiosmtplib.typing import Default
 from mailgate.config import OutboundConfig
 from mailgate.errors import MailgateError
 
+_STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A recipient the relay refused at once: at RCPT, or at DATA (then every recipient it
+    had accepted). What an asynchronous DSN would report, a few days earlier."""
+
+    recipient: str
+    code: int
+    text: str  # the relay's whole reply text, its lines joined by newlines
+    stage: str  # "RCPT" or "DATA"
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def status(self) -> str:
+        """The enhanced status code (RFC 3463) the reply starts with, else its class's."""
+        found = _STATUS.match(self.text)
+        if found and found.group(1) == str(self.code)[0]:
+            return found.group(0)
+        return f"{self.code // 100}.0.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the transport was told: the relay's replies (one line per refused recipient and
+    the reply to DATA) and the recipients it refused while taking the mail for the others."""
+
+    reply: str
+    refused: tuple[Refusal, ...] = ()
+
 
 class DeliveryFailed(MailgateError):
-    """The transport did not take the mail; `permanent` (5xx) means retrying cannot help."""
+    """The transport did not take the mail; `permanent` (5xx) means retrying cannot help.
+    `reply` is the relay's whole reply text; `refused` the recipients it refused at once."""
 
-    def __init__(self, reason: str, *, permanent: bool) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        permanent: bool,
+        reply: str | None = None,
+        refused: tuple[Refusal, ...] = (),
+    ) -> None:
         super().__init__(reason)
         self.permanent = permanent
+        self.reply = reply
+        self.refused = refused
 
 
 class Handover:
@@ -51,8 +97,8 @@ class Handover:
 class Transport(Protocol):
     async def send(
         self, message: bytes, *, sender: str, recipients: Sequence[str], handover: Handover
-    ) -> None:
-        """Hand over one message, keeping `handover` up to date.
+    ) -> Delivery:
+        """Hand over one message, keeping `handover` up to date; return what the relay said.
 
         Raises:
             DeliveryFailed: nothing was delivered (or, for 5xx, never will be).
@@ -67,19 +113,20 @@ class FileTransport:
 
     async def send(
         self, message: bytes, *, sender: str, recipients: Sequence[str], handover: Handover
-    ) -> None:
+    ) -> Delivery:
         handover.committed = True  # a cancel would not stop the thread from writing the file
+        name = uuid.uuid4().hex
         try:
-            await asyncio.to_thread(self._write, message)  # fsync stays off the event loop
+            await asyncio.to_thread(self._write, message, name)  # fsync off the event loop
         except OSError as exc:
             raise DeliveryFailed(
                 f"cannot write to the outbox folder: {exc}", permanent=False
             ) from exc
         handover.delivered = True
+        return Delivery(f"written to {name}.eml")
 
-    def _write(self, message: bytes) -> None:
+    def _write(self, message: bytes, name: str) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
-        name = uuid.uuid4().hex
         tmp = self._directory / f".{name}.tmp"
         try:
             with open(tmp, "xb") as fh:
@@ -98,13 +145,37 @@ class FileTransport:
 
 
 class _RelayClient(aiosmtplib.SMTP):
-    """aiosmtplib's client, keeping a `Handover` (its `sendmail` calls `data`), and closing at
-    once when a stop cuts the delivery: a QUIT to a relay that is not answering would wait
-    out `outbound.timeout` again."""
+    """aiosmtplib's client, keeping a `Handover` (its `sendmail` calls `data`) and the relay's
+    replies per recipient (it calls `rcpt` for each; `sendmail` drops the refusals once DATA
+    fails), and closing at once when a stop cuts the delivery: a QUIT to a relay that is not
+    answering would wait out `outbound.timeout` again."""
 
     def __init__(self, *, handover: Handover, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._handover = handover
+        self.accepted: list[str] = []
+        self.refused: list[Refusal] = []
+        self.replies: list[str] = []  # the relay's words, one line per reply that matters
+
+    async def rcpt(
+        self,
+        recipient: str,
+        /,
+        *,
+        options: Iterable[str] | None = None,
+        encoding: str = "ascii",
+        timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109 - theirs
+    ) -> aiosmtplib.SMTPResponse:
+        try:
+            response = await super().rcpt(
+                recipient, options=options, encoding=encoding, timeout=timeout
+            )
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            self.refused.append(Refusal(recipient, exc.code, exc.message, "RCPT"))
+            self.replies.append(f"RCPT <{recipient}>: {exc.code} {exc.message}")
+            raise
+        self.accepted.append(recipient)
+        return response
 
     async def data(
         self,
@@ -114,8 +185,15 @@ class _RelayClient(aiosmtplib.SMTP):
         timeout: float | Literal[Default.token] | None = Default.token,  # noqa: ASYNC109 - theirs
     ) -> aiosmtplib.SMTPResponse:
         self._handover.committed = True
-        response = await super().data(message, timeout=timeout)
+        try:
+            response = await super().data(message, timeout=timeout)
+        except aiosmtplib.SMTPResponseException as exc:
+            self.replies.append(f"DATA: {exc.code} {exc.message}")
+            if exc.code >= 500:  # the relay refuses the mail for every recipient it accepted
+                self.refused += [Refusal(r, exc.code, exc.message, "DATA") for r in self.accepted]
+            raise
         self._handover.delivered = True  # super() raises unless the answer was 250
+        self.replies.append(f"DATA: {response.code} {response.message}")
         return response
 
     async def __aexit__(
@@ -139,7 +217,7 @@ class SmtpTransport:
 
     async def send(
         self, message: bytes, *, sender: str, recipients: Sequence[str], handover: Handover
-    ) -> None:
+    ) -> Delivery:
         config = self._config
         client = _RelayClient(
             handover=handover,
@@ -156,16 +234,28 @@ class SmtpTransport:
             async with client:
                 await client.sendmail(sender, list(recipients), message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [refusal.code for refusal in exc.recipients]
+            refused = tuple(client.refused)
             raise DeliveryFailed(
-                f"recipients refused: {codes}", permanent=all(c >= 500 for c in codes)
+                "recipients refused: " + "; ".join(_refusal(r) for r in refused),
+                permanent=all(r.permanent for r in refused),
+                reply="\n".join(client.replies),
+                refused=refused,
             ) from exc
         except aiosmtplib.SMTPResponseException as exc:
+            replies = client.replies or [f"{exc.code} {exc.message}"]  # before RCPT: MAIL, AUTH
             raise DeliveryFailed(
-                f"relay answered {exc.code} {exc.message}", permanent=exc.code >= 500
+                f"relay answered {exc.code} {exc.message}",
+                permanent=exc.code >= 500,
+                reply="\n".join(replies),
+                refused=tuple(client.refused),
             ) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise DeliveryFailed(f"relay unreachable: {exc}", permanent=False) from exc
+        return Delivery("\n".join(client.replies), tuple(client.refused))
+
+
+def _refusal(refusal: Refusal) -> str:
+    return f"<{refusal.recipient}> {refusal.code} {refusal.text}"
 
 
 def transport_for(config: OutboundConfig, *, local_hostname: str) -> Transport:

@@ -32,7 +32,7 @@ from mailgate.model import (
 )
 from mailgate.spool import Spooled
 
-TokenOutcome = Literal["verified", "used", "expired", "unknown"]
+TokenOutcome = Literal["verified", "used", "expired", "revoked", "unknown"]
 
 T = TypeVar("T")
 
@@ -109,8 +109,21 @@ class IngestTx(Protocol):
         """Tell whether the requester holds an unused, unexpired verification token."""
 
     def issue_token(
-        self, email: str, token_hash: str, *, at: datetime, expires_at: datetime
-    ) -> None: ...
+        self,
+        email: str,
+        token_hash: str,
+        *,
+        at: datetime,
+        expires_at: datetime,
+        message_id: str | None = None,
+    ) -> None:
+        """Store a verification token's hash; `message_id` is the mail that carries it."""
+
+    def revoke_tokens(
+        self, *, hashes: Sequence[str] = (), message_ids: Sequence[str] = (), at: datetime
+    ) -> int:
+        """Revoke the unused tokens with these hashes or carried by these mails (a bounce
+        returned them); return how many. A revoked token verifies no one."""
 
     def automatic_mails_since(self, recipient: str | None, since: datetime) -> int:
         """Count automatic mails queued since `since`, to `recipient` or (None) to anyone."""
@@ -125,6 +138,17 @@ class IngestTx(Protocol):
 
     def enqueue(self, item: OutboxItem, *, at: datetime) -> int:
         """Queue an outgoing mail, due now; return its outbox id."""
+
+    def finish_outbox(
+        self,
+        outbox_id: int,
+        state: OutboxState,
+        *,
+        error: str | None,
+        retry_at: datetime | None,
+        reply: str | None = None,
+    ) -> None:
+        """See `Store.finish_outbox`; here inside a transaction with other writes."""
 
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None: ...
 
@@ -208,9 +232,16 @@ class Store(Protocol):
         """Move due 'queued' rows to 'sending', counting the attempt, and return them."""
 
     async def finish_outbox(
-        self, outbox_id: int, state: OutboxState, *, error: str | None, retry_at: datetime | None
+        self,
+        outbox_id: int,
+        state: OutboxState,
+        *,
+        error: str | None,
+        retry_at: datetime | None,
+        reply: str | None = None,
     ) -> None:
-        """Record an attempt: 'sent', 'failed', or back to 'queued' due at `retry_at`."""
+        """Record an attempt: 'sent', 'failed', or back to 'queued' due at `retry_at`;
+        `reply` is the relay's whole reply text (None keeps the last one)."""
 
     async def requeue_sending(self) -> int:
         """After a crash: rows left 'sending' are queued again, due now (at-least-once)."""

@@ -382,19 +382,37 @@ class _SqliteIngestTx:
     def has_live_token(self, email: str, *, at: datetime) -> bool:
         row = self._one(
             "SELECT 1 FROM verification_tokens v JOIN requesters r ON r.id = v.requester_id "
-            "WHERE r.email_key = ? AND v.used_at IS NULL AND v.expires_at > ? LIMIT 1",
+            "WHERE r.email_key = ? AND v.used_at IS NULL AND v.revoked_at IS NULL "
+            "AND v.expires_at > ? LIMIT 1",
             (address_key(email), _ts(at)),
         )
         return row is not None
 
     def issue_token(
-        self, email: str, token_hash: str, *, at: datetime, expires_at: datetime
+        self,
+        email: str,
+        token_hash: str,
+        *,
+        at: datetime,
+        expires_at: datetime,
+        message_id: str | None = None,
     ) -> None:
         self._db.execute(
-            "INSERT INTO verification_tokens (requester_id, token_hash, created_at, expires_at) "
-            "SELECT id, ?, ?, ? FROM requesters WHERE email_key = ?",
-            (token_hash, _ts(at), _ts(expires_at), address_key(email)),
+            "INSERT INTO verification_tokens (requester_id, token_hash, created_at, expires_at, "
+            "message_id) SELECT id, ?, ?, ?, ? FROM requesters WHERE email_key = ?",
+            (token_hash, _ts(at), _ts(expires_at), message_id, address_key(email)),
         )
+
+    def revoke_tokens(
+        self, *, hashes: Sequence[str] = (), message_ids: Sequence[str] = (), at: datetime
+    ) -> int:
+        cursor = self._db.execute(
+            "UPDATE verification_tokens SET revoked_at = ? WHERE used_at IS NULL "
+            "AND revoked_at IS NULL AND (token_hash IN (SELECT value FROM json_each(?)) "
+            "OR message_id IN (SELECT value FROM json_each(?)))",
+            (_ts(at), json.dumps(list(hashes)), json.dumps(list(message_ids))),
+        )
+        return int(cursor.rowcount)
 
     def automatic_mails_since(self, recipient: str | None, since: datetime) -> int:
         if recipient is None:
@@ -451,6 +469,33 @@ class _SqliteIngestTx:
         )
         assert row is not None
         return int(row["id"])
+
+    def finish_outbox(
+        self,
+        outbox_id: int,
+        state: OutboxState,
+        *,
+        error: str | None,
+        retry_at: datetime | None,
+        reply: str | None = None,
+    ) -> None:
+        # A sent verification mail drops its token: from now on only its hash exists.
+        self._db.execute(
+            "UPDATE outbox SET state = :state, last_error = :error, "
+            "reply = coalesce(:reply, reply), "
+            "next_attempt_at = coalesce(:retry_at, next_attempt_at), "
+            "sent_at = CASE WHEN :state = 'sent' THEN :now ELSE sent_at END, "
+            "context = CASE WHEN :state = 'sent' THEN json_remove(context, '$.token') "
+            "ELSE context END WHERE id = :id",
+            {
+                "state": state,
+                "error": error,
+                "reply": reply,
+                "retry_at": _ts(retry_at) if retry_at else None,
+                "now": _now(),
+                "id": outbox_id,
+            },
+        )
 
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None:
         self._db.execute(
@@ -710,22 +755,18 @@ class SqliteStore:
         return sorted((_outbox_row(row) for row in rows), key=lambda r: r.id)
 
     async def finish_outbox(
-        self, outbox_id: int, state: OutboxState, *, error: str | None, retry_at: datetime | None
+        self,
+        outbox_id: int,
+        state: OutboxState,
+        *,
+        error: str | None,
+        retry_at: datetime | None,
+        reply: str | None = None,
     ) -> None:
-        # A sent verification mail drops its token: from now on only its hash exists.
-        await self._writer.statement(
-            "UPDATE outbox SET state = :state, last_error = :error, "
-            "next_attempt_at = coalesce(:retry_at, next_attempt_at), "
-            "sent_at = CASE WHEN :state = 'sent' THEN :now ELSE sent_at END, "
-            "context = CASE WHEN :state = 'sent' THEN json_remove(context, '$.token') "
-            "ELSE context END WHERE id = :id",
-            {
-                "state": state,
-                "error": error,
-                "retry_at": _ts(retry_at) if retry_at else None,
-                "now": _now(),
-                "id": outbox_id,
-            },
+        await self._writer.transaction(
+            lambda db: _SqliteIngestTx(db).finish_outbox(
+                outbox_id, state, error=error, retry_at=retry_at, reply=reply
+            )
         )
 
     async def requeue_sending(self) -> int:
@@ -800,19 +841,23 @@ def _outbox_row(row: aiosqlite.Row) -> OutboxRow:
         created_at=_dt(row["created_at"]),
         next_attempt_at=_dt(row["next_attempt_at"]),
         sent_at=_dt(row["sent_at"]) if row["sent_at"] is not None else None,
+        reply=row["reply"],
     )
 
 
 def _redeem(db: sqlite3.Connection, token_hash: str) -> tuple[TokenOutcome, str | None]:
     row = db.execute(
-        "SELECT v.id, v.requester_id, v.used_at, v.expires_at, r.email FROM verification_tokens v "
-        "JOIN requesters r ON r.id = v.requester_id WHERE v.token_hash = ?",
+        "SELECT v.id, v.requester_id, v.used_at, v.expires_at, v.revoked_at, r.email "
+        "FROM verification_tokens v JOIN requesters r ON r.id = v.requester_id "
+        "WHERE v.token_hash = ?",
         (token_hash,),
     ).fetchone()
     if row is None:
         return "unknown", None
     if row["used_at"] is not None:
         return "used", None
+    if row["revoked_at"] is not None:
+        return "revoked", None
     now = _now()
     if row["expires_at"] <= now:
         return "expired", None
