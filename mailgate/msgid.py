@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from mailgate.config import Config
 from mailgate.errors import ConfigError
+from mailgate.files import write_durably
 
 SECRET_BYTES = 32
 _MAC_HEX = 24  # 96 bits of HMAC-SHA256: unguessable, and the header stays on one line
@@ -44,29 +44,10 @@ def load_secret(path: Path) -> bytes:
 
 
 def _create_secret(path: Path) -> None:
-    """Write a new secret so that `path` is never seen empty or half-written: into a
-    temporary file (fsynced), then linked into place, which fails if another process (a CLI
-    command starting beside the daemon) got there first: then theirs is the secret. The
-    folder is fsynced, so the name survives a power loss. A crash leaves at most a stray
-    temporary file, never an empty key that would stop every later start."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_hex(SECRET_BYTES).encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a new secret so that `path` is never seen empty or half-written, and only if no
+    other process (a CLI command starting beside the daemon) got there first: then theirs is
+    the secret. A crash never leaves an empty key that would stop every later start."""
+    write_durably(path, secrets.token_hex(SECRET_BYTES).encode(), mode=0o600, exclusive=True)
 
 
 class MessageIds:

@@ -8,7 +8,6 @@ the mail may already be with the relay.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from aiosmtplib.typing import Default
 
 from mailgate.config import OutboundConfig
 from mailgate.errors import MailgateError
+from mailgate.files import write_durably
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -127,21 +127,8 @@ class FileTransport:
 
     def _write(self, message: bytes, name: str) -> None:
         self._directory.mkdir(parents=True, exist_ok=True)
-        tmp = self._directory / f".{name}.tmp"
-        try:
-            with open(tmp, "xb") as fh:
-                fh.write(message)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._directory / f"{name}.eml")
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk must not fill up with halves
-            raise
-        folder = os.open(self._directory, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # the rename survives a power loss before the row says 'sent'
-        finally:
-            os.close(folder)
+        # Durable before the row says 'sent'; a full disk must not fill up with halves.
+        write_durably(self._directory / f"{name}.eml", message)
 
 
 class _RelayClient(aiosmtplib.SMTP):

@@ -10,11 +10,10 @@ it takes for the next try to succeed.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import uuid
 from pathlib import Path
+
+from mailgate.files import write_durably
 
 
 def blob_path(root: Path, sha256: str) -> Path:
@@ -32,20 +31,5 @@ def save_blob(root: Path, data: bytes) -> str:
     if target.exists():
         return digest
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{digest}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_durably(target, data)
     return digest
