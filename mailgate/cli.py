@@ -34,7 +34,7 @@ from mailgate.model import Address, InboundRow, Message, OutboxRow, Requester, T
 from mailgate.msgid import message_ids
 from mailgate.outbound.templates import Templates
 from mailgate.reactions import Reactions
-from mailgate.store import SqliteStore, open_store
+from mailgate.store import SqliteStore, store_for
 from mailgate.text import clean_body, clean_line, decode_header_text
 
 EX_STARTUP = 3
@@ -176,7 +176,7 @@ def _existing_store(config: Config) -> AbstractAsyncContextManager[SqliteStore]:
     path = config.storage.database
     if not path.exists():
         raise NotFound(f"no database at {path} (has `mailgate serve` run with this config?)")
-    return open_store(path)
+    return store_for(config, create=False)
 
 
 # -- commands --
@@ -297,7 +297,7 @@ async def cmd_quarantine_show(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_quarantine_purge(config: Config, args: argparse.Namespace) -> int:
-    async with open_store(config.storage.database) as store:
+    async with _existing_store(config) as store:
         if not await store.purge_inbound(args.id):
             raise NotFound(f"no quarantined message {args.id}")
         # The audit log (privacy issue) records the purge here: which row, when, by whom.

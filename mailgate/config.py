@@ -77,6 +77,13 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    key_file: Path  # the master key (32 bytes); made at first start if missing
+    keystore: Path  # people's data keys, wrapped: keep it outside the data directory
+    key_file_given: bool = True  # false: the default, beside the data (check-config warns)
+
+
+@dataclass(frozen=True, slots=True)
 class OutboundConfig:
     transport: str
     directory: Path
@@ -154,6 +161,7 @@ class Config:
     agents: AgentsConfig
     auth: AuthConfig
     log: LogConfig
+    security: SecurityConfig
 
 
 # -- value parsers: each takes (value, base folder) and raises ValueError with a short reason --
@@ -352,6 +360,10 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "trusted_authserv_id": (_optional(_text), None),
         "retry_for": (_seconds, 15 * 60),
     },
+    "security": {
+        "key_file": (_optional(_path), None),
+        "keystore": (_optional(_path), None),
+    },
     "log": {
         "level": (_one_of("debug", "info", "warning", "error"), "info"),
         "format": (_one_of("auto", "json", "console"), "auto"),
@@ -416,4 +428,13 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         agents=AgentsConfig(**values["agents"]),
         auth=AuthConfig(**values["auth"]),
         log=LogConfig(**values["log"]),
+        security=_security(values["security"], base),
     )
+
+
+def _security(values: Mapping[str, Any], base: Path) -> SecurityConfig:
+    """With no key_file, one is made beside the other secrets; the keystore defaults to the key
+    file's folder."""
+    key_file = values["key_file"] or (base / "var" / "master.key").resolve()
+    keystore = values["keystore"] or key_file.parent / "keystore.sqlite"
+    return SecurityConfig(key_file, keystore, key_file_given=values["key_file"] is not None)

@@ -182,11 +182,18 @@ class ParsedMail:
 
 @dataclass(frozen=True, slots=True)
 class StoredAttachment:
+    """An attachment whose content is in a sealed file (`store/blobs.py`): `blob` names the
+    file; `key` opens it and travels only from the parser process to the ingest transaction,
+    which wraps it under the owner's data key (it is empty when read back)."""
+
     filename: str | None
     content_type: str
     size: int
     sha256: str
     inline: bool = False
+    blob: str = ""
+    key: bytes = field(default=b"", repr=False)
+    id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +247,8 @@ class Requester:
     created_at: datetime
     verified_at: datetime | None = None
     undeliverable: str | None = None  # the DSN status of a permanent bounce, until it writes in
+    state: str = "active"  # or "restricted": stored, but no processing beyond storage
+    objected: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,7 @@ from mailgate.outbound.templates import Templates
 from mailgate.outbound.transports import transport_for
 from mailgate.smtp import start_smtp
 from mailgate.smtp_session import MailgateSMTP
-from mailgate.store import open_store
+from mailgate.store import store_for
 from mailgate.web import HTTP_STOP_SECONDS, build_app, start_web
 
 log = structlog.get_logger(__name__)
@@ -84,7 +84,7 @@ async def serve(
     templates.check()  # a broken template stops the start (exit 78), naming file and line
     msgids = message_ids(config)
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(open_store(config.storage.database))
+        store = await stack.enter_async_context(store_for(config))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
 
         committed, mail_queued = asyncio.Event(), asyncio.Event()

@@ -26,8 +26,9 @@ from aiosmtpd.smtp import SMTP
 
 from mailgate.config import Config, load_config
 from mailgate.model import HostPort, Ticket
+from mailgate.privacy.keyring import Keyring
 from mailgate.service import serve
-from mailgate.store import open_store
+from mailgate.store import SqliteStore, open_store, store_for
 from tests.dns_stub import dkim_key_pair, shared_dns_stub
 
 SUPPORT = "support@example.com"
@@ -146,6 +147,19 @@ def write_config(
     return path
 
 
+@asynccontextmanager
+async def open_test_store(path: Path) -> AsyncIterator[SqliteStore]:
+    """A store at `path` with a key file and key store of its own beside it."""
+    keys = Keyring.open(
+        path.parent / "keys" / "master.key", path.parent / "keys" / "ks.sqlite", create=True
+    )
+    try:
+        async with open_store(path, keys) as store:
+            yield store
+    finally:
+        keys.close()
+
+
 @dataclass
 class Running:
     """A mailgate serving in this event loop."""
@@ -187,14 +201,14 @@ class Running:
     async def settle(self, within: float = 30) -> None:
         """Wait until ingest has finished every received row, deferred ones included."""
         deadline = time.monotonic() + within
-        async with open_store(self.config.storage.database) as store:
+        async with store_for(self.config) as store:
             while await store.list_inbound("received"):
                 assert time.monotonic() < deadline, "ingest did not finish"
                 await asyncio.sleep(0.02)
 
     async def tickets(self) -> list[Ticket]:
         await self.settle()
-        async with open_store(self.config.storage.database) as store:
+        async with store_for(self.config) as store:
             summaries = await store.list_tickets()
             full = [await store.get_ticket(t.id) for t in summaries]
         return [t for t in full if t is not None]
@@ -340,6 +354,10 @@ class SubprocessDaemon:
     @property
     def database(self) -> Path:
         return self.folder / "var" / "mailgate.db"
+
+    @property
+    def config(self) -> Config:
+        return load_config(self.config_path)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import pytest
 
 from mailgate.config import Config
 from mailgate.model import Ticket
-from mailgate.store import open_store
+from mailgate.store import store_for
 from mailgate.store.blobs import blob_path
 from tests.bounce_formats import FORMATS, STATUS
 from tests.conftest import Received, Relay, Running, daemon_running, mail
@@ -99,7 +99,7 @@ async def test_a_bounced_verification_link_answers_410_and_no_stored_copy_holds_
         assert status == 410, page
         assert "withdrawn" in page
         assert undeliverable(running, CUSTOMER) == STATUS[fmt]
-        async with open_store(relay_config.storage.database) as store:
+        async with store_for(relay_config) as store:
             requester = await store.get_requester(CUSTOMER)
         assert requester is not None and not requester.verified
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.config import load_config
-from mailgate.store import open_store
-from tests.conftest import REPO, run_cli, write_config
+from tests.conftest import REPO, open_test_store, run_cli, write_config
 
 EX_CONFIG = 78
 EX_USAGE = 2
@@ -224,7 +223,7 @@ def test_cli_finds_the_database_next_to_the_config(tmp_path: Path) -> None:
 
 
 async def _create_store(path: Path) -> None:
-    async with open_store(path):
+    async with open_test_store(path):
         pass
 
 

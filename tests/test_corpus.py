@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
-from mailgate.store import open_store
+from mailgate.store import store_for
 from mailgate.store.blobs import blob_path
 from tests.conftest import MAIL_DATA, Running, eml
 
@@ -100,7 +100,7 @@ async def test_every_stdlib_test_message_becomes_ticket_or_quarantine(daemon: Ru
             for path in STDLIB_MESSAGES
         ]
         await daemon.settle(within=60)
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         rows = [await store.get_inbound(queue_id) for queue_id in queue_ids]
         tickets = await store.list_tickets()
     states = [row.state if row else None for row in rows]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from mailgate.store import open_store
+from mailgate.store import store_for
 from tests.conftest import SUPPORT, SubprocessDaemon, mail
 
 TOTAL = 500
@@ -90,7 +90,7 @@ async def test_kill_9_mid_load_loses_nothing(subprocess_daemon: SubprocessDaemon
         await load(daemon.port, pending, acked)
     assert len(acked) == TOTAL
 
-    async with open_store(daemon.database) as store:
+    async with store_for(daemon.config) as store:
         for _ in range(600):
             if not await store.list_inbound("received"):
                 break
@@ -161,7 +161,7 @@ async def test_kill_9_while_large_messages_are_spooled_and_committed(tmp_path: P
                         "attachments", "outbox"}, left  # fmt: skip
 
         daemon.start()  # what was stored becomes tickets
-        async with open_store(daemon.database) as store:
+        async with store_for(daemon.config) as store:
             for _ in range(600):
                 if not await store.pending_inbound(limit=1):
                     break

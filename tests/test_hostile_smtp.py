@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.config import load_config
-from mailgate.store import open_store
+from mailgate.store import store_for
 from tests.conftest import (
     SUPPORT,
     Running,
@@ -205,7 +205,7 @@ async def test_data_lines_of_any_length_are_stored_whole(daemon: Running, length
         assert queued.startswith("250 2.0.0 Queued as ")
         assert await conn.reply() == "250 2.0.0 OK"
         assert await conn.command("QUIT") == "221 2.0.0 Bye"
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         assert await store.read_raw(queued.rsplit(" ", 1)[1]) == sent
     [ticket] = await daemon.tickets()
     assert ticket.subject == f"Line of {length}"
@@ -220,7 +220,7 @@ async def test_a_long_line_that_starts_with_a_dot_is_unstuffed(daemon: Running) 
         assert (await conn.command("DATA")).startswith("354 ")
         await conn.send(head + b".." + b"d" * 60_000 + b"\r\n.\r\n")
         queued = await conn.reply()
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         stored = await store.read_raw(queued.rsplit(" ", 1)[1])
     assert stored == head + b"." + b"d" * 60_000 + b"\r\n"
 
@@ -273,7 +273,7 @@ async def test_recipient_101_gets_452_453_and_the_first_100_get_the_message(
         await conn.send(message() + b".\r\n")
         queued = await conn.reply()
         assert queued.startswith("250 2.0.0 Queued as ")
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         row = await store.get_inbound(queued.rsplit(" ", 1)[1])
     assert row is not None
     assert row.envelope.rcpt_tos == tuple(f"r{n}@help.example.com" for n in range(100))
@@ -546,7 +546,7 @@ async def test_reset_right_after_the_final_dot_stores_whole_or_nothing(
             conn.writer.transport.abort()
     await daemon.send(mail(subject="Still serving"))
     tickets = await daemon.tickets()
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         rows = await store.pending_inbound(limit=100)
     assert rows == []  # everything stored was ingested
     with sqlite3.connect(daemon.config.storage.database) as db:

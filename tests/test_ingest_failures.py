@@ -15,7 +15,7 @@ import pytest
 
 from mailgate.config import load_config
 from mailgate.ingest.prepare import ParserCrashed, ParserPool
-from mailgate.store import SqliteStore, open_store
+from mailgate.store import SqliteStore, store_for
 from mailgate.store.blobs import blob_path
 from tests.conftest import SUPPORT, Running, daemon_running, fill_disk, mail, tmpfs, write_config
 
@@ -82,7 +82,7 @@ async def test_a_full_attachment_disk_heals_by_itself_and_holds_up_no_other_mail
         ballast = fill_disk(small_mount, leave=256 * 1024)
         waiting = await queue_id_of(with_files, with_attachment(content, "Logs attached"))
         plain = await queue_id_of(without, mail(subject="No attachment"))
-        async with open_store(config.storage.database) as store:
+        async with store_for(config) as store:
             retries = await wait_for_retries(store, waiting, plain)
             [ticket] = await store.list_tickets()
         assert ticket.subject == "No attachment"
@@ -93,7 +93,7 @@ async def test_a_full_attachment_disk_heals_by_itself_and_holds_up_no_other_mail
         assert (refused.value.code, refused.value.message[:5]) == (452, "4.3.1")
 
         ballast.unlink()
-        async with open_store(config.storage.database) as store:
+        async with store_for(config) as store:
             for _ in range(600):  # retried within ATTACHMENT_RETRY of the space returning
                 row = await store.get_inbound(waiting)
                 if row is not None and row.state != "received":

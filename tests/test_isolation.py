@@ -18,8 +18,8 @@ import pytest
 from mailgate.errors import StoreError
 from mailgate.intake import Intake
 from mailgate.model import Envelope
-from mailgate.store import open_store
-from tests.conftest import SUPPORT, Running, SubprocessDaemon, mail
+from mailgate.store import store_for
+from tests.conftest import SUPPORT, Running, SubprocessDaemon, mail, open_test_store
 from tests.test_hostile_smtp import Raw, inbound_count, limited, message, raw
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -75,7 +75,7 @@ async def test_bad_bytes_in_commands_cost_honest_senders_nothing(tmp_path: Path)
             "503 5.5.1 Need MAIL command",
             "503 5.5.1 Need RCPT command",
         }
-        async with open_store(daemon.config.storage.database) as store:
+        async with store_for(daemon.config) as store:
             for queue_id in queue_ids:
                 assert await store.get_inbound(queue_id) is not None
         assert inbound_count(daemon) == HONEST_SENDERS
@@ -99,7 +99,7 @@ async def test_latin1_helo_gets_501_and_the_session_can_then_ehlo_and_send(
         await conn.send(message(subject="After a Latin-1 HELO") + b".\r\n")
         queued = await conn.reply()
         assert queued.startswith("250 2.0.0 Queued as ")
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         row = await store.get_inbound(queued.rsplit(" ", 1)[1])
     assert row is not None
     assert row.envelope.helo == "client.example"
@@ -177,7 +177,7 @@ async def test_utf8_addresses_with_smtputf8_are_accepted_and_stored(daemon: Runn
         await conn.send(message(subject="Internationalised") + b".\r\n")
         queued = await conn.reply()
         assert queued.startswith("250 2.0.0 Queued as ")
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         row = await store.get_inbound(queued.rsplit(" ", 1)[1])
     assert row is not None
     assert (row.envelope.mail_from, row.envelope.rcpt_tos) == (sender, (recipient,))
@@ -197,7 +197,7 @@ async def test_a_row_the_store_refuses_costs_only_its_own_message(tmp_path: Path
     # A lone surrogate cannot be encoded for SQLite: the batch's one INSERT fails. Each
     # message is then committed alone, and only the bad one is refused.
     database = tmp_path / "mailgate.db"
-    async with open_store(database) as store:
+    async with open_test_store(database) as store:
         intake = Intake(store, senders=lambda: 5)  # waits for the others to share a commit
         intake.start()
         try:

@@ -21,7 +21,7 @@ import pytest
 
 from mailgate.config import Config, load_config
 from mailgate.model import Ticket
-from mailgate.store import open_store
+from mailgate.store import store_for
 from tests.conftest import (
     SUPPORT,
     Received,
@@ -83,7 +83,7 @@ async def outbox_drained(running: Running, *, within: float = 15) -> None:
     """Wait until ingest is done and no outbox row is queued or being sent."""
     await running.settle()
     deadline = time.monotonic() + within
-    async with open_store(running.config.storage.database) as store:
+    async with store_for(running.config) as store:
         while True:
             rows = await store.list_outbox()
             busy = [r for r in rows if r.state in ("queued", "sending")]
@@ -259,7 +259,7 @@ async def test_null_envelope_sender_gets_no_automatic_mail(
     its From header looks like a person's."""
     async with daemon_running(relay_config) as running:
         queue_id = await send_null_sender(running, mail(sender="Ann <ann@example.org>"))
-        async with open_store(running.config.storage.database) as store:
+        async with store_for(running.config) as store:
             row = await store.get_inbound(queue_id)
         assert row is not None and row.envelope.mail_from in ("", "<>")  # a null reverse-path
         others = await barrier(running, relay)

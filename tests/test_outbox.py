@@ -34,7 +34,7 @@ from mailgate.config import Config, load_config, parse_config
 from mailgate.msgid import message_ids as load_msgids
 from mailgate.reactions import Reactions
 from mailgate.service import stop_budget
-from mailgate.store import open_store
+from mailgate.store import store_for
 from tests.conftest import (
     REPO,
     SUPPORT,
@@ -736,7 +736,7 @@ async def test_a_mail_that_cannot_be_composed_fails_with_the_reason(
     async with daemon_running(relay_config) as running:
         await running.send(mail(sender=CUSTOMER))
         await relay.wait_for(2)
-        async with open_store(relay_config.storage.database) as store:
+        async with store_for(relay_config) as store:
             await store.ingest(
                 lambda tx: reactions.relay_agent_reply(
                     tx, 1, "Broken \udcff text\n", agent=None, at=datetime.now(UTC)

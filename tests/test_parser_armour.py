@@ -25,7 +25,7 @@ from mailgate.ingest.prepare import ParserPool, ParserTimedOut
 from mailgate.ingest.worker import IngestWorker
 from mailgate.model import Envelope, Ticket
 from mailgate.msgid import message_ids
-from mailgate.store import open_store
+from mailgate.store import store_for
 from mailgate.text import decode_header_text, html_to_text
 from tests.conftest import Running, cli_json, daemon_running, mail, write_config
 
@@ -220,7 +220,7 @@ async def test_a_ten_megabyte_header_line_without_folding(big_config: Config) ->
     # SMTP refuses a line over 10,000 octets, so this one enters the store directly, as a row
     # left 'received' (by a crash, or a replay): the daemon ingests the backlog at start.
     raw = head("One line") + b"X-Junk: " + b"j" * 10_000_000 + b"\r\n\r\nStill here\r\n"
-    async with open_store(big_config.storage.database) as store:
+    async with store_for(big_config) as store:
         envelope = Envelope("customer@example.org", ("support@example.com",), "127.0.0.1", None)
         await store.receive([("longline", envelope, raw)])
     async with daemon_running(big_config) as running:
@@ -352,7 +352,7 @@ async def test_a_message_over_the_time_budget_is_quarantined_and_the_rest_flow(
     assert best_time(mail(subject="Before").as_bytes()) < budget / 20
     raws = [mail(subject="Before").as_bytes(), slow, mail(subject="After").as_bytes()]
     envelope = Envelope("customer@example.org", ("support@example.com",), "127.0.0.1", None)
-    async with open_store(config.storage.database) as store:
+    async with store_for(config) as store:
         await store.receive([(f"row{i}", envelope, raw) for i, raw in enumerate(raws)])
         rows = await store.pending_inbound(limit=10)
         parser = ParserPool(timeout=budget)

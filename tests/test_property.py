@@ -27,7 +27,7 @@ from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.model import Envelope
 from mailgate.msgid import message_ids
-from mailgate.store import SqliteStore
+from mailgate.store import SqliteStore, open_keyring
 from tests.conftest import mail, write_config
 
 CHARSETS = [
@@ -239,7 +239,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     folder: Path = tmp_path_factory.mktemp("property")
     config = load_config(write_config(folder))
     loop = asyncio.new_event_loop()
-    store = loop.run_until_complete(SqliteStore.open(config.storage.database))
+    store = loop.run_until_complete(SqliteStore.open(config.storage.database, open_keyring(config)))
     parser = ParserPool()
     loop.run_until_complete(parser.start())
     worker = IngestWorker(store, config, parser=parser, msgids=message_ids(config))

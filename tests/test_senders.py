@@ -20,7 +20,7 @@ import pytest
 from mailgate.addresses import address_key
 from mailgate.config import load_config
 from mailgate.model import Ticket
-from mailgate.store import open_store
+from mailgate.store import store_for
 from tests.conftest import (
     SUPPORT,
     Running,
@@ -71,14 +71,14 @@ def by_subject(tickets: list[Ticket]) -> dict[str, Ticket]:
 async def outbox_recipients(running: Running) -> list[tuple[str, str]]:
     """(kind, recipient) of every outgoing mail, once the outbox is drained; each was sent."""
     await outbox_drained(running)
-    async with open_store(running.config.storage.database) as store:
+    async with store_for(running.config) as store:
         rows = await store.list_outbox()
     assert [r.state for r in rows] == ["sent"] * len(rows), [r.last_error for r in rows]
     return [(r.item.kind, r.item.to.email) for r in rows]
 
 
 async def participants(running: Running, ticket_id: int) -> list[str]:
-    async with open_store(running.config.storage.database) as store:
+    async with store_for(running.config) as store:
         return await store.ingest(lambda tx: tx.participants(ticket_id))
 
 
@@ -140,7 +140,7 @@ async def test_every_sender_form_is_a_requester(daemon: Running) -> None:
         await send(daemon, message(from_line, f"Form {n}"))
     tickets = by_subject(await daemon.tickets())
     sent = await outbox_recipients(daemon)
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         assert await store.list_inbound("quarantined") == []
     for n, (from_line, email, name) in enumerate(SENDER_FORMS):
         ticket = tickets[f"Form {n}"]
@@ -209,7 +209,7 @@ async def test_an_unusable_from_falls_back_to_the_envelope_a_null_sender_to_quar
     queue_id = await send(daemon, message("not an address at all", "Garbage again"), sender="")
     await send(daemon, message(None, "Nothing at all"), sender="")
     [ticket] = await daemon.tickets()
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         quarantined = await store.list_inbound("quarantined")
     assert (ticket.requester.email, ticket.messages[0].flags) == (
         "ann@example.org",
@@ -361,7 +361,7 @@ async def test_the_same_message_id_with_another_body_is_kept(daemon: Running) ->
     for raw in (first, second, first, relayed):
         ids.append(await send(daemon, raw, sender="ann@example.org"))
     tickets = await daemon.tickets()
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         rows = [await store.get_inbound(queue_id) for queue_id in ids]
     messages = [m for t in tickets for m in t.messages]
     assert [m.body_text for m in messages] == ["Where is my order?", "Please cancel the order."]

@@ -11,7 +11,7 @@ import aiosmtplib
 import pytest
 
 from mailgate.config import load_config
-from mailgate.store import open_store
+from mailgate.store import store_for
 from tests.conftest import (
     SUPPORT,
     Running,
@@ -187,7 +187,7 @@ async def test_concurrent_sessions_share_commits(daemon: Running) -> None:
         *(daemon.send(mail(sender=f"c{n}@example.org")) for n in range(10))
     )
     assert len(set(queue_ids)) == 10
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         rows = [await store.get_inbound(q) for q in queue_ids]
     commits = {row.received_at for row in rows if row is not None}
     assert len(commits) < 10

@@ -21,7 +21,7 @@ import pytest
 
 from mailgate.config import Config, load_config
 from mailgate.spool import SPOOL_THRESHOLD
-from mailgate.store import open_store
+from mailgate.store import store_for
 from mailgate.store.blobs import blob_path
 from tests.conftest import SUPPORT, Running, cli_json, daemon_running, run_cli, write_config
 
@@ -103,7 +103,7 @@ async def test_a_2_mib_single_line_base64_attachment_becomes_a_ticket_intact(big
     sent = single_line_base64(content, "One long line")
     assert len(sent) > SPOOL_THRESHOLD  # spooled on the way in
     queue_id = await big.send(sent)
-    async with open_store(big.config.storage.database) as store:
+    async with store_for(big.config) as store:
         assert await store.read_raw(queue_id) == sent
     [ticket] = await big.tickets()
     [attachment] = ticket.messages[0].attachments
@@ -120,7 +120,7 @@ async def test_many_large_messages_at_once_are_each_stored_whole(big: Running) -
     sent = [single_line_base64(c, f"Parallel {n}") for n, c in enumerate(contents)]
     small = [single_line_base64(b"tiny %d" % n, f"Small {n}") for n in range(6)]
     queue_ids = await asyncio.gather(*(big.send(m) for m in [*sent, *small]))
-    async with open_store(big.config.storage.database) as store:
+    async with store_for(big.config) as store:
         for queue_id, message in zip(queue_ids, [*sent, *small], strict=True):
             assert await store.read_raw(queue_id) == message
     tickets = await big.tickets()
@@ -192,7 +192,7 @@ async def test_a_large_quarantined_message_is_listed_shown_and_purged(big: Runni
     again = big.cli("quarantine", "purge", queue_id)
     assert again.returncode == 1
     assert queue_id in again.stderr
-    async with open_store(big.config.storage.database) as store:
+    async with store_for(big.config) as store:
         assert await store.get_inbound(queue_id) is None
 
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import mailgate.store
 from mailgate.model import Address, Envelope, ParsedMail
-from mailgate.store import IngestTx, open_store
+from mailgate.store import IngestTx
+from tests.conftest import open_test_store
 
 ENVELOPE = Envelope("a@example.org", ("support@example.com",), "127.0.0.1:1", "client")
 
 
 async def test_backlog_is_read_in_batches_bounded_by_bytes(tmp_path: Path) -> None:
-    async with open_store(tmp_path / "db.sqlite") as store:
+    async with open_test_store(tmp_path / "db.sqlite") as store:
         await store.receive([(f"Q{n}", ENVELOPE, bytes(1000)) for n in range(10)])
         assert [r.id for r in await store.pending_inbound(limit=4)] == ["Q0", "Q1", "Q2", "Q3"]
         assert len(await store.pending_inbound(limit=10, max_bytes=2500)) == 3
@@ -26,9 +27,9 @@ async def test_backlog_is_read_in_batches_bounded_by_bytes(tmp_path: Path) -> No
 
 async def test_received_rows_survive_reopening(tmp_path: Path) -> None:
     raw = b"From: a@example.org\r\n\r\nbody\r\n"
-    async with open_store(tmp_path / "db.sqlite") as store:
+    async with open_test_store(tmp_path / "db.sqlite") as store:
         await store.receive([("Q1", ENVELOPE, raw)])
-    async with open_store(tmp_path / "db.sqlite") as store:
+    async with open_test_store(tmp_path / "db.sqlite") as store:
         [row] = await store.pending_inbound(limit=10)
         stored = await store.read_raw("Q1")
     assert (row.id, row.size, row.envelope, row.state) == ("Q1", len(raw), ENVELOPE, "received")
@@ -38,7 +39,7 @@ async def test_received_rows_survive_reopening(tmp_path: Path) -> None:
 async def test_deferred_and_excluded_rows_are_not_pending(tmp_path: Path) -> None:
     """A row whose sender checks wait on DNS is skipped until its retry time, and stays
     'received'; rows already under way (`exclude`) are not handed out twice."""
-    async with open_store(tmp_path / "db.sqlite") as store:
+    async with open_test_store(tmp_path / "db.sqlite") as store:
         await store.receive([(f"Q{n}", ENVELOPE, b"x") for n in range(3)])
         later = datetime.now(UTC) + timedelta(hours=1)
         await store.ingest(lambda tx: tx.defer_inbound("Q0", retry_at=later))
@@ -95,7 +96,7 @@ async def test_every_lookup_compares_addresses_by_key(tmp_path: Path) -> None:
             tx.undeliverable("ünal@EXAMPLE.org"),
         )
 
-    async with open_store(tmp_path / "db.sqlite") as store:
+    async with open_test_store(tmp_path / "db.sqlite") as store:
         found = await store.ingest(work)
         assert await store.verify_requester("strasse@bücher.example")
         requester = await store.get_requester("STRAßE@BÜCHER.EXAMPLE")
@@ -148,7 +149,7 @@ async def test_migration_007_keys_the_stored_addresses_and_merges_spellings(
         " thread_reason, received_at) VALUES (2, 'm@x', 'ünal@example.org', 'b', 'x', 'new', 2);"
     )
     db.close()
-    async with open_store(path) as store:
+    async with open_test_store(path) as store:
         requesters = await store.list_requesters()
         tickets = await store.list_tickets()
 
@@ -173,7 +174,7 @@ async def test_listing_rows_reads_no_raw_message(tmp_path: Path) -> None:
     # Quarantine lists (and ingest's picks) select sizes, not bytes: listing three 4 MiB
     # messages costs what listing three small ones does; a head is read without the rest.
     raws = [bytes([n]) * (4 * 1024 * 1024) for n in range(3)]
-    async with open_store(tmp_path / "db.sqlite") as store:
+    async with open_test_store(tmp_path / "db.sqlite") as store:
         await store.receive([(f"Q{n}", ENVELOPE, raw) for n, raw in enumerate(raws)])
         with sqlite3.connect(tmp_path / "db.sqlite") as db:
             db.execute("UPDATE inbound SET state = 'quarantined', reason = 'test'")

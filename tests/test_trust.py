@@ -16,7 +16,7 @@ import pytest
 from mailgate.config import Config, load_config
 from mailgate.ingest.auth import _affordable
 from mailgate.smtp_session import XFORWARD_NOT_PERMITTED
-from mailgate.store import open_store
+from mailgate.store import store_for
 from tests.conftest import (
     SUPPORT,
     Key,
@@ -317,7 +317,7 @@ async def test_a_header_folded_over_a_million_lines_stays_inside_the_parse_budge
         normal = signed(key, raw(mail(sender=VICTIM, subject="Normal")), domain=PROVIDER)
         await running.send(normal, sender=VICTIM)
         tickets = await running.tickets()
-        async with open_store(running.config.storage.database) as store:
+        async with store_for(running.config) as store:
             quarantined = await store.list_inbound("quarantined")
     assert quarantined == []
     by_subject = {t.subject: t for t in tickets}
@@ -338,7 +338,7 @@ async def test_dns_that_never_answers_defers_the_mail_then_decides(
         config = config_for(tmp_path, port, auth="retry_for = 4", dns_timeout=1)
         async with daemon_running(config) as running:
             queue_id = await running.send(mail(sender="dan@slow.net"), sender="dan@slow.net")
-            async with open_store(running.config.storage.database) as store:
+            async with store_for(running.config) as store:
                 deadline = time.monotonic() + 30
                 while (row := await store.get_inbound(queue_id)) and not row.attempts:
                     assert time.monotonic() < deadline, "the mail was never checked"
@@ -368,7 +368,7 @@ async def test_a_reject_policy_that_cannot_be_checked_in_time_fails(
     async with daemon_running(config) as running:
         message = signed(key, raw(mail(sender=VICTIM)), domain=PROVIDER)
         await running.send(message, sender=VICTIM)
-        async with open_store(running.config.storage.database) as store:
+        async with store_for(running.config) as store:
             deadline = time.monotonic() + 60
             while not await store.list_tickets():
                 assert time.monotonic() < deadline, "the deferred mail was never decided"
@@ -390,7 +390,7 @@ async def ingest_all(running: Running, count: int, prefix: str) -> float:
                 await client.sendmail(sender, [SUPPORT], raw(mail(sender=sender)))
 
     await asyncio.gather(*(send_some(senders[n::10]) for n in range(10)))
-    async with open_store(running.config.storage.database) as store:
+    async with store_for(running.config) as store:
         deadline = time.monotonic() + 120
         while len(await store.list_tickets()) < count:
             assert time.monotonic() < deadline, "not every mail became a ticket"
@@ -666,7 +666,7 @@ async def test_a_domain_whose_dns_never_answers_cannot_hold_up_everyone(
                 )
         normal = signed(key, raw(mail(sender=VICTIM, subject="Normal")), domain=PROVIDER)
         await running.send(normal, sender=VICTIM)
-        async with open_store(running.config.storage.database) as store:
+        async with store_for(running.config) as store:
             deadline = time.monotonic() + 30
             while not await store.list_tickets():
                 assert time.monotonic() < deadline, "the normal mail was held up"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mailgate.model import ForwardedClient, InboundRow
-from mailgate.store import open_store
+from mailgate.store import store_for
 from tests.conftest import SUPPORT, Running
 from tests.test_cli import NO_FROM
 from tests.test_hostile_smtp import Raw, inbound_count, limited, message, raw
@@ -60,7 +60,7 @@ async def transaction(
 
 
 async def stored(daemon: Running, queue_id: str) -> InboundRow:
-    async with open_store(daemon.config.storage.database) as store:
+    async with store_for(daemon.config) as store:
         row = await store.get_inbound(queue_id)
     assert row is not None
     return row

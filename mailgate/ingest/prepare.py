@@ -28,8 +28,9 @@ from mailgate.errors import MailgateError, Unparseable
 from mailgate.ingest.auth import VerifyJob, verify_signatures
 from mailgate.ingest.child import die_with_parent
 from mailgate.ingest.parse import parse_mail
-from mailgate.model import ParsedMail, StoredAttachment
+from mailgate.model import AttachmentPart, ParsedMail, StoredAttachment
 from mailgate.msgid import shaped_like_ours
+from mailgate.privacy.keyring import Keyring
 from mailgate.store.blobs import save_blob
 from mailgate.store.sqlite_raw import RawReader
 
@@ -89,16 +90,7 @@ def prepare(raw: bytes, attachments: Path, envelope_sender: str = "") -> Prepare
     except Exception as exc:  # noqa: BLE001 - a parser failure quarantines, never kills
         return Prepared(None, failure=f"parser failed: {type(exc).__name__}")
     try:
-        stored = tuple(
-            StoredAttachment(
-                filename=part.filename,
-                content_type=part.content_type,
-                size=len(part.content),
-                sha256=save_blob(attachments, part.content),
-                inline=part.inline,
-            )
-            for part in mail.attachments
-        )
+        stored = tuple(_stored(attachments, part) for part in mail.attachments)
     except OSError as exc:
         return Prepared(None, retry=f"attachments unwritable: {exc.strerror or exc}")
     mentioned = tuple(shaped_like_ours(raw.decode("latin-1"))) if mail.bounce else ()
@@ -106,27 +98,52 @@ def prepare(raw: bytes, attachments: Path, envelope_sender: str = "") -> Prepare
     return Prepared(replace(mail, attachments=()), stored, mentioned_ids=mentioned)
 
 
-_readers: dict[Path, RawReader] = {}
+def _stored(root: Path, part: AttachmentPart) -> StoredAttachment:
+    blob, key, digest = save_blob(root, part.content)
+    return StoredAttachment(
+        filename=part.filename,
+        content_type=part.content_type,
+        size=len(part.content),
+        sha256=digest,
+        inline=part.inline,
+        blob=blob,
+        key=key,
+    )
 
 
-def _raw_of(database: Path, inbound_id: str) -> bytes | None:
-    """The raw message of a row, over this process's one read-only connection to `database`."""
-    reader = _readers.get(database)
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where the parser process reads raw messages: the database and the keys that open them
+    (the master key's bytes cross the pipe to the child once per call, never to disk)."""
+
+    database: Path
+    masters: tuple[bytes, ...]
+    keystore: Path
+
+
+_readers: dict[Source, RawReader] = {}
+
+
+def _raw_of(source: Source, inbound_id: str) -> bytes | None:
+    """The raw message of a row, over this process's one read-only connection to the database."""
+    reader = _readers.get(source)
     if reader is None:
         for stale in _readers.values():
             stale.close()
         _readers.clear()
-        reader = _readers[database] = RawReader(database)
+        keys = Keyring(source.masters, source.keystore)
+        reader = _readers[source] = RawReader(source.database, keys)
     return reader.read(inbound_id)
 
 
 def prepare_all(
-    database: Path, ids: Sequence[str], attachments: Path, senders: Sequence[str]
+    database: Source | None, ids: Sequence[str], attachments: Path, senders: Sequence[str]
 ) -> list[Prepared]:
     """Prepare the rows `ids` of `database`, reading one raw message at a time; `senders`
     are their envelope senders, in the same order."""
     results = []
     for inbound_id, sender in zip(ids, senders, strict=True):
+        assert database is not None
         raw = _raw_of(database, inbound_id)
         results.append(
             Prepared(None, failure=GONE) if raw is None else prepare(raw, attachments, sender)
@@ -136,7 +153,7 @@ def prepare_all(
 
 
 def verify_all(
-    database: Path, jobs: Sequence[tuple[str, Sequence[VerifyJob]]]
+    database: Source, jobs: Sequence[tuple[str, Sequence[VerifyJob]]]
 ) -> list[dict[int, bool]]:
     """DKIM verification of each row's message with its fetched keys (see
     `auth.verify_signatures`): here, under the parser's time budget, a hostile header cannot
@@ -196,9 +213,7 @@ class ParserPool:
             initializer=die_with_parent,
             initargs=(os.getpid(),),
         )
-        future = asyncio.get_running_loop().run_in_executor(
-            pool, prepare_all, Path(), [], Path(), []
-        )
+        future = asyncio.get_running_loop().run_in_executor(pool, prepare_all, None, [], Path(), [])
         try:
             await asyncio.wait_for(future, START_TIMEOUT)
         except TimeoutError as exc:

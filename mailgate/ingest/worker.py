@@ -30,7 +30,7 @@ from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
 from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
 from mailgate.ingest.match import ThreadMatch, display_subject, find_thread
-from mailgate.ingest.prepare import ParserCrashed, ParserPool, prepare_all, verify_all
+from mailgate.ingest.prepare import ParserCrashed, ParserPool, Source, prepare_all, verify_all
 from mailgate.ingest.trust import UNCHECKED, Verdict, decide
 from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
 from mailgate.msgid import MessageIds
@@ -112,7 +112,8 @@ class IngestWorker:
         self._msgids = msgids
         self._reactions = Reactions(config, msgids)
         self._attachments = config.storage.attachments
-        self._database = config.storage.database  # where the parser process reads raw mail
+        # Where the parser process reads raw mail, and the keys that open it.
+        self._database = Source(store.path, store.keys.masters, store.keys.path)
         self._tag_prefix = config.tickets.tag_prefix
         self._is_support = config.smtp.accepts
         self._agents = config.agents

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
 from mailgate.model import (
@@ -30,6 +31,7 @@ from mailgate.model import (
     Ticket,
     TicketStatus,
 )
+from mailgate.privacy.keyring import Keyring
 from mailgate.spool import Spooled
 
 TokenOutcome = Literal["verified", "used", "expired", "revoked", "unknown"]
@@ -162,6 +164,12 @@ class IngestTx(Protocol):
 
 
 class Store(Protocol):
+    keys: Keyring
+
+    @property
+    def path(self) -> Path:
+        """Where the parser process reads raw messages (with `keys`)."""
+
     async def receive(self, batch: Sequence[tuple[str, Envelope, bytes | Spooled]]) -> None:
         """Commit raw messages durably, all in one transaction; a spooled one is copied in
         from its file in pieces (it stays open until this returns).
@@ -206,6 +214,12 @@ class Store(Protocol):
             StoreUnavailable: transient failure; nothing was written.
             StoreError: the work hit a constraint or a bug; nothing was written.
         """
+
+    async def attachment_content(self, attachment_id: int, root: Path) -> bytes | None:
+        """The content of a stored attachment (its file under `root`, opened), or None."""
+
+    async def blob_names(self) -> set[str]:
+        """The attachment files that rows name; any other file under the folder is garbage."""
 
     async def list_tickets(self, *, status: TicketStatus | None = None) -> list[Ticket]: ...
 

@@ -45,9 +45,30 @@ from mailgate.model import (
     Ticket,
     TicketStatus,
 )
+from mailgate.privacy.keyring import Keyring
+from mailgate.privacy.sealing import DataKey, seal_stream
 from mailgate.spool import Spooled
 from mailgate.store.base import IngestTx, TokenOutcome
-from mailgate.store.sqlite_raw import RawReader, insert_spooled
+from mailgate.store.blobs import read_blob
+from mailgate.store.labels import (
+    ATTACHMENT,
+    AUTH,
+    BLOB_KEY,
+    BODY,
+    EMAIL,
+    ENVELOPE,
+    ERASED,
+    HTML,
+    MESSAGE_KEY,
+    NAME,
+    OUTBOX,
+    OUTBOX_ERROR,
+    RAW,
+    SENDER,
+    SUBJECT,
+)
+from mailgate.store.sqlite_adopt import adopt_legacy
+from mailgate.store.sqlite_raw import RawReader, insert_spooled, message_key, raw_size
 
 T = TypeVar("T")
 
@@ -108,8 +129,9 @@ def _migrate(db: sqlite3.Connection) -> None:
 class _Writer:
     """The one write connection, confined to its own thread; each call is one transaction."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keys: Keyring) -> None:
         self.path = path
+        self._keys = keys
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self._db: sqlite3.Connection | None = None
 
@@ -121,6 +143,7 @@ class _Writer:
         # Migration 007 keys the stored addresses; the key is Python's (casefold, IDNA).
         db.create_function("address_key", 1, address_key, deterministic=True)
         _migrate(db)
+        adopt_legacy(db, self._keys)
         self._db = db
 
     def _close(self) -> None:
@@ -174,31 +197,47 @@ class _Writer:
         await self._call(lambda: db.execute(sql, params))
 
 
-def _forwarded_json(forwarded: ForwardedClient | None) -> str | None:
-    return json.dumps(dataclasses.asdict(forwarded)) if forwarded is not None else None
+def _envelope_json(env: Envelope) -> bytes:
+    return json.dumps(
+        {
+            "mail_from": env.mail_from,
+            "rcpt_tos": list(env.rcpt_tos),
+            "peer": env.peer,
+            "helo": env.helo,
+            "smtputf8": env.smtputf8,
+            "forwarded": dataclasses.asdict(env.forwarded) if env.forwarded else None,
+        }
+    ).encode()
 
 
-def _forwarded(text: str | None) -> ForwardedClient | None:
-    """The stored original client; keys this version does not know are ignored."""
-    if text is None:
-        return None
-    stored = json.loads(text)
-    return ForwardedClient(
-        **{f.name: stored.get(f.name) for f in dataclasses.fields(ForwardedClient)}
+def _envelope(data: bytes) -> Envelope:
+    """The stored envelope; keys this version does not know are ignored."""
+    stored = json.loads(data)
+    forwarded = stored.get("forwarded")
+    return Envelope(
+        mail_from=stored["mail_from"],
+        rcpt_tos=tuple(stored["rcpt_tos"]),
+        peer=stored["peer"],
+        helo=stored["helo"],
+        smtputf8=bool(stored["smtputf8"]),
+        forwarded=ForwardedClient(
+            **{f.name: forwarded.get(f.name) for f in dataclasses.fields(ForwardedClient)}
+        )
+        if forwarded is not None
+        else None,
     )
 
 
-def _inbound_row(row: aiosqlite.Row) -> InboundRow:
+def _inbound_row(keys: Keyring, row: sqlite3.Row | aiosqlite.Row) -> InboundRow:
+    key = message_key(keys, bytes(row["raw_key"]), row["owner_key"])
+    envelope = (
+        _envelope(key.open(bytes(row["envelope"]), ENVELOPE))
+        if key is not None
+        else Envelope(mail_from="", rcpt_tos=(), peer=ERASED, helo=None)
+    )
     return InboundRow(
         id=row["id"],
-        envelope=Envelope(
-            mail_from=row["mail_from"],
-            rcpt_tos=tuple(json.loads(row["rcpt_tos"])),
-            peer=row["peer"],
-            helo=row["helo"],
-            smtputf8=bool(row["smtputf8"]),
-            forwarded=_forwarded(row["forwarded"]),
-        ),
+        envelope=envelope,
         size=row["size"],
         state=row["state"],
         received_at=_dt(row["received_at"]),
@@ -207,32 +246,124 @@ def _inbound_row(row: aiosqlite.Row) -> InboundRow:
     )
 
 
+class _Opener:
+    """Opens sealed values of rows read anywhere: finds each person's key by its id."""
+
+    def __init__(self, keys: Keyring) -> None:
+        self.keys = keys
+
+    def key(self, key_id: str | None) -> DataKey | None:
+        return self.keys.key(key_id) if key_id else None
+
+    def address(self, row: sqlite3.Row | aiosqlite.Row, prefix: str = "") -> Address:
+        """The (email, name) of a joined people row, or the erased placeholder."""
+        key = self.key(row[f"{prefix}key_id"])
+        if key is None:
+            return Address(ERASED, None)
+        return Address(
+            key.open_text(bytes(row[f"{prefix}email"]), EMAIL) or ERASED,
+            key.open_text(_bytes(row[f"{prefix}name"]), NAME),
+        )
+
+
+class _People(_Opener):
+    """People by address (blind index) and their keys, inside a transaction on the writer."""
+
+    def __init__(self, db: sqlite3.Connection, keys: Keyring) -> None:
+        super().__init__(keys)
+        self._db = db
+
+    def find(self, email: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._db.execute(
+            "SELECT * FROM people WHERE blind = ?", (self.keys.blind(email),)
+        ).fetchone()
+        return row
+
+    def upsert(self, person: Address, *, rename: bool = False) -> tuple[int, DataKey]:
+        """The person with this address, made if new; `rename` lets the display name change."""
+        row = self.find(person.email)
+        if row is not None:
+            key = self.key(row["key_id"])
+            if rename and person.name and key is not None:
+                self._db.execute(
+                    "UPDATE people SET name = ? WHERE id = ?",
+                    (key.seal_text(person.name, NAME), row["id"]),
+                )
+            if key is None:  # destroyed under us (an erasure in another process): unusable
+                raise StoreError("that person was erased")
+            return int(row["id"]), key
+        key = self.keys.new_key()
+        new = self._db.execute(
+            "INSERT INTO people (blind, key_id, email, name, created_at) VALUES (?, ?, ?, ?, ?) "
+            "RETURNING id",
+            (
+                self.keys.blind(person.email),
+                key.key_id,
+                key.seal_text(person.email, EMAIL),
+                key.seal_text(person.name, NAME),
+                _now(),
+            ),
+        ).fetchone()
+        return int(new["id"]), key
+
+    def of_ticket(self, ticket_id: int) -> tuple[int, DataKey]:
+        """The ticket's requester and their key: what its values are sealed under."""
+        row = self._db.execute(
+            "SELECT p.id, p.key_id FROM tickets t JOIN people p ON p.id = t.requester_id "
+            "WHERE t.id = ?",
+            (ticket_id,),
+        ).fetchone()
+        if row is None:
+            raise LookupError(f"no ticket {ticket_id}")
+        key = self.key(row["key_id"])
+        if key is None:
+            raise StoreError(f"ticket {ticket_id}: its requester's key is destroyed")
+        return int(row["id"]), key
+
+
+def _bytes(value: object) -> bytes | None:
+    return None if value is None else bytes(cast(bytes, value))
+
+
 class _SqliteIngestTx:
     """See `IngestTx`. Lives only inside one `SqliteStore.ingest()` call, on the writer thread."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, keys: Keyring) -> None:
         self._db = db
+        self._people = _People(db, keys)
+        self._keys = keys
 
     def _one(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._db.execute(sql, params).fetchone()
         return row
 
+    def _person_id(self, email: str) -> int | None:
+        row = self._people.find(email)
+        return int(row["id"]) if row is not None else None
+
     def inbound_state(self, inbound_id: str) -> InboundState | None:
         row = self._one("SELECT state FROM inbound WHERE id = ?", (inbound_id,))
         return cast(InboundState, row["state"]) if row else None
 
+    def _digest(self, body_digest: str) -> str:
+        return self._keys.keyed_hash(body_digest.encode(), "body")
+
     def duplicate_ticket(self, message_id: str, sender: str, body_digest: str) -> int | None:
+        person = self._person_id(sender)
+        if person is None:
+            return None
         row = self._one(
-            "SELECT ticket_id FROM messages WHERE message_id = ? AND from_key = ? "
-            "AND body_sha256 = ? LIMIT 1",
-            (message_id, address_key(sender), body_digest),
+            "SELECT ticket_id FROM messages WHERE message_id = ? AND sender_id = ? "
+            "AND body_digest = ? LIMIT 1",
+            (message_id, person, self._digest(body_digest)),
         )
         return int(row["ticket_id"]) if row else None
 
     def has_message_id(self, message_id: str, sender: str) -> bool:
+        person = self._person_id(sender)
         row = self._one(
-            "SELECT 1 FROM messages WHERE message_id = ? AND from_key = ? LIMIT 1",
-            (message_id, address_key(sender)),
+            "SELECT 1 FROM messages WHERE message_id = ? AND sender_id = ? LIMIT 1",
+            (message_id, person),
         )
         return row is not None
 
@@ -241,16 +372,18 @@ class _SqliteIngestTx:
             return []
         # Each ID names the tickets of the messages that carried it from `sender`; failing
         # those, the ticket of its carrier if only one sender ever carried it. A copy of an ID
-        # that came from someone else is ambiguous, and an ambiguous ID names nothing.
+        # that came from someone else is ambiguous, and an ambiguous ID names nothing. A
+        # message whose sender was erased counts as another sender.
+        person = self._person_id(sender) or 0
         rows = self._db.execute(
             "SELECT m.ticket_id FROM messages m "
-            "JOIN (SELECT message_id, count(DISTINCT from_key) AS senders, "
-            "      max(from_key = ?2) AS own FROM messages "
+            "JOIN (SELECT message_id, count(DISTINCT coalesce(sender_id, -id)) AS senders, "
+            "      max(sender_id IS ?2) AS own FROM messages "
             "      WHERE message_id IN (SELECT value FROM json_each(?1)) GROUP BY message_id) c "
             "ON c.message_id = m.message_id "
-            "WHERE (c.own AND m.from_key = ?2) OR (NOT c.own AND c.senders = 1) "
+            "WHERE (c.own AND m.sender_id IS ?2) OR (NOT c.own AND c.senders = 1) "
             "GROUP BY m.ticket_id ORDER BY max(m.received_at) DESC",
-            (json.dumps(list(message_ids)), address_key(sender)),
+            (json.dumps(list(message_ids)), person),
         )
         return [int(row["ticket_id"]) for row in rows]
 
@@ -259,12 +392,13 @@ class _SqliteIngestTx:
         return cast(TicketStatus, row["status"]) if row else None
 
     def may_post(self, ticket_id: int, email: str) -> bool:
-        key = address_key(email)
+        person = self._person_id(email)
+        if person is None:
+            return False
         row = self._one(
-            "SELECT 1 FROM tickets t JOIN requesters r ON r.id = t.requester_id "
-            "WHERE t.id = ? AND r.email_key = ? "
-            "UNION ALL SELECT 1 FROM participants WHERE ticket_id = ? AND email_key = ? LIMIT 1",
-            (ticket_id, key, ticket_id, key),
+            "SELECT 1 FROM tickets WHERE id = ? AND requester_id = ? "
+            "UNION ALL SELECT 1 FROM participants WHERE ticket_id = ? AND person_id = ? LIMIT 1",
+            (ticket_id, person, ticket_id, person),
         )
         return row is not None
 
@@ -280,18 +414,11 @@ class _SqliteIngestTx:
         # With `rename`, the newest display name wins: requesters fix typos in their mail
         # client's settings. Otherwise a known requester keeps the name it has. The address
         # keeps the spelling it was first written with.
-        row = self._one(
-            "INSERT INTO requesters (email, email_key, name, created_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (email_key) DO UPDATE SET name = CASE WHEN ? "
-            "THEN coalesce(excluded.name, requesters.name) ELSE requesters.name END "
-            "RETURNING id",
-            (requester.email, address_key(requester.email), requester.name, _ts(at), rename),
-        )
-        assert row is not None
+        person, key = self._people.upsert(requester, rename=rename)
         row = self._one(
             "INSERT INTO tickets (subject, requester_id, created_at, updated_at, flags) "
             "VALUES (?, ?, ?, ?, ?) RETURNING id",
-            (subject, row["id"], _ts(at), _ts(at), json.dumps(list(flags))),
+            (key.seal_text(subject, SUBJECT), person, _ts(at), _ts(at), json.dumps(list(flags))),
         )
         assert row is not None
         return int(row["id"])
@@ -309,62 +436,112 @@ class _SqliteIngestTx:
         auth: Mapping[str, object] | None = None,
         flags: Sequence[str] = (),
     ) -> int:
+        owner_id, owner = self._people.of_ticket(ticket_id)
+        sender_id, sender_key = self._people.upsert(Address(mail.sender.email, None))
+        sender = json.dumps([mail.sender.email, mail.sender.name]).encode()
         row = self._one(
-            "INSERT INTO messages (ticket_id, inbound_id, message_id, from_email, from_key, "
-            "from_name, subject, body_text, body_html, thread_reason, author, received_at, auth, "
-            "flags, body_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO messages (ticket_id, inbound_id, message_id, sender_id, sender_key, "
+            "sender, subject, body_text, body_html, body_digest, thread_reason, author, "
+            "received_at, auth, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "RETURNING id",
             (
                 ticket_id,
                 inbound_id,
                 mail.message_id,
-                mail.sender.email,
-                address_key(mail.sender.email),
-                mail.sender.name,
-                mail.subject,
-                mail.body_text,
-                mail.body_html,
+                sender_id,
+                sender_key.key_id,
+                sender_key.seal(sender, SENDER),
+                owner.seal_text(mail.subject, SUBJECT),
+                owner.seal_text(mail.body_text, BODY),
+                owner.seal_text(mail.body_html, HTML),
+                self._digest(mail.body_digest) if mail.body_digest else None,
                 reason,
                 author,
                 _ts(at),
-                json.dumps(dict(auth)) if auth is not None else None,
+                owner.seal(json.dumps(dict(auth)).encode(), AUTH) if auth is not None else None,
                 json.dumps(list(flags)),
-                mail.body_digest,
             ),
         )
         assert row is not None
         message_row = int(row["id"])
-        self._db.executemany(
-            "INSERT INTO attachments (message_id, position, sha256, filename, content_type, "
-            "size, inline) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (message_row, n, a.sha256, a.filename, a.content_type, a.size, a.inline)
-                for n, a in enumerate(attachments)
-            ],
-        )
+        for position, attachment in enumerate(attachments):
+            blob = self._blob(owner_id, owner, attachment)
+            meta = json.dumps({"filename": attachment.filename, "sha256": attachment.sha256})
+            self._db.execute(
+                "INSERT INTO attachments (message_id, position, blob_id, meta, content_type, "
+                "size, inline) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message_row,
+                    position,
+                    blob,
+                    owner.seal(meta.encode(), ATTACHMENT),
+                    attachment.content_type,
+                    attachment.size,
+                    attachment.inline,
+                ),
+            )
+        if inbound_id is not None:
+            # The raw message belongs to the ticket's requester now: erasing them shreds it.
+            raw = self._one("SELECT raw_key, owner_key FROM inbound WHERE id = ?", (inbound_id,))
+            if raw is not None and raw["owner_key"] is None:
+                message = self._keys.unwrap_message_key(bytes(raw["raw_key"]))
+                self._db.execute(
+                    "UPDATE inbound SET raw_key = ?, owner_key = ? WHERE id = ?",
+                    (owner.seal(message.material, MESSAGE_KEY), owner.key_id, inbound_id),
+                )
         self._db.execute("UPDATE tickets SET updated_at = ? WHERE id = ?", (_ts(at), ticket_id))
         return message_row
 
-    def add_participants(self, ticket_id: int, emails: Sequence[str]) -> None:
-        self._db.executemany(
-            "INSERT OR IGNORE INTO participants (ticket_id, email, email_key) VALUES (?, ?, ?)",
-            [(ticket_id, email, address_key(email)) for email in emails],
+    def _blob(self, owner_id: int, owner: DataKey, attachment: StoredAttachment) -> int:
+        """The owner's blob of this content: counted once more, or the new file recorded."""
+        digest = self._keys.keyed_hash(f"{owner.key_id}:{attachment.sha256}".encode(), "blob")
+        row = self._one(
+            "UPDATE blobs SET refs = refs + 1 WHERE owner_id = ? AND digest = ? RETURNING id",
+            (owner_id, digest),
         )
+        if row is not None:
+            return int(row["id"])  # the new file stays unreferenced: the sweep removes it
+        row = self._one(
+            "INSERT INTO blobs (owner_id, name, digest, key, size, refs) "
+            "VALUES (?, ?, ?, ?, ?, 1) RETURNING id",
+            (
+                owner_id,
+                attachment.blob,
+                digest,
+                owner.seal(attachment.key, f"{BLOB_KEY}:{attachment.blob}"),
+                attachment.size,
+            ),
+        )
+        assert row is not None
+        return int(row["id"])
+
+    def add_participants(self, ticket_id: int, emails: Sequence[str]) -> None:
+        for email in emails:
+            person, _key = self._people.upsert(Address(email, None))
+            self._db.execute(
+                "INSERT OR IGNORE INTO participants (ticket_id, person_id) VALUES (?, ?)",
+                (ticket_id, person),
+            )
 
     def participants(self, ticket_id: int) -> list[str]:
         rows = self._db.execute(
-            "SELECT email FROM participants WHERE ticket_id = ? ORDER BY email", (ticket_id,)
+            "SELECT p.key_id, p.email, p.name FROM participants x "
+            "JOIN people p ON p.id = x.person_id WHERE x.ticket_id = ?",
+            (ticket_id,),
         )
-        return [str(row["email"]) for row in rows]
+        return sorted(self._people.address(row).email for row in rows)
 
     def ticket_head(self, ticket_id: int) -> tuple[str, Address]:
         row = self._one(
-            "SELECT t.subject, r.email, r.name FROM tickets t "
-            "JOIN requesters r ON r.id = t.requester_id WHERE t.id = ?",
+            "SELECT t.subject, p.key_id, p.email, p.name FROM tickets t "
+            "JOIN people p ON p.id = t.requester_id WHERE t.id = ?",
             (ticket_id,),
         )
         if row is None:
             raise LookupError(f"no ticket {ticket_id}")
-        return row["subject"], Address(row["email"], row["name"])
+        key = self._people.key(row["key_id"])
+        subject = key.open_text(bytes(row["subject"]), SUBJECT) if key else ERASED
+        return subject or "", self._people.address(row)
 
     def thread_ids(self, ticket_id: int) -> tuple[str | None, list[str]]:
         rows = self._db.execute(
@@ -376,15 +553,15 @@ class _SqliteIngestTx:
         return (customer[-1] if customer else None), [row["message_id"] for row in rows]
 
     def requester(self, email: str) -> Requester | None:
-        row = self._one(_REQUESTERS + "WHERE r.email_key = ?", (address_key(email),))
-        return _requester(row) if row else None
+        row = self._people.find(email)
+        return _requester(self._people, row) if row else None
 
     def has_live_token(self, email: str, *, at: datetime) -> bool:
+        person = self._person_id(email)
         row = self._one(
-            "SELECT 1 FROM verification_tokens v JOIN requesters r ON r.id = v.requester_id "
-            "WHERE r.email_key = ? AND v.used_at IS NULL AND v.revoked_at IS NULL "
-            "AND v.expires_at > ? LIMIT 1",
-            (address_key(email), _ts(at)),
+            "SELECT 1 FROM verification_tokens WHERE person_id = ? AND used_at IS NULL "
+            "AND revoked_at IS NULL AND expires_at > ? LIMIT 1",
+            (person, _ts(at)),
         )
         return row is not None
 
@@ -397,10 +574,13 @@ class _SqliteIngestTx:
         expires_at: datetime,
         message_id: str | None = None,
     ) -> None:
+        person = self._person_id(email)
+        if person is None:
+            return
         self._db.execute(
-            "INSERT INTO verification_tokens (requester_id, token_hash, created_at, expires_at, "
-            "message_id) SELECT id, ?, ?, ?, ? FROM requesters WHERE email_key = ?",
-            (token_hash, _ts(at), _ts(expires_at), message_id, address_key(email)),
+            "INSERT INTO verification_tokens (person_id, token_hash, created_at, expires_at, "
+            "message_id) VALUES (?, ?, ?, ?, ?)",
+            (person, token_hash, _ts(at), _ts(expires_at), message_id),
         )
 
     def revoke_tokens(
@@ -421,47 +601,58 @@ class _SqliteIngestTx:
                 (_ts(since),),
             )
             return int(row["n"]) if row else 0
-        # Compared by key in Python: the window holds at most the global cap's rows.
-        rows = self._db.execute(
-            "SELECT recipient FROM outbox WHERE automatic = 1 AND created_at > ?", (_ts(since),)
+        row = self._one(
+            "SELECT count(*) AS n FROM outbox WHERE automatic = 1 AND recipient_id = ? "
+            "AND created_at > ?",
+            (self._person_id(recipient), _ts(since)),
         )
-        key = address_key(recipient)
-        return sum(1 for row in rows if address_key(row["recipient"]) == key)
+        return int(row["n"]) if row else 0
 
     def undeliverable(self, email: str) -> bool:
-        found = self._one("SELECT 1 FROM undeliverable WHERE email_key = ?", (address_key(email),))
-        return found is not None
+        row = self._people.find(email)
+        return row is not None and row["undeliverable"] is not None
 
     def set_undeliverable(self, email: str, status: str | None, *, at: datetime) -> None:
-        key = address_key(email)
         if status is None:
-            self._db.execute("DELETE FROM undeliverable WHERE email_key = ?", (key,))
+            person = self._person_id(email)
+            self._db.execute(
+                "UPDATE people SET undeliverable = NULL, undeliverable_since = NULL WHERE id = ?",
+                (person,),
+            )
             return
+        person, _key = self._people.upsert(Address(email, None))
         self._db.execute(
-            "INSERT INTO undeliverable (email_key, email, status, since) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (email_key) DO UPDATE SET status = excluded.status",
-            (key, email, status, _ts(at)),
+            "UPDATE people SET undeliverable = ?, "
+            "undeliverable_since = coalesce(undeliverable_since, ?) WHERE id = ?",
+            (status, _ts(at), person),
         )
 
     def sent_to(self, message_id: str) -> list[str]:
-        row = self._one("SELECT recipient, cc FROM outbox WHERE message_id = ?", (message_id,))
-        return [row["recipient"], *json.loads(row["cc"])] if row else []
+        row = self._one(
+            "SELECT o.ticket_id, o.mail FROM outbox o WHERE o.message_id = ?", (message_id,)
+        )
+        if row is None:
+            return []
+        _owner, key = self._people.of_ticket(row["ticket_id"])
+        mail = json.loads(key.open(bytes(row["mail"]), OUTBOX))
+        return [mail["to"][0], *mail["cc"]]
 
     def enqueue(self, item: OutboxItem, *, at: datetime) -> int:
+        _owner, key = self._people.of_ticket(item.ticket_id)
+        recipient, _ = self._people.upsert(Address(item.to.email, None))
+        mail = {"to": [item.to.email, item.to.name], "cc": list(item.cc), "context": item.context}
         row = self._one(
-            "INSERT INTO outbox (kind, ticket_id, recipient, recipient_name, cc, message_id, "
-            "in_reply_to, refs, context, automatic, created_at, next_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO outbox (kind, ticket_id, recipient_id, mail, message_id, in_reply_to, "
+            "refs, automatic, created_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 item.kind,
                 item.ticket_id,
-                item.to.email,
-                item.to.name,
-                json.dumps(list(item.cc)),
+                recipient,
+                key.seal(json.dumps(mail).encode(), OUTBOX),
                 item.message_id,
                 item.in_reply_to,
                 json.dumps(list(item.references)),
-                json.dumps(item.context),
                 int(item.automatic),
                 _ts(at),
                 _ts(at),
@@ -479,18 +670,29 @@ class _SqliteIngestTx:
         retry_at: datetime | None,
         reply: str | None = None,
     ) -> None:
-        # A sent verification mail drops its token: from now on only its hash exists.
+        row = self._one("SELECT ticket_id, mail FROM outbox WHERE id = ?", (outbox_id,))
+        if row is None:
+            return
+        try:
+            _owner, key = self._people.of_ticket(row["ticket_id"])
+        except (LookupError, StoreError):
+            return  # its ticket was erased while it was being sent
+        mail = bytes(row["mail"])
+        if state == "sent":
+            # A sent verification mail drops its token: from now on only its hash exists.
+            opened = json.loads(key.open(mail, OUTBOX))
+            opened["context"].pop("token", None)
+            mail = key.seal(json.dumps(opened).encode(), OUTBOX)
         self._db.execute(
-            "UPDATE outbox SET state = :state, last_error = :error, "
+            "UPDATE outbox SET state = :state, last_error = :error, mail = :mail, "
             "reply = coalesce(:reply, reply), "
             "next_attempt_at = coalesce(:retry_at, next_attempt_at), "
-            "sent_at = CASE WHEN :state = 'sent' THEN :now ELSE sent_at END, "
-            "context = CASE WHEN :state = 'sent' THEN json_remove(context, '$.token') "
-            "ELSE context END WHERE id = :id",
+            "sent_at = CASE WHEN :state = 'sent' THEN :now ELSE sent_at END WHERE id = :id",
             {
                 "state": state,
-                "error": error,
-                "reply": reply,
+                "error": key.seal_text(error, OUTBOX_ERROR),
+                "reply": key.seal_text(reply, OUTBOX_ERROR),
+                "mail": mail,
                 "retry_at": _ts(retry_at) if retry_at else None,
                 "now": _now(),
                 "id": outbox_id,
@@ -498,10 +700,7 @@ class _SqliteIngestTx:
         )
 
     def set_status(self, ticket_id: int, status: TicketStatus, *, at: datetime) -> None:
-        self._db.execute(
-            "UPDATE tickets SET status = ?, updated_at = ? WHERE id = ?",
-            (status, _ts(at), ticket_id),
-        )
+        _set_status(self._db, ticket_id, status, _ts(at))
 
     def defer_inbound(self, inbound_id: str, *, retry_at: datetime, count: bool = True) -> None:
         self._db.execute(
@@ -518,17 +717,22 @@ class _SqliteIngestTx:
         )
 
 
-_INSERT_INBOUND = (
-    "INSERT INTO inbound (id, received_at, mail_from, rcpt_tos, peer, helo, smtputf8, forwarded, "
-    "raw) VALUES "
-)
-_INBOUND_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_INBOUND_SPOOLED = _INSERT_INBOUND + "(?, ?, ?, ?, ?, ?, ?, ?, zeroblob(?))"
-# Every column of inbound but the raw message, and its size (length() of a BLOB reads no
-# more than the row's header).
+def _set_status(db: sqlite3.Connection, ticket_id: int, status: TicketStatus, at: float) -> int:
+    cursor = db.execute(
+        "UPDATE tickets SET status = ?1, updated_at = ?2, "
+        "closed_at = CASE WHEN ?1 = 'closed' THEN coalesce(closed_at, ?2) END WHERE id = ?3",
+        (status, at, ticket_id),
+    )
+    return int(cursor.rowcount)
+
+
+_INSERT_INBOUND = "INSERT INTO inbound (id, received_at, envelope, raw_key, size, raw) VALUES "
+_INBOUND_ROW = "(?, ?, ?, ?, ?, ?)"
+_INBOUND_SPOOLED = _INSERT_INBOUND + "(?, ?, ?, ?, ?, zeroblob(?))"
+# Every column of inbound but the raw message.
 _SELECT_INBOUND = (
-    "SELECT id, received_at, mail_from, rcpt_tos, peer, helo, smtputf8, forwarded, state, "
-    "reason, attempts, length(raw) AS size FROM inbound "
+    "SELECT id, received_at, envelope, raw_key, owner_key, size, state, reason, attempts "
+    "FROM inbound "
 )
 
 # The oldest due rows up to a limit, cut where their sizes add up past a number of bytes (the
@@ -538,7 +742,7 @@ _PENDING = (
     + "WHERE id IN ("
     " SELECT id FROM ("
     "  SELECT id, size, sum(size) OVER (ORDER BY received_at, id) AS running FROM ("
-    "   SELECT id, received_at, length(raw) AS size FROM inbound"
+    "   SELECT id, received_at, size FROM inbound"
     "   WHERE state = 'received' AND (retry_at IS NULL OR retry_at <= ?)"
     "   AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY received_at, id LIMIT ?))"
     " WHERE running - size < ?) "
@@ -546,44 +750,50 @@ _PENDING = (
 )
 
 
-def _envelope_params(queue_id: str, now: float, env: Envelope) -> list[object]:
-    return [queue_id, now, env.mail_from, json.dumps(list(env.rcpt_tos)), env.peer, env.helo,
-            int(env.smtputf8), _forwarded_json(env.forwarded)]  # fmt: skip
+def _sealed_envelope(
+    keys: Keyring, queue_id: str, now: float, env: Envelope, size: int
+) -> tuple[list[object], DataKey]:
+    key, wrapped = keys.message_key()
+    return [queue_id, now, key.seal(_envelope_json(env), ENVELOPE), wrapped, size], key
 
 
 class SqliteStore:
     """See `Store`."""
 
-    def __init__(self, writer: _Writer, reader: aiosqlite.Connection) -> None:
+    def __init__(self, writer: _Writer, reader: aiosqlite.Connection, keys: Keyring) -> None:
         self._writer = writer
         self._reader = reader
+        self.keys = keys
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
+    async def open(cls, path: Path, keys: Keyring) -> SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = _Writer(path)
+        writer = _Writer(path, keys)
         await writer.open()  # creates and migrates the database before the reader looks
         try:
             reader = await _connect_reader(path)
         except sqlite3.Error as exc:
             await writer.close()
             raise StoreUnavailable(f"{path}: {exc}") from exc
-        return cls(writer, reader)
+        return cls(writer, reader, keys)
 
     async def close(self) -> None:
         await self._reader.close()
         await self._writer.close()
 
     async def receive(self, batch: Sequence[tuple[str, Envelope, bytes | Spooled]]) -> None:
+        # Sealed here, before the commit that the 250 waits for: no raw message or envelope
+        # ever reaches the database file (or its WAL) in clear.
         now = _now()
         small: list[object] = []
         rows = 0
-        spooled: list[tuple[list[object], Spooled]] = []
+        spooled: list[tuple[list[object], DataKey, Spooled]] = []
         for queue_id, env, raw in batch:
+            params, key = _sealed_envelope(self.keys, queue_id, now, env, raw_size(raw))
             if isinstance(raw, Spooled):
-                spooled.append((_envelope_params(queue_id, now, env), raw))
+                spooled.append((params, key, raw))
             else:
-                small += [*_envelope_params(queue_id, now, env), raw]
+                small += [*params, seal_stream(key, raw, RAW)]
                 rows += 1
         # The small messages: one multi-row INSERT, not executemany: a single sqlite3_step, so
         # the writer thread gives up and retakes the GIL once per batch rather than once per
@@ -596,13 +806,17 @@ class SqliteStore:
         def work(db: sqlite3.Connection) -> None:
             if rows:
                 db.execute(insert, small)
-            for params, raw in spooled:
-                insert_spooled(db, _INBOUND_SPOOLED, params, raw)
+            for params, key, raw in spooled:
+                insert_spooled(db, _INBOUND_SPOOLED, params, raw, key)
 
         await self._writer.transaction(work)
 
     async def ingest(self, work: Callable[[IngestTx], T]) -> T:
-        return await self._writer.transaction(lambda db: work(_SqliteIngestTx(db)))
+        return await self._writer.transaction(lambda db: work(_SqliteIngestTx(db, self.keys)))
+
+    async def _rows(self, sql: str, params: Sequence[object] = ()) -> list[aiosqlite.Row]:
+        async with self._reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
 
     async def pending_inbound(
         self,
@@ -613,22 +827,18 @@ class SqliteStore:
     ) -> list[InboundRow]:
         # The oldest due rows up to `limit`, cut where their sizes add up past `max_bytes` (the
         # first row always comes), so a backlog of large messages never loads all at once.
-        async with self._reader.execute(
-            _PENDING, (_now(), json.dumps(list(exclude)), limit, max_bytes)
-        ) as cursor:
-            return [_inbound_row(row) async for row in cursor]
+        rows = await self._rows(_PENDING, (_now(), json.dumps(list(exclude)), limit, max_bytes))
+        return [_inbound_row(self.keys, row) for row in rows]
 
     async def get_inbound(self, inbound_id: str) -> InboundRow | None:
-        async with self._reader.execute(_SELECT_INBOUND + "WHERE id = ?", (inbound_id,)) as cursor:
-            row = await cursor.fetchone()
-        return _inbound_row(row) if row else None
+        rows = await self._rows(_SELECT_INBOUND + "WHERE id = ?", (inbound_id,))
+        return _inbound_row(self.keys, rows[0]) if rows else None
 
     async def list_inbound(self, state: InboundState) -> list[InboundRow]:
-        async with self._reader.execute(
-            _SELECT_INBOUND + "WHERE state = ? ORDER BY received_at, id",
-            (state,),
-        ) as cursor:
-            return [_inbound_row(row) async for row in cursor]
+        rows = await self._rows(
+            _SELECT_INBOUND + "WHERE state = ? ORDER BY received_at, id", (state,)
+        )
+        return [_inbound_row(self.keys, row) for row in rows]
 
     @property
     def path(self) -> Path:
@@ -637,7 +847,7 @@ class SqliteStore:
 
     async def read_raw(self, inbound_id: str, *, limit: int | None = None) -> bytes | None:
         def read() -> bytes | None:
-            reader = RawReader(self.path)
+            reader = RawReader(self.path, self.keys)
             try:
                 return reader.read(inbound_id) if limit is None else reader.head(inbound_id, limit)
             finally:
@@ -647,7 +857,7 @@ class SqliteStore:
 
     async def copy_raw(self, inbound_id: str, write: Callable[[bytes], object]) -> bool:
         def copy() -> bool:
-            reader = RawReader(self.path)
+            reader = RawReader(self.path, self.keys)
             try:
                 return reader.copy(inbound_id, write)
             finally:
@@ -670,89 +880,108 @@ class SqliteStore:
         )
 
     async def list_tickets(self, *, status: TicketStatus | None = None) -> list[Ticket]:
-        async with self._reader.execute(
-            "SELECT t.*, r.email, r.name, "
-            "(SELECT count(*) FROM messages m WHERE m.ticket_id = t.id) AS message_count "
-            "FROM tickets t JOIN requesters r ON r.id = t.requester_id "
-            "WHERE ?1 IS NULL OR t.status = ?1 ORDER BY t.id",
-            (status,),
-        ) as cursor:
-            return [_ticket(row) async for row in cursor]
+        rows = await self._rows(
+            _TICKETS + "WHERE ?1 IS NULL OR t.status = ?1 ORDER BY t.id", (status,)
+        )
+        people = _Opener(self.keys)
+        return [_ticket(people, row) for row in rows]
 
     async def get_ticket(self, ticket_id: int) -> Ticket | None:
-        db = self._reader
-        async with db.execute(
-            "SELECT t.*, r.email, r.name, "
-            "(SELECT count(*) FROM messages m WHERE m.ticket_id = t.id) AS message_count "
-            "FROM tickets t JOIN requesters r ON r.id = t.requester_id WHERE t.id = ?",
-            (ticket_id,),
-        ) as cursor:
-            row = await cursor.fetchone()
-        if row is None:
+        rows = await self._rows(_TICKETS + "WHERE t.id = ?", (ticket_id,))
+        if not rows:
             return None
+        people = _Opener(self.keys)
+        owner = people.key(rows[0]["key_id"])
         attachments: dict[int, list[StoredAttachment]] = {}
-        async with db.execute(
-            "SELECT a.* FROM attachments a JOIN messages m ON m.id = a.message_id "
+        for a in await self._rows(
+            "SELECT a.*, b.name AS blob FROM attachments a "
+            "JOIN messages m ON m.id = a.message_id JOIN blobs b ON b.id = a.blob_id "
             "WHERE m.ticket_id = ? ORDER BY a.message_id, a.position",
             (ticket_id,),
-        ) as cursor:
-            async for a in cursor:
-                attachments.setdefault(a["message_id"], []).append(
-                    StoredAttachment(
-                        a["filename"], a["content_type"], a["size"], a["sha256"], bool(a["inline"])
-                    )
+        ):
+            meta = json.loads(owner.open(bytes(a["meta"]), ATTACHMENT)) if owner else {}
+            attachments.setdefault(a["message_id"], []).append(
+                StoredAttachment(
+                    filename=meta.get("filename"),
+                    content_type=a["content_type"],
+                    size=a["size"],
+                    sha256=meta.get("sha256", ""),
+                    inline=bool(a["inline"]),
+                    blob=a["blob"],
+                    id=a["id"],
                 )
-        async with db.execute(
-            "SELECT * FROM messages WHERE ticket_id = ? ORDER BY received_at, id", (ticket_id,)
-        ) as cursor:
-            messages = tuple(
-                [_message(m, tuple(attachments.get(m["id"], ()))) async for m in cursor]
             )
-        return _ticket(row, messages)
+        messages = tuple(
+            _message(people, owner, m, tuple(attachments.get(m["id"], ())))
+            for m in await self._rows(
+                "SELECT * FROM messages WHERE ticket_id = ? ORDER BY received_at, id", (ticket_id,)
+            )
+        )
+        return _ticket(people, rows[0], messages)
+
+    async def attachment_content(self, attachment_id: int, root: Path) -> bytes | None:
+        """The content of a stored attachment, opened from its sealed file under `root`."""
+        rows = await self._rows(
+            "SELECT b.name, b.key, p.key_id FROM attachments a JOIN blobs b ON b.id = a.blob_id "
+            "JOIN people p ON p.id = b.owner_id WHERE a.id = ?",
+            (attachment_id,),
+        )
+        if not rows:
+            return None
+        owner = self.keys.key(rows[0]["key_id"])
+        if owner is None:
+            return None
+        name = rows[0]["name"]
+        key = DataKey(owner.open(bytes(rows[0]["key"]), f"{BLOB_KEY}:{name}"))
+        return await asyncio.to_thread(read_blob, root, name, key)
 
     async def set_ticket_status(self, ticket_id: int, status: TicketStatus) -> bool:
-        return await self._writer.changes_one(
-            "UPDATE tickets SET status = ?, updated_at = ? WHERE id = ?",
-            (status, _now(), ticket_id),
+        changed = await self._writer.transaction(
+            lambda db: _set_status(db, ticket_id, status, _now())
         )
+        return changed == 1
 
     async def list_requesters(self) -> list[Requester]:
-        async with self._reader.execute(_REQUESTERS + "ORDER BY r.id") as cursor:
-            return [_requester(row) async for row in cursor]
+        rows = await self._rows(
+            "SELECT * FROM people p WHERE EXISTS "
+            "(SELECT 1 FROM tickets t WHERE t.requester_id = p.id) ORDER BY p.id"
+        )
+        people = _Opener(self.keys)
+        return [_requester(people, row) for row in rows]
 
     async def get_requester(self, email: str) -> Requester | None:
-        async with self._reader.execute(
-            _REQUESTERS + "WHERE r.email_key = ?", (address_key(email),)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return _requester(row) if row else None
+        rows = await self._rows("SELECT * FROM people WHERE blind = ?", (self.keys.blind(email),))
+        return _requester(_Opener(self.keys), rows[0]) if rows else None
 
     async def verify_requester(self, email: str) -> bool:
         return await self._writer.changes_one(
-            "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE email_key = ?",
-            (_now(), address_key(email)),
+            "UPDATE people SET verified_at = coalesce(verified_at, ?) WHERE blind = ?",
+            (_now(), self.keys.blind(email)),
         )
 
     async def add_participant(self, ticket_id: int, email: str) -> bool:
         def add(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT 1 FROM tickets WHERE id = ?", (ticket_id,)).fetchone() is None:
                 return False
-            db.execute(
-                "INSERT OR IGNORE INTO participants (ticket_id, email, email_key) VALUES (?, ?, ?)",
-                (ticket_id, email, address_key(email)),
-            )
+            _SqliteIngestTx(db, self.keys).add_participants(ticket_id, [email])
             return True
 
         return await self._writer.transaction(add)
 
     async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
-        return await self._writer.transaction(lambda db: _redeem(db, token_hash))
+        return await self._writer.transaction(lambda db: _redeem(db, self.keys, token_hash))
 
     async def claim_outbox(self, *, limit: int) -> list[OutboxRow]:
-        rows = await self._writer.transaction(
-            lambda db: db.execute(_CLAIM, (_now(), limit)).fetchall()
-        )
-        return sorted((_outbox_row(row) for row in rows), key=lambda r: r.id)
+        def claim(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            ids = [row[0] for row in db.execute(_CLAIM, (_now(), limit))]
+            return db.execute(
+                _OUTBOX + "WHERE o.id IN (SELECT value FROM json_each(?))",  # noqa: S608
+                (json.dumps(ids),),
+            ).fetchall()
+
+        rows = await self._writer.transaction(claim)
+        people = _Opener(self.keys)
+        return sorted((_outbox_row(people, row) for row in rows), key=lambda r: r.id)
 
     async def finish_outbox(
         self,
@@ -764,7 +993,7 @@ class SqliteStore:
         reply: str | None = None,
     ) -> None:
         await self._writer.transaction(
-            lambda db: _SqliteIngestTx(db).finish_outbox(
+            lambda db: _SqliteIngestTx(db, self.keys).finish_outbox(
                 outbox_id, state, error=error, retry_at=retry_at, reply=reply
             )
         )
@@ -779,17 +1008,15 @@ class SqliteStore:
         return int(cursor.rowcount)
 
     async def next_outbox_due(self) -> datetime | None:
-        async with self._reader.execute(
-            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'"
-        ) as cursor:
-            row = await cursor.fetchone()
-        return _dt(row[0]) if row and row[0] is not None else None
+        rows = await self._rows("SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'")
+        return _dt(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def list_outbox(self, state: OutboxState | None = None) -> list[OutboxRow]:
-        async with self._reader.execute(
-            "SELECT * FROM outbox WHERE ?1 IS NULL OR state = ?1 ORDER BY id", (state,)
-        ) as cursor:
-            return [_outbox_row(row) async for row in cursor]
+        rows = await self._rows(
+            _OUTBOX + "WHERE ?1 IS NULL OR o.state = ?1 ORDER BY o.id", (state,)
+        )
+        people = _Opener(self.keys)
+        return [_outbox_row(people, row) for row in rows]
 
     async def retry_outbox(self, outbox_id: int) -> bool:
         return await self._writer.changes_one(
@@ -797,6 +1024,10 @@ class SqliteStore:
             "WHERE id = ? AND state IN ('queued', 'failed')",
             (_now(), outbox_id),
         )
+
+    async def blob_names(self) -> set[str]:
+        """The names of the attachment files that rows refer to (the sweep keeps only those)."""
+        return {row[0] for row in await self._rows("SELECT name FROM blobs")}
 
 
 async def _reading(read: Callable[[], T]) -> T:
@@ -809,47 +1040,62 @@ async def _reading(read: Callable[[], T]) -> T:
         raise StoreError(str(exc)) from exc
 
 
-def _requester(row: sqlite3.Row | aiosqlite.Row) -> Requester:
+def _requester(people: _Opener, row: sqlite3.Row | aiosqlite.Row) -> Requester:
+    address = people.address(row)
     return Requester(
-        email=row["email"],
-        name=row["name"],
+        email=address.email,
+        name=address.name,
         verified=row["verified_at"] is not None,
         created_at=_dt(row["created_at"]),
         verified_at=_dt(row["verified_at"]) if row["verified_at"] is not None else None,
         undeliverable=row["undeliverable"],
+        state=row["state"],
+        objected=row["objected_at"] is not None,
     )
 
 
-def _outbox_row(row: aiosqlite.Row) -> OutboxRow:
+def _outbox_row(people: _Opener, row: sqlite3.Row | aiosqlite.Row) -> OutboxRow:
+    key = people.key(row["key_id"])
+    mail: dict[str, Any] = (
+        json.loads(key.open(bytes(row["mail"]), OUTBOX))
+        if key is not None
+        else {"to": [ERASED, None], "cc": [], "context": {}}
+    )
     item = OutboxItem(
         kind=row["kind"],
         ticket_id=row["ticket_id"],
-        to=Address(row["recipient"], row["recipient_name"]),
+        to=Address(mail["to"][0], mail["to"][1]),
         message_id=row["message_id"],
         automatic=bool(row["automatic"]),
-        context=json.loads(row["context"]),
-        cc=tuple(json.loads(row["cc"])),
+        context=mail["context"],
+        cc=tuple(mail["cc"]),
         in_reply_to=row["in_reply_to"],
         references=tuple(json.loads(row["refs"])),
     )
+
+    def opened(value: object) -> str | None:
+        return key.open_text(_bytes(value), OUTBOX_ERROR) if key is not None else None
+
     return OutboxRow(
         id=row["id"],
         item=item,
         state=row["state"],
         attempts=row["attempts"],
-        last_error=row["last_error"],
+        last_error=opened(row["last_error"]),
         created_at=_dt(row["created_at"]),
         next_attempt_at=_dt(row["next_attempt_at"]),
         sent_at=_dt(row["sent_at"]) if row["sent_at"] is not None else None,
-        reply=row["reply"],
+        reply=opened(row["reply"]),
     )
 
 
-def _redeem(db: sqlite3.Connection, token_hash: str) -> tuple[TokenOutcome, str | None]:
+def _redeem(
+    db: sqlite3.Connection, keys: Keyring, token_hash: str
+) -> tuple[TokenOutcome, str | None]:
     row = db.execute(
-        "SELECT v.id, v.requester_id, v.used_at, v.expires_at, v.revoked_at, r.email "
-        "FROM verification_tokens v JOIN requesters r ON r.id = v.requester_id "
-        "WHERE v.token_hash = ?",
+        "SELECT v.id, v.person_id, v.used_at, v.expires_at, v.revoked_at, "
+        "p.key_id, p.email, p.name FROM verification_tokens v "
+        "JOIN people p ON p.id = v.person_id WHERE v.token_hash = ?",
         (token_hash,),
     ).fetchone()
     if row is None:
@@ -863,18 +1109,21 @@ def _redeem(db: sqlite3.Connection, token_hash: str) -> tuple[TokenOutcome, str 
         return "expired", None
     db.execute("UPDATE verification_tokens SET used_at = ? WHERE id = ?", (now, row["id"]))
     db.execute(
-        "UPDATE requesters SET verified_at = coalesce(verified_at, ?) WHERE id = ?",
-        (now, row["requester_id"]),
+        "UPDATE people SET verified_at = coalesce(verified_at, ?) WHERE id = ?",
+        (now, row["person_id"]),
     )
-    return "verified", str(row["email"])
+    return "verified", _Opener(keys).address(row).email
 
 
-def _ticket(row: aiosqlite.Row, messages: tuple[Message, ...] = ()) -> Ticket:
+def _ticket(
+    people: _Opener, row: sqlite3.Row | aiosqlite.Row, messages: tuple[Message, ...] = ()
+) -> Ticket:
+    key = people.key(row["key_id"])
     return Ticket(
         id=row["id"],
-        subject=row["subject"],
+        subject=(key.open_text(bytes(row["subject"]), SUBJECT) or "") if key else ERASED,
         status=row["status"],
-        requester=Address(row["email"], row["name"]),
+        requester=people.address(row),
         created_at=_dt(row["created_at"]),
         updated_at=_dt(row["updated_at"]),
         message_count=row["message_count"],
@@ -883,39 +1132,58 @@ def _ticket(row: aiosqlite.Row, messages: tuple[Message, ...] = ()) -> Ticket:
     )
 
 
-def _message(row: aiosqlite.Row, attachments: tuple[StoredAttachment, ...]) -> Message:
+def _message(
+    people: _Opener,
+    owner: DataKey | None,
+    row: sqlite3.Row | aiosqlite.Row,
+    attachments: tuple[StoredAttachment, ...],
+) -> Message:
+    sender_key = people.key(row["sender_key"])
+    email, name = (
+        json.loads(sender_key.open(bytes(row["sender"]), SENDER)) if sender_key else (ERASED, None)
+    )
+
+    def opened(column: str, label: str) -> str | None:
+        return owner.open_text(_bytes(row[column]), label) if owner else ERASED
+
+    auth = opened("auth", AUTH) if row["auth"] is not None else None
     return Message(
         id=row["id"],
         ticket_id=row["ticket_id"],
-        sender=Address(row["from_email"], row["from_name"]),
-        subject=row["subject"],
-        body_text=row["body_text"],
-        body_html=row["body_html"],
+        sender=Address(email, name),
+        subject=opened("subject", SUBJECT) or "",
+        body_text=opened("body_text", BODY) or "",
+        body_html=opened("body_html", HTML) if row["body_html"] is not None else None,
         message_id=row["message_id"],
         received_at=_dt(row["received_at"]),
         thread_reason=row["thread_reason"],
         author=row["author"],
         attachments=attachments,
-        auth=json.loads(row["auth"]) if row["auth"] else None,
+        auth=json.loads(auth) if auth and owner else None,
         flags=tuple(json.loads(row["flags"])),
     )
 
 
-_REQUESTERS = (
-    "SELECT r.*, u.status AS undeliverable FROM requesters r "
-    "LEFT JOIN undeliverable u ON u.email_key = r.email_key "
+_TICKETS = (
+    "SELECT t.*, p.key_id, p.email, p.name, "
+    "(SELECT count(*) FROM messages m WHERE m.ticket_id = t.id) AS message_count "
+    "FROM tickets t JOIN people p ON p.id = t.requester_id "
+)
+_OUTBOX = (
+    "SELECT o.*, p.key_id FROM outbox o JOIN tickets t ON t.id = o.ticket_id "
+    "JOIN people p ON p.id = t.requester_id "
 )
 _CLAIM = (
     "UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id IN ("
     " SELECT id FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
-    " ORDER BY next_attempt_at, id LIMIT ?) RETURNING *"
+    " ORDER BY next_attempt_at, id LIMIT ?) RETURNING id"
 )
 
 
 @asynccontextmanager
-async def open_store(path: Path) -> AsyncIterator[SqliteStore]:
-    """Open the store at `path`, migrating it, and close it on exit."""
-    store = await SqliteStore.open(path)
+async def open_store(path: Path, keys: Keyring) -> AsyncIterator[SqliteStore]:
+    """Open the store at `path` with its keys, migrating it, and close it on exit."""
+    store = await SqliteStore.open(path, keys)
     try:
         yield store
     finally:
