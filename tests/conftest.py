@@ -25,7 +25,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from mailgate.config import Config, load_config
-from mailgate.model import HostPort, Ticket
+from mailgate.model import HostPort, StoredAttachment, Ticket
 from mailgate.privacy.keyring import Keyring
 from mailgate.service import serve
 from mailgate.store import SqliteStore, open_store, store_for
@@ -158,6 +158,15 @@ async def open_test_store(path: Path) -> AsyncIterator[SqliteStore]:
             yield store
     finally:
         keys.close()
+
+
+async def attachment_bytes(config: Config, attachment: StoredAttachment) -> bytes:
+    """An attachment's content as the store opens it from its sealed file."""
+    assert attachment.id is not None
+    async with store_for(config) as store:
+        content = await store.attachment_content(attachment.id, config.storage.attachments)
+    assert content is not None
+    return content
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
+from mailgate.privacy.sealing import stream_size
 from mailgate.store import store_for
 from mailgate.store.blobs import blob_path
 from tests.conftest import MAIL_DATA, Running, eml
@@ -78,11 +79,11 @@ async def test_hostile_filenames_are_metadata_only(daemon: Running) -> None:
     assert names[3] == "cmd.exe"
     root = daemon.config.storage.attachments
     for a in attachments:
-        stored = blob_path(root, a.sha256)
-        assert stored.is_file() and stored.stat().st_size == a.size
-    # Nothing outside the content-addressed folders, and no customer filename on disk.
+        stored = blob_path(root, a.blob)
+        assert stored.is_file() and stored.stat().st_size == stream_size(a.size)
+    # Nothing outside the sealed files' folders, and no customer filename on disk.
     on_disk = {p.name for p in root.rglob("*") if p.is_file()}
-    assert on_disk == {a.sha256 for a in attachments}
+    assert on_disk == {a.blob for a in attachments}
     assert not (root.parent.parent / "etc").exists()
 
 

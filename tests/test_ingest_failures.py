@@ -16,8 +16,16 @@ import pytest
 from mailgate.config import load_config
 from mailgate.ingest.prepare import ParserCrashed, ParserPool
 from mailgate.store import SqliteStore, store_for
-from mailgate.store.blobs import blob_path
-from tests.conftest import SUPPORT, Running, daemon_running, fill_disk, mail, tmpfs, write_config
+from tests.conftest import (
+    SUPPORT,
+    Running,
+    attachment_bytes,
+    daemon_running,
+    fill_disk,
+    mail,
+    tmpfs,
+    write_config,
+)
 
 
 async def test_parser_process_crash_is_reported_and_the_pool_recovers() -> None:
@@ -103,8 +111,8 @@ async def test_a_full_attachment_disk_heals_by_itself_and_holds_up_no_other_mail
         assert sorted(tickets) == ["Logs attached", "No attachment"]
         [attachment] = tickets["Logs attached"].messages[0].attachments
         assert attachment.sha256 == hashlib.sha256(content).hexdigest()
-        assert blob_path(small_mount, attachment.sha256).read_bytes() == content
-        assert leftovers(small_mount) == [attachment.sha256]  # and nothing else
+        assert await attachment_bytes(config, attachment) == content
+        assert leftovers(small_mount) == [attachment.blob]  # and nothing else
         await daemon.send(mail(subject="Accepted again"))
 
 

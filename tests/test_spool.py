@@ -22,8 +22,15 @@ import pytest
 from mailgate.config import Config, load_config
 from mailgate.spool import SPOOL_THRESHOLD
 from mailgate.store import store_for
-from mailgate.store.blobs import blob_path
-from tests.conftest import SUPPORT, Running, cli_json, daemon_running, run_cli, write_config
+from tests.conftest import (
+    SUPPORT,
+    Running,
+    attachment_bytes,
+    cli_json,
+    daemon_running,
+    run_cli,
+    write_config,
+)
 
 MIB = 1024 * 1024
 
@@ -109,8 +116,10 @@ async def test_a_2_mib_single_line_base64_attachment_becomes_a_ticket_intact(big
     [attachment] = ticket.messages[0].attachments
     assert (attachment.filename, attachment.size) == ("dump.bin", len(content))
     assert attachment.sha256 == hashlib.sha256(content).hexdigest()
-    stored = blob_path(big.config.storage.attachments, attachment.sha256).read_bytes()
-    assert stored == content
+    assert await attachment_bytes(big.config, attachment) == content
+    # On disk the file is sealed: its name is random and the content is not in it.
+    [on_disk] = [p for p in big.config.storage.attachments.rglob("*") if p.is_file()]
+    assert on_disk.name == attachment.blob and content[:64] not in on_disk.read_bytes()
     assert spool_files(big.config.storage.database.parent) == []
 
 

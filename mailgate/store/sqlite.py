@@ -18,6 +18,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -68,6 +69,7 @@ from mailgate.store.labels import (
     SUBJECT,
 )
 from mailgate.store.sqlite_adopt import adopt_legacy
+from mailgate.store.sqlite_erase import Deleted, delete_person, reconcile
 from mailgate.store.sqlite_raw import RawReader, insert_spooled, message_key, raw_size
 
 T = TypeVar("T")
@@ -144,6 +146,7 @@ class _Writer:
         db.create_function("address_key", 1, address_key, deterministic=True)
         _migrate(db)
         adopt_legacy(db, self._keys)
+        reconcile(db, self._keys)
         self._db = db
 
     def _close(self) -> None:
@@ -189,6 +192,12 @@ class _Writer:
         """Run one UPDATE as its own transaction; tell whether it changed a row."""
         cursor = await self.transaction(lambda db: db.execute(sql, params))
         return cursor.rowcount == 1
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it (after deletes: no old pages stay)."""
+        assert self._db is not None, "writer not open"
+        db = self._db
+        await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
 
     async def statement(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> None:
         """Run one statement, atomic (and fsynced) on its own, on the writer thread."""
@@ -319,6 +328,14 @@ class _People(_Opener):
         if key is None:
             raise StoreError(f"ticket {ticket_id}: its requester's key is destroyed")
         return int(row["id"]), key
+
+
+@dataclass(frozen=True, slots=True)
+class PersonRef:
+    """A person by row id and data key id: no personal data."""
+
+    id: int
+    key_id: str
 
 
 def _bytes(value: object) -> bytes | None:
@@ -1024,6 +1041,33 @@ class SqliteStore:
             "WHERE id = ? AND state IN ('queued', 'failed')",
             (_now(), outbox_id),
         )
+
+    async def begin_erasure(self, email: str) -> PersonRef | None:
+        """Mark the person with this address 'erasing' (a crash from here on is finished at
+        the next start); None if there is no such person."""
+
+        def mark(db: sqlite3.Connection) -> PersonRef | None:
+            row = db.execute(
+                "UPDATE people SET state = 'erasing' WHERE blind = ? RETURNING id, key_id",
+                (self.keys.blind(email),),
+            ).fetchone()
+            return PersonRef(row["id"], row["key_id"]) if row else None
+
+        return await self._writer.transaction(mark)
+
+    async def erasing(self) -> list[PersonRef]:
+        """People whose erasure began and did not finish (a crash)."""
+        rows = await self._rows("SELECT id, key_id FROM people WHERE state = 'erasing'")
+        return [PersonRef(row["id"], row["key_id"]) for row in rows]
+
+    async def delete_person(self, person: PersonRef) -> Deleted:
+        """Delete every row of the person (their key must be destroyed already), then
+        truncate the WAL so that no copy of the deleted pages stays in it."""
+        deleted = await self._writer.transaction(
+            lambda db: delete_person(db, person.id, person.key_id)
+        )
+        await self._writer.checkpoint()
+        return deleted
 
     async def blob_names(self) -> set[str]:
         """The names of the attachment files that rows refer to (the sweep keeps only those)."""

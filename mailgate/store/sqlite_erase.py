@@ -1,0 +1,137 @@
+"""Deleting a person from the SQLite store: every row that is theirs, in one transaction.
+
+The data key is destroyed first (`Keyring.destroy`, by `privacy/erasure.py`), so from that
+moment every copy of their values anywhere is ciphertext without a key; this removes the rows
+too, overwritten in place (`secure_delete`), and logs the key id in `erasures`. When the store
+opens, `reconcile` finishes what a crash interrupted, in either direction: a person whose key
+the key store destroyed is deleted here (an old copy of the database restored), and a key
+that this log says was destroyed is destroyed in the key store (an old key store restored).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+from mailgate.privacy.keyring import Keyring
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What an erasure removed, in counts (no personal data), and the files to unlink."""
+
+    tickets: int = 0
+    messages: int = 0
+    attachments: int = 0
+    outbox: int = 0
+    tokens: int = 0
+    raw_messages: int = 0
+    participations: int = 0
+    blob_files: tuple[str, ...] = field(default=(), repr=False)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "tickets": self.tickets,
+            "messages": self.messages,
+            "attachments": self.attachments,
+            "outbox": self.outbox,
+            "tokens": self.tokens,
+            "raw_messages": self.raw_messages,
+            "participations": self.participations,
+            "files": len(self.blob_files),
+        }
+
+
+def _count(db: sqlite3.Connection, sql: str, params: dict[str, object]) -> int:
+    return int(db.execute(sql, params).fetchone()[0])
+
+
+def delete_person(db: sqlite3.Connection, person_id: int, key_id: str) -> Deleted:
+    """Delete the person's tickets (with their messages, attachments, outbox rows, raw
+    messages), blobs, tokens, participations and row; inside a transaction."""
+    p = {"p": person_id, "k": key_id}
+    counted = Deleted(
+        tickets=_count(db, "SELECT count(*) FROM tickets WHERE requester_id = :p", p),
+        messages=_count(
+            db,
+            "SELECT count(*) FROM messages WHERE ticket_id IN "
+            "(SELECT id FROM tickets WHERE requester_id = :p)",
+            p,
+        ),
+        attachments=_count(
+            db,
+            "SELECT count(*) FROM attachments WHERE message_id IN (SELECT id FROM messages "
+            "WHERE ticket_id IN (SELECT id FROM tickets WHERE requester_id = :p))",
+            p,
+        ),
+        outbox=_count(
+            db,
+            "SELECT count(*) FROM outbox WHERE recipient_id = :p OR ticket_id IN "
+            "(SELECT id FROM tickets WHERE requester_id = :p)",
+            p,
+        ),
+        tokens=_count(db, "SELECT count(*) FROM verification_tokens WHERE person_id = :p", p),
+        participations=_count(db, "SELECT count(*) FROM participants WHERE person_id = :p", p),
+    )
+    raw = db.execute(
+        "DELETE FROM inbound WHERE owner_key = :k OR id IN (SELECT inbound_id FROM messages "
+        "WHERE ticket_id IN (SELECT id FROM tickets WHERE requester_id = :p))",
+        p,
+    ).rowcount
+    db.execute(
+        "DELETE FROM outbox WHERE recipient_id = :p OR ticket_id IN "
+        "(SELECT id FROM tickets WHERE requester_id = :p)",
+        p,
+    )
+    db.execute(
+        "DELETE FROM messages WHERE ticket_id IN (SELECT id FROM tickets WHERE requester_id = :p)",
+        p,
+    )
+    db.execute("DELETE FROM tickets WHERE requester_id = :p", p)
+    files = tuple(
+        row[0]
+        for row in db.execute("DELETE FROM blobs WHERE owner_id = ? RETURNING name", (person_id,))
+    )
+    # Their messages on other tickets keep no link to them (sender_id SET NULL); their name
+    # and address there are sealed under the key that is gone.
+    db.execute("DELETE FROM people WHERE id = ?", (person_id,))
+    db.execute("INSERT OR IGNORE INTO erasures (key_id, at) VALUES (?, ?)", (key_id, time.time()))
+    return Deleted(
+        tickets=counted.tickets,
+        messages=counted.messages,
+        attachments=counted.attachments,
+        outbox=counted.outbox,
+        tokens=counted.tokens,
+        raw_messages=raw,
+        participations=counted.participations,
+        blob_files=files,
+    )
+
+
+def reconcile(db: sqlite3.Connection, keys: Keyring) -> int:
+    """Make the database and the key store agree on who was erased; return how many people
+    this deleted (an erasure that a restored copy of the database had not seen)."""
+    destroyed = keys.destroyed()
+    logged = {row[0] for row in db.execute("SELECT key_id FROM erasures")}
+    keys.destroy(logged - destroyed)
+    deleted = 0
+    if destroyed:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for person_id, key_id in db.execute("SELECT id, key_id FROM people").fetchall():
+                if key_id in destroyed:
+                    delete_person(db, person_id, key_id)
+                    deleted += 1
+            db.execute(
+                "INSERT OR IGNORE INTO erasures (key_id, at) SELECT value, ? FROM json_each(?)",
+                (time.time(), json.dumps(sorted(destroyed - logged))),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    if deleted:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return deleted
