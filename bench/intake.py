@@ -63,6 +63,9 @@ READY_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 120.0
 QUEUED_RE = re.compile(rb"Queued as <?([^\s>]+)>?", re.IGNORECASE)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+TARGETS = ("discard", "plaintext", "mailgate")
+MAILGATES = ("plaintext", "mailgate")
+NULL_CIPHER = BENCH_DIR / "nullcipher"
 
 CONFIG_TEMPLATE = """\
 [smtp]
@@ -405,14 +408,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, name: str, cmd: list[str], port: int, workdir: Path) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], port: int, workdir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name, self.cmd, self.port, self.workdir = name, cmd, port, workdir
+        self.env = env
         self.log_path = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self._log = open(self.log_path, "wb")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(self.env or os.environ, PYTHONUNBUFFERED="1")
         if self.cmd[1:3] == ["-m", "mailgate"]:
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen(
@@ -598,7 +604,10 @@ def run_one(
             )
         )
         cmd = (fake_mailgate_cmd if args.self_test else mailgate_cmd)(cfg)
-    server = ServerProcess(target, cmd, port, workdir)
+    env = None
+    if target == "plaintext":  # the same build with sealing's cipher nulled (bench/nullcipher)
+        env = {**os.environ, "MAILGATE_BENCH_NULL_CIPHER": "1", "PYTHONPATH": str(NULL_CIPHER)}
+    server = ServerProcess(target, cmd, port, workdir, env=env)
     tag = f"bench-{uuid.uuid4().hex[:12]}-{seq}"
     res: Result = {"target": target, "conns": conns, "workdir": str(workdir)}
     server.start()
@@ -607,7 +616,7 @@ def run_one(
         load = run_load(port, conns, n, args.client, tag, server.pid, args.max_seconds)
         res.update(asyncio.run(load))
         t250 = res.pop("_t250")
-        if target == "mailgate":
+        if target in MAILGATES:
             if not t250:
                 err = "no '250 ... Queued as <ID>' replies, cannot match tickets"
                 res["tickets"] = {"error": err}
@@ -638,7 +647,7 @@ def summarise(runs: list[Result], levels: list[int]) -> Result:
     summary: Result = {}
     for c in levels:
         row: Result = {}
-        for t in ("discard", "mailgate"):
+        for t in TARGETS:
             rs = [r for r in runs if r["conns"] == c and r["target"] == t and "msgs_per_s" in r]
             peak = max((r["peak_rss_kib"] for r in rs if r.get("peak_rss_kib")), default=None)
             row[t] = {
@@ -652,6 +661,9 @@ def summarise(runs: list[Result], levels: list[int]) -> Result:
                 "errors": sum(r["errors"] for r in rs),
             }
         d, m = row["discard"]["msgs_per_s"], row["mailgate"]["msgs_per_s"]
+        plain = row["plaintext"]["msgs_per_s"]
+        row["plaintext_ratio"] = (plain / d) if d and plain is not None else None
+        row["sealing_cost_ratio"] = (m / plain) if plain and m is not None else None
         # ratio of the medians, and the median of the per-round (paired) ratios
         pairs: dict[int, dict[str, float]] = {}
         for r in runs:
@@ -668,7 +680,7 @@ def summarise(runs: list[Result], levels: list[int]) -> Result:
         deltas: list[float] = []
         drains: list[float | None] = []
         for r in runs:
-            if r["conns"] == c and r["target"] == "mailgate" and isinstance(r.get("tickets"), dict):
+            if r["conns"] == c and r["target"] in MAILGATES and isinstance(r.get("tickets"), dict):
                 deltas += r["tickets"].get("_deltas", [])
                 drains.append(r["tickets"].get("drain_s"))
         row["ticket"] = {
@@ -696,7 +708,7 @@ def problems_found(runs: list[Result], args: argparse.Namespace) -> list[str]:
         if r.get("errors"):
             samples = r["error_samples"][:2]
             problems.append(f"{where}: {r['errors']} failed messages, e.g. {samples}")
-        if r.get("replies_without_queue_id") and r["target"] == "mailgate":
+        if r.get("replies_without_queue_id") and r["target"] in MAILGATES:
             problems.append(
                 f"{where}: {r['replies_without_queue_id']} 250 replies without 'Queued as', "
                 f"e.g. {r['reply_samples_without_queue_id'][:1]}"
@@ -740,9 +752,12 @@ def print_table(summary: Result, args: argparse.Namespace, problems: list[str]) 
     print(hdr)
     print("-" * len(hdr))
     for c, row in summary.items():
-        for t in ("discard", "mailgate"):
+        for t in TARGETS:
             s = row[t]
-            ratio = fmt(row["throughput_ratio"], ".2f") if t == "mailgate" else ""
+            if not s["rounds"]:
+                continue
+            ratios = {"mailgate": row["throughput_ratio"], "plaintext": row["plaintext_ratio"]}
+            ratio = fmt(ratios[t], ".2f") if t in ratios else ""
             print(
                 f"{c:>5} {t:<9} {fmt(s['msgs_per_s'], '.0f'):>8} {ratio:>6} "
                 f"{fmt(s['p50_ms'], '.2f'):>8} {fmt(s['p99_ms'], '.2f'):>8} "
@@ -750,6 +765,9 @@ def print_table(summary: Result, args: argparse.Namespace, problems: list[str]) 
                 f"{fmt(s['client_cpu_pct'], '.0f'):>8} {fmt(s['peak_rss_mib'], '.1f'):>8} "
                 f"{s['errors']:>6}"
             )
+    print()
+    for c, row in summary.items():
+        print(f"c={c}: sealed / plaintext throughput {fmt(row['sealing_cost_ratio'], '.2f')}")
     print()
     print("mailgate: 250 -> ticket (rounds pooled); drain = last processed_at - last 250 (median)")
     hdr2 = f"{'conns':>5} {'matched':>8} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'drain s':>8}"
@@ -813,8 +831,9 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument(
         "--targets",
-        default="discard,mailgate",
-        help="comma-separated, any of discard,mailgate (alternated in this order)",
+        default="discard,plaintext,mailgate",
+        help="comma-separated, any of discard,plaintext,mailgate (alternated in this order); "
+        "plaintext is mailgate with its cipher nulled (bench/nullcipher)",
     )
     ap.add_argument(
         "--max-seconds",
@@ -844,7 +863,7 @@ def main() -> int:
     args = parse_args()
     levels = [int(x) for x in args.conns.split(",")]
     targets = [t.strip() for t in args.targets.split(",")]
-    if not set(targets) <= {"discard", "mailgate"}:
+    if not set(targets) <= set(TARGETS):
         raise SystemExit(f"unknown target in {targets}")
 
     tmp_root = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
