@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mailgate.config import load_config
-from tests.conftest import REPO, open_test_store, run_cli, write_config
+from mailgate.store import store_for
+from tests.conftest import REPO, run_cli, write_config
 
 EX_CONFIG = 78
 EX_USAGE = 2
@@ -216,14 +217,14 @@ def test_cli_finds_the_database_next_to_the_config(tmp_path: Path) -> None:
     )
     assert not (folder / "var").exists() and not (elsewhere / "var").exists()
 
-    asyncio.run(_create_store(database))  # as the daemon's first start does
+    asyncio.run(_create_store(folder / "config.toml"))  # as the daemon's first start does
     result = tickets_list()
     assert result.returncode == 0, result.stderr
     assert not (elsewhere / "var").exists()
 
 
-async def _create_store(path: Path) -> None:
-    async with open_test_store(path):
+async def _create_store(config: Path) -> None:
+    async with store_for(load_config(config)):
         pass
 
 

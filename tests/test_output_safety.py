@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
+import json
 import re
 import sqlite3
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import aiohttp
 
 from mailgate.config import Config, load_config
+from mailgate.store import labels, open_keyring
 from tests.conftest import Relay, Running, daemon_running, mail, write_config
 
 SCRIPT = "<script>alert(1)</script>"
@@ -147,27 +149,60 @@ async def test_cli_shows_names_subjects_and_filenames_without_bidi_controls(
     assert f"Ann exe.nimda Support {PERSIAN}" in output
 
 
-def edit_store(database: Path, *statements: tuple[str, tuple[str, ...]]) -> None:
-    """Change stored rows by hand, in one transaction of the real SQLite file."""
-    db = sqlite3.connect(database)
+def plant(config: Config) -> None:
+    """Seal the characters back into the stored rows, as a version before the cleaning kept
+    them: by hand, in one transaction of the real SQLite file, under each row's own key."""
+    keys = open_keyring(config, create=False)
+    db = sqlite3.connect(config.storage.database)
     try:
         with db:
-            for sql, params in statements:
-                db.execute(sql, params)
+            owners = "SELECT t.id, p.key_id FROM tickets t JOIN people p ON p.id = t.requester_id"
+            for ticket, key_id in db.execute(owners).fetchall():
+                key = keys.key(key_id)
+                assert key is not None
+                subject = key.seal_text(SPOOFED_SUBJECT, labels.SUBJECT)
+                db.execute("UPDATE tickets SET subject = ? WHERE id = ?", (subject, ticket))
+                db.execute("UPDATE messages SET subject = ? WHERE ticket_id = ?", (subject, ticket))
+                meta = json.dumps({"filename": SPOOFED_FILE, "sha256": ""}).encode()
+                db.execute(
+                    "UPDATE attachments SET meta = ? WHERE message_id IN "
+                    "(SELECT id FROM messages WHERE ticket_id = ?)",
+                    (key.seal(meta, labels.ATTACHMENT), ticket),
+                )
+            for person, key_id in db.execute("SELECT id, key_id FROM people").fetchall():
+                key = keys.key(key_id)
+                assert key is not None
+                name = key.seal_text(SPOOFED_NAME, labels.NAME)
+                db.execute("UPDATE people SET name = ? WHERE id = ?", (name, person))
+                for message, sealed in db.execute(
+                    "SELECT id, sender FROM messages WHERE sender_key = ?", (key_id,)
+                ).fetchall():
+                    email, _name = json.loads(key.open(sealed, labels.SENDER))
+                    sender = key.seal(json.dumps([email, SPOOFED_NAME]).encode(), labels.SENDER)
+                    db.execute("UPDATE messages SET sender = ? WHERE id = ?", (sender, message))
     finally:
         db.close()
+        keys.close()
 
 
-async def stored_as_an_earlier_version_did(database: Path) -> None:
-    """Put the characters back into the stored rows, as a version before the cleaning kept them."""
-    await asyncio.to_thread(
-        edit_store,
-        database,
-        ("UPDATE tickets SET subject = ?", (SPOOFED_SUBJECT,)),
-        ("UPDATE messages SET subject = ?, from_name = ?", (SPOOFED_SUBJECT, SPOOFED_NAME)),
-        ("UPDATE requesters SET name = ?", (SPOOFED_NAME,)),
-        ("UPDATE attachments SET filename = ?", (SPOOFED_FILE,)),
-    )
+def plant_email(config: Config, email: str) -> None:
+    """Seal `email` into every person's row by hand (addresses are validated on the way in)."""
+    keys = open_keyring(config, create=False)
+    db = sqlite3.connect(config.storage.database)
+    try:
+        with db:
+            for person, key_id in db.execute("SELECT id, key_id FROM people").fetchall():
+                key = keys.key(key_id)
+                assert key is not None
+                sealed = key.seal_text(email, labels.EMAIL)
+                db.execute("UPDATE people SET email = ? WHERE id = ?", (sealed, person))
+    finally:
+        db.close()
+        keys.close()
+
+
+async def stored_as_an_earlier_version_did(config: Config) -> None:
+    await asyncio.to_thread(plant, config)
 
 
 def read_mails(folder: Path) -> list[EmailMessage]:
@@ -202,7 +237,7 @@ async def test_stored_bidi_controls_never_reach_the_cli_or_the_customers_mail(
     await daemon.send(spoofing_mail())
     outbox = daemon.config.outbound.directory
     await outbox_files(outbox, 2)  # verification and acknowledgement
-    await stored_as_an_earlier_version_did(daemon.config.storage.database)
+    await stored_as_an_earlier_version_did(daemon.config)
 
     output = await cli_output(daemon)
     assert_visible(output)
@@ -230,11 +265,7 @@ async def test_verification_page_shows_no_bidi_controls(daemon: Running) -> None
     mails = await outbox_files(daemon.config.outbound.directory, 2)
     links = [re.search(r"/verify/[A-Za-z0-9_-]+", shown(m)) for m in mails]
     [link] = [found.group(0) for found in links if found]
-    await asyncio.to_thread(
-        edit_store,
-        daemon.config.storage.database,
-        ("UPDATE requesters SET email = ?", ("ann\u202egro.elpmaxe@example.org",)),
-    )
+    await asyncio.to_thread(plant_email, daemon.config, "ann\u202egro.elpmaxe@example.org")
     page = await fetch(daemon, link)
     assert_visible(page)
     assert "anngro.elpmaxe@example.org" in page

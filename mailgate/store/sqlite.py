@@ -207,6 +207,19 @@ class _Writer:
 
 
 def _envelope_json(env: Envelope) -> bytes:
+    """The envelope as UTF-8 JSON.
+
+    Raises:
+        StoreError: a value is not text that UTF-8 can hold (a lone surrogate): that message
+            alone is refused (intake commits the rest of its batch without it).
+    """
+    try:
+        return _envelope_text(env).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StoreError(f"envelope not storable: {exc.reason}") from None
+
+
+def _envelope_text(env: Envelope) -> str:
     return json.dumps(
         {
             "mail_from": env.mail_from,
@@ -215,8 +228,9 @@ def _envelope_json(env: Envelope) -> bytes:
             "helo": env.helo,
             "smtputf8": env.smtputf8,
             "forwarded": dataclasses.asdict(env.forwarded) if env.forwarded else None,
-        }
-    ).encode()
+        },
+        ensure_ascii=False,
+    )
 
 
 def _envelope(data: bytes) -> Envelope:
