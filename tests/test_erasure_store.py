@@ -8,7 +8,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mailgate.model import Address, Envelope, ParsedMail, StoredAttachment
+from mailgate.model import Address, Envelope, OutboxItem, ParsedMail, StoredAttachment
 from mailgate.privacy.erasure import erase, resume
 from mailgate.privacy.keyring import Keyring
 from mailgate.store import IngestTx, open_store
@@ -51,7 +51,7 @@ async def _populate(data: Path, keys: Keyring) -> tuple[int, int]:
     )
     now = datetime.now(UTC)
     async with open_store(data / "db.sqlite", keys) as store:
-        await store.receive([("Q1", envelope, raw)])
+        await store.receive([("Q1", envelope, raw), ("Q2", envelope, raw)])
 
         def work(tx: IngestTx) -> tuple[int, int]:
             mine = tx.create_ticket(SUBJECT, Address(EMAIL, NAME), at=now)
@@ -62,9 +62,17 @@ async def _populate(data: Path, keys: Keyring) -> tuple[int, int]:
             theirs = tx.create_ticket("Keeper's ticket", Address(OTHER, "Keeper"), at=now)
             tx.add_participants(theirs, [EMAIL])
             tx.add_message(
-                theirs, _mail(Address(EMAIL, NAME), "Zoë chimes in", "m2@x"), inbound_id=None,
+                theirs, _mail(Address(EMAIL, NAME), "Zoë chimes in", "m2@x"), inbound_id="Q2",
                 reason="references", attachments=(), at=now,
             )  # fmt: skip
+            tx.enqueue(
+                OutboxItem(
+                    kind="agent_reply", ticket_id=theirs, to=Address(OTHER, "Keeper"),
+                    message_id="r1@x", automatic=False, context={"body": "ok"}, cc=(EMAIL,),
+                ),
+                at=now,
+            )  # fmt: skip
+            tx.finish_inbound("Q2", "ingested", reason=None, at=now)
             tx.finish_inbound("Q1", "ingested", reason=None, at=now)
             return mine, theirs
 
@@ -94,6 +102,9 @@ async def test_erasure_removes_rows_key_and_files_and_leaves_others(tmp_path: Pa
         assert kept is not None and kept.requester.email == OTHER
         assert [m.sender.email for m in kept.messages] == [ERASED]
         assert kept.messages[0].body_text == "Zoë chimes in"  # the keeper's record stays
+        assert await store.read_raw("Q2") is None  # but not the raw mail Zoë sent
+        [outgoing] = await store.list_outbox()
+        assert (outgoing.item.to.email, outgoing.item.cc) == (OTHER, (ERASED,))
         assert await erase(store, EMAIL, data / "attachments") is None
     assert not any((data / "attachments").rglob("*.*")) and not [
         p for p in (data / "attachments").rglob("*") if p.is_file()

@@ -1078,7 +1078,7 @@ class SqliteStore:
         """Delete every row of the person (their key must be destroyed already), then
         truncate the WAL so that no copy of the deleted pages stays in it."""
         deleted = await self._writer.transaction(
-            lambda db: delete_person(db, person.id, person.key_id)
+            lambda db: delete_person(db, self.keys, person.id, person.key_id)
         )
         await self._writer.checkpoint()
         return deleted

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from mailgate.privacy.keyring import Keyring
+from mailgate.store.labels import ERASED, OUTBOX
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +49,14 @@ def _count(db: sqlite3.Connection, sql: str, params: dict[str, object]) -> int:
     return int(db.execute(sql, params).fetchone()[0])
 
 
-def delete_person(db: sqlite3.Connection, person_id: int, key_id: str) -> Deleted:
+def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id: str) -> Deleted:
     """Delete the person's tickets (with their messages, attachments, outbox rows, raw
-    messages), blobs, tokens, participations and row; inside a transaction."""
+    messages), blobs, tokens, participations and row; inside a transaction.
+
+    On other people's tickets, what they wrote stays (it is the other requester's record)
+    but not who they were: the sender is sealed under their destroyed key, the raw message
+    they sent is removed, and their address leaves the Cc lists of outgoing mail.
+    """
     p = {"p": person_id, "k": key_id}
     counted = Deleted(
         tickets=_count(db, "SELECT count(*) FROM tickets WHERE requester_id = :p", p),
@@ -94,6 +100,12 @@ def delete_person(db: sqlite3.Connection, person_id: int, key_id: str) -> Delete
         row[0]
         for row in db.execute("DELETE FROM blobs WHERE owner_id = ? RETURNING name", (person_id,))
     )
+    db.execute(
+        "UPDATE inbound SET raw = NULL WHERE id IN "
+        "(SELECT inbound_id FROM messages WHERE sender_id = :p)",
+        p,
+    )
+    _scrub_cc(db, keys, person_id)
     # Their messages on other tickets keep no link to them (sender_id SET NULL); their name
     # and address there are sealed under the key that is gone.
     db.execute("DELETE FROM people WHERE id = ?", (person_id,))
@@ -110,6 +122,32 @@ def delete_person(db: sqlite3.Connection, person_id: int, key_id: str) -> Delete
     )
 
 
+def _scrub_cc(db: sqlite3.Connection, keys: Keyring, person_id: int) -> None:
+    """Replace the person's address in the Cc of other tickets' outgoing mail (found by blind
+    index: their own key may be gone already)."""
+    blind = db.execute("SELECT blind FROM people WHERE id = ?", (person_id,)).fetchone()
+    if blind is None:
+        return
+    rows = db.execute(
+        "SELECT o.id, o.mail, p.key_id FROM outbox o JOIN tickets t ON t.id = o.ticket_id "
+        "JOIN people p ON p.id = t.requester_id WHERE o.ticket_id IN "
+        "(SELECT ticket_id FROM participants WHERE person_id = ?)",
+        (person_id,),
+    ).fetchall()
+    for outbox_id, sealed, owner_key in rows:
+        owner = keys.key(owner_key)
+        if owner is None:
+            continue
+        mail = json.loads(owner.open(bytes(sealed), OUTBOX))
+        cc = [ERASED if keys.blind(a) == bytes(blind[0]) else a for a in mail["cc"]]
+        if cc != mail["cc"]:
+            mail["cc"] = cc
+            db.execute(
+                "UPDATE outbox SET mail = ? WHERE id = ?",
+                (owner.seal(json.dumps(mail).encode(), OUTBOX), outbox_id),
+            )
+
+
 def reconcile(db: sqlite3.Connection, keys: Keyring) -> int:
     """Make the database and the key store agree on who was erased; return how many people
     this deleted (an erasure that a restored copy of the database had not seen)."""
@@ -122,7 +160,7 @@ def reconcile(db: sqlite3.Connection, keys: Keyring) -> int:
         try:
             for person_id, key_id in db.execute("SELECT id, key_id FROM people").fetchall():
                 if key_id in destroyed:
-                    delete_person(db, person_id, key_id)
+                    delete_person(db, keys, person_id, key_id)
                     deleted += 1
             db.execute(
                 "INSERT OR IGNORE INTO erasures (key_id, at) SELECT value, ? FROM json_each(?)",
