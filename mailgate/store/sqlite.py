@@ -46,7 +46,7 @@ from mailgate.model import (
     TicketStatus,
 )
 from mailgate.spool import Spooled
-from mailgate.store.base import IngestTx, TokenOutcome
+from mailgate.store.base import IngestTx, TokenOutcome, TokenState
 from mailgate.store.sqlite_raw import RawReader, insert_spooled
 
 T = TypeVar("T")
@@ -748,6 +748,9 @@ class SqliteStore:
     async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
         return await self._writer.transaction(lambda db: _redeem(db, token_hash))
 
+    async def peek_token(self, token_hash: str) -> TokenState:
+        return await _peek(self._reader, token_hash)
+
     async def claim_outbox(self, *, limit: int) -> list[OutboxRow]:
         rows = await self._writer.transaction(
             lambda db: db.execute(_CLAIM, (_now(), limit)).fetchall()
@@ -867,6 +870,29 @@ def _redeem(db: sqlite3.Connection, token_hash: str) -> tuple[TokenOutcome, str 
         (now, row["requester_id"]),
     )
     return "verified", str(row["email"])
+
+
+async def _peek(db: aiosqlite.Connection, token_hash: str) -> TokenState:
+    """What `_redeem` would find, in the same order, on the reader: nothing is written."""
+    try:
+        async with db.execute(
+            "SELECT v.used_at, v.revoked_at, v.expires_at "
+            "FROM verification_tokens v JOIN requesters r ON r.id = v.requester_id "
+            "WHERE v.token_hash = ?",
+            (token_hash,),
+        ) as cursor:
+            row = await cursor.fetchone()
+    except sqlite3.OperationalError as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    except sqlite3.Error as exc:
+        raise StoreError(str(exc)) from exc
+    if row is None:
+        return "unknown"
+    if row["used_at"] is not None:
+        return "used"
+    if row["revoked_at"] is not None:
+        return "revoked"
+    return "expired" if row["expires_at"] <= _now() else "live"
 
 
 def _ticket(row: aiosqlite.Row, messages: tuple[Message, ...] = ()) -> Ticket:
