@@ -85,7 +85,7 @@ class Page(Protocol):
     """Render `templates/page/{name}` with the security headers (`web._page`)."""
 
     def __call__(
-        self, request: web.Request, name: str, status: int, **variables: Any
+        self, request: web.Request, name: str, status: int, /, **variables: Any
     ) -> web.Response: ...
 
 
@@ -121,11 +121,12 @@ def _origin(url: str) -> _Origin | None:
 
 
 class _Refused(MailgateError):
-    """A POST refused before its token is looked at: (status, reason for the page and log)."""
+    """A POST refused before its token is used: the status, the page's reason, and (for the
+    log) why, when the page's reason does not say it."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, why: str | None = None) -> None:
         super().__init__(status, reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.why = status, reason, why or reason
 
 
 class ConfirmationRoute:
@@ -193,12 +194,14 @@ class ConfirmationRoute:
         hashed = token_hash(token)
         try:
             if self._cross_site(request):
-                raise _Refused(403, "forbidden")
+                raise _Refused(403, "forbidden", "cross_site")
             given = await _csrf_field(request)
-            if given is None or not self._csrf.check(self.purpose, hashed, given):
-                raise _Refused(403, "forbidden")
+            if given is None:
+                raise _Refused(403, "forbidden", "no_csrf")
+            if not self._csrf.check(self.purpose, hashed, given):
+                raise _Refused(403, "forbidden", "wrong_csrf")
         except _Refused as refused:
-            log.info("confirmation_refused", purpose=self.purpose, reason=refused.reason)
+            log.info("confirmation_refused", purpose=self.purpose, reason=refused.why)
             return self._page(
                 request,
                 "not_confirmed.html",

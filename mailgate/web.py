@@ -88,7 +88,7 @@ async def _privacy_not_configured(request: web.Request) -> web.Response:
     return _page(request, "token_invalid.html", 404, purpose="privacy", reason="unknown")
 
 
-def _page(request: web.Request, name: str, status: int, **variables: Any) -> web.Response:
+def _page(request: web.Request, name: str, status: int, /, **variables: Any) -> web.Response:
     # Autoescaping keeps markup out; `clean_line` keeps out what escaping lets through: bidi
     # overrides and zero-width characters in stored values (every page variable is one line).
     shown = {k: clean_line(v) if isinstance(v, str) else v for k, v in variables.items()}

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import pytest
+import structlog
 from aiohttp import test_utils
 
 from mailgate.config import Config
@@ -56,7 +57,9 @@ class RequestBook:
             return state
         self.live.discard(hashed)
         self.done.append(hashed)
-        return Confirmed("privacy_done.html", {"kind": self.shown})
+        # Any names: `name`, `status`, `request` are template variables like the others.
+        variables = {"kind": self.shown, "name": "Ann", "status": "done", "request": "r"}
+        return Confirmed("privacy_done.html", variables)
 
 
 @dataclass
@@ -73,7 +76,9 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     """The app on aiohttp's test server (loopback, a free port), a real store behind it."""
     templates = tmp_path / "templates"
     shutil.copytree(REPO / "templates", templates)
-    (templates / "page" / "privacy_done.html").write_text("<p>Done: {{ kind }}</p>\n")
+    (templates / "page" / "privacy_done.html").write_text(
+        "<p>Done: {{ kind }} ({{ name }}, {{ status }}, {{ request }})</p>\n"
+    )
     book = RequestBook()
     hooks = ConfirmHooks(peek=book.peek, redeem=book.redeem)
     async with open_store(tmp_path / "db.sqlite") as store:
@@ -94,7 +99,7 @@ async def test_the_get_shows_a_button_and_only_its_post_confirms(site: Site) -> 
     assert site.book.done == []
 
     done = await browser.press_button(link, shown.page)
-    assert (done.status, done.page) == (200, "<p>Done: erase</p>")
+    assert (done.status, done.page) == (200, "<p>Done: erase (Ann, done, r)</p>")
     assert site.book.done == [token_hash("T" * 43)]
 
     gone = await browser.fetch(link)
@@ -124,15 +129,25 @@ async def test_a_post_without_the_pages_value_confirms_nothing(site: Site) -> No
         f"csrf={right}&csrf={right}".encode(),
         {"csrf": "\u00e9" * 64},
     ]
-    for form in forms:
-        headers = dict(browser.SAME_ORIGIN)
-        if isinstance(form, bytes):
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-        refused = await browser.fetch(link, method="POST", data=form, headers=headers)
-        assert refused.status == 403, form
-        assert "Nothing was confirmed" in refused.page
+    with structlog.testing.capture_logs() as logs:
+        for form in forms:
+            headers = dict(browser.SAME_ORIGIN)
+            if isinstance(form, bytes):
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
+            refused = await browser.fetch(link, method="POST", data=form, headers=headers)
+            assert refused.status == 403, form
+            assert "Nothing was confirmed" in refused.page
     assert site.book.done == []
     assert (await browser.confirm(link)).status == 200
+    # The log says why, and holds neither the token nor a CSRF value.
+    assert [e["reason"] for e in logs if e["event"] == "confirmation_refused"] == [
+        "no_csrf",
+        "no_csrf",
+        *["wrong_csrf"] * 4,
+        "no_csrf",
+        "wrong_csrf",
+    ]
+    assert token not in repr(logs) and right not in repr(logs)
 
 
 async def test_a_cross_site_post_is_refused_even_with_the_right_value(site: Site) -> None:
