@@ -873,12 +873,11 @@ def _redeem(db: sqlite3.Connection, token_hash: str) -> tuple[TokenOutcome, str 
 
 
 async def _peek(db: aiosqlite.Connection, token_hash: str) -> TokenState:
-    """What `_redeem` would find, in the same order, on the reader: nothing is written."""
+    """What `_redeem` would find, in the same order, on the reader: nothing is written. No
+    join: a token's requester always exists (ON DELETE CASCADE, foreign keys on)."""
     try:
         async with db.execute(
-            "SELECT v.used_at, v.revoked_at, v.expires_at "
-            "FROM verification_tokens v JOIN requesters r ON r.id = v.requester_id "
-            "WHERE v.token_hash = ?",
+            "SELECT used_at, revoked_at, expires_at FROM verification_tokens WHERE token_hash = ?",
             (token_hash,),
         ) as cursor:
             row = await cursor.fetchone()
