@@ -95,10 +95,19 @@ def shaped_like_ours(text: str, *, limit: int = 100) -> list[str]:
     return found
 
 
-def message_ids(config: Config) -> MessageIds:
-    """The Message-ID minter with the secret from the state directory (made at first start)."""
+def daemon_secret(config: Config) -> bytes:
+    """The secret of `outbound.secret_file` (made at first start): it keys the Message-IDs'
+    HMACs and, through a key derived from it, the confirmation forms' (`confirm.CsrfKey`).
+
+    Raises:
+        ConfigError: the file cannot be read or made, or holds no usable key.
+    """
     try:
-        secret = load_secret(config.outbound.secret_file)
+        return load_secret(config.outbound.secret_file)
     except ValueError as exc:
         raise ConfigError(f"outbound.secret_file: {exc}") from None
-    return MessageIds(secret, config.smtp.hostname)
+
+
+def message_ids(config: Config) -> MessageIds:
+    """The Message-ID minter with the secret from the state directory (made at first start)."""
+    return MessageIds(daemon_secret(config), config.smtp.hostname)

@@ -20,7 +20,7 @@ from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
 from mailgate.model import HostPort
-from mailgate.msgid import message_ids
+from mailgate.msgid import MessageIds, daemon_secret
 from mailgate.outbound.compose import Composer
 from mailgate.outbound.outbox import OutboundWorker, stop_seconds
 from mailgate.outbound.templates import Templates
@@ -82,7 +82,8 @@ async def serve(
     """Run the daemon until `shutdown()` returns."""
     templates = Templates(config.outbound.templates)
     templates.check()  # a broken template stops the start (exit 78), naming file and line
-    msgids = message_ids(config)
+    secret = daemon_secret(config)
+    msgids = MessageIds(secret, config.smtp.hostname)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(store_for(config))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,8 @@ async def serve(
         )
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 
-        web_server = await start_web(config.http, build_app(store, templates))
+        app = build_app(store, templates, secret=secret, base_url=config.http.base_url)
+        web_server = await start_web(config.http, app)
         stack.push_async_callback(web_server.close)
         http_address = web_server.address
 

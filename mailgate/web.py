@@ -1,6 +1,9 @@
-"""The small HTTP surface (aiohttp): verification links and a health check.
+"""The small HTTP surface (aiohttp): confirmation links and a health check.
 
-Pages come from `templates/page/` (autoescaped). Every response is uncacheable and sends no
+`/verify/{token}` (a requester's address) and `/privacy/confirm/{token}` (a privacy request,
+when the app is given its hooks) are confirmation routes (`confirm.py`): the GET shows a
+button and uses nothing, the POST it sends confirms. Pages come from `templates/page/`
+(autoescaped). Every response is uncacheable and sends no
 Referer onwards, since the path holds a token; tokens are never logged. The listener limits
 what clients can hold: `http.max_connections` at once, `header_timeout` to send a request's
 headers, `keepalive_timeout` idle, so HTTP cannot use up the descriptors SMTP needs.
@@ -19,62 +22,79 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from mailgate.config import HttpConfig
-from mailgate.errors import StoreError
+from mailgate.confirm import ConfirmationRoute, Confirmed, ConfirmHooks, CsrfKey, Outcome
 from mailgate.model import HostPort
 from mailgate.outbound.templates import Templates
-from mailgate.privacy.tokens import token_hash
 from mailgate.store import Store
 from mailgate.text import clean_line
 
 log = structlog.get_logger(__name__)
 
-MAX_TOKEN_LENGTH = 128
 HTTP_STOP_SECONDS = 5.0  # a stop waits this long for requests under way
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",
+    # Forms post back to us only; no other site may frame a page with a button.
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+    ),
 }
-_STORE_KEY = web.AppKey("store", Store)
 _TEMPLATES_KEY = web.AppKey("templates", Templates)
 
 
-def build_app(store: Store, templates: Templates) -> web.Application:
+def build_app(
+    store: Store,
+    templates: Templates,
+    *,
+    secret: bytes,
+    base_url: str,
+    privacy_confirm: ConfirmHooks | None = None,
+) -> web.Application:
+    """The routes; `secret` keys the confirmation forms' CSRF values, `base_url` (the public
+    `http.base_url`) names our origin. Without `privacy_confirm`, `/privacy/confirm/{token}`
+    knows no token (404)."""
     app = web.Application(middlewares=[_headers_received])
-    app[_STORE_KEY] = store
     app[_TEMPLATES_KEY] = templates
-    # No HEAD: link checkers send it, and it must not use up the token.
-    app.router.add_get("/verify/{token}", verify, allow_head=False)
+    csrf = CsrfKey(secret)
+    verification = ConfirmationRoute(
+        "verification", _verification(store), csrf=csrf, base_url=base_url, page=_page
+    )
+    app.router.add_routes(verification.routes("/verify/{token}"))
+    if privacy_confirm is None:
+        app.router.add_route("*", "/privacy/confirm/{token}", _privacy_not_configured)
+    else:
+        privacy = ConfirmationRoute(
+            "privacy", privacy_confirm, csrf=csrf, base_url=base_url, page=_page
+        )
+        app.router.add_routes(privacy.routes("/privacy/confirm/{token}"))
     app.router.add_get("/healthz", healthz)
     return app
 
 
-def _page(request: web.Request, name: str, status: int, **variables: Any) -> web.Response:
+def _verification(store: Store) -> ConfirmHooks:
+    """A live token verifies its requester once; anything else changes nothing."""
+
+    async def redeem(hashed: str) -> Outcome:
+        outcome, email = await store.redeem_token(hashed)
+        if outcome == "verified":
+            return Confirmed("verified.html", {"email": email or ""})
+        return outcome
+
+    return ConfirmHooks(peek=store.peek_token, redeem=redeem)
+
+
+async def _privacy_not_configured(request: web.Request) -> web.Response:
+    return _page(request, "token_invalid.html", 404, purpose="privacy", reason="unknown")
+
+
+def _page(request: web.Request, name: str, status: int, /, **variables: Any) -> web.Response:
     # Autoescaping keeps markup out; `clean_line` keeps out what escaping lets through: bidi
     # overrides and zero-width characters in stored values (every page variable is one line).
     shown = {k: clean_line(v) if isinstance(v, str) else v for k, v in variables.items()}
     body = request.app[_TEMPLATES_KEY].page(name, shown)
     return web.Response(
         text=body, status=status, content_type="text/html", headers=_SECURITY_HEADERS
-    )
-
-
-async def verify(request: web.Request) -> web.Response:
-    """A valid token verifies its requester once; anything else changes nothing."""
-    token = request.match_info["token"]
-    if len(token) > MAX_TOKEN_LENGTH:
-        return _page(request, "token_invalid.html", 404, reason="unknown")
-    try:
-        outcome, email = await request.app[_STORE_KEY].redeem_token(token_hash(token))
-    except StoreError as exc:
-        log.error("verification_store_failed", error=str(exc))
-        return _page(request, "token_invalid.html", 503, reason="unavailable")
-    log.info("verification_link", outcome=outcome)
-    if outcome == "verified":
-        return _page(request, "verified.html", 200, email=email)
-    return _page(
-        request, "token_invalid.html", 404 if outcome == "unknown" else 410, reason=outcome
     )
 
 

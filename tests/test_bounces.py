@@ -35,7 +35,7 @@ from tests.test_loop_protection import (
     to,
     undeliverable,
 )
-from tests.test_outbound import get, link_path
+from tests.test_outbound import confirm, get, link_path
 
 
 def verification(relay: Relay, ticket_id: int) -> Received:
@@ -115,8 +115,9 @@ async def test_a_delayed_dsn_with_only_the_headers_leaves_the_link_working(
         await send_null_sender(running, bounce)
         await running.settle()
         await bounce_note(running, ticket.id)
-        status, page = await get(running, link_path(sent))
+        status, page = await confirm(running, link_path(sent))
     assert status == 200, page
+    assert CUSTOMER in page  # verified
 
 
 def base64_body(received: Received) -> bytes:

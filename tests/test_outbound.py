@@ -10,10 +10,10 @@ import re
 import shutil
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from mailgate.config import Config, load_config
+from tests import browser
 from tests.conftest import (
     REPO,
     Received,
@@ -37,11 +37,20 @@ def link_path(received: Received) -> str:
     return match.group(1)
 
 
+def url(running: Running, path: str) -> str:
+    return f"http://{running.http.host}:{running.http.port}{path}"
+
+
 async def get(running: Running, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session:
-        url = f"http://{running.http.host}:{running.http.port}{path}"
-        async with session.get(url) as response:
-            return response.status, await response.text()
+    """Open a link: shows its page, uses nothing."""
+    answer = await browser.fetch(url(running, path))
+    return answer.status, answer.page
+
+
+async def confirm(running: Running, path: str) -> tuple[int, str]:
+    """Open a link and press its button (the GET's answer if it shows none)."""
+    answer = await browser.confirm(url(running, path))
+    return answer.status, answer.page
 
 
 def verified(running: Running, email: str) -> bool:
@@ -96,22 +105,32 @@ async def test_automatic_mails_quote_nothing_the_sender_wrote(
 
 
 async def test_verification_link_works_once(relay: Relay, relay_config: Config) -> None:
-    """200 and verified; the same link again is 410; the mail no longer holds the token."""
+    """The link's page asks for a click; the click verifies (200), once: the same link is
+    410 afterwards, to a GET and to the form posted again. The mail no longer holds the
+    token, and the HTML part carries the same link as the text."""
     async with daemon_running(relay_config) as running:
         await running.send(mail(sender="ann@example.org"))
         await relay.wait_for(2)
         [verification] = [r for r in relay.received if VERIFY_SUBJECT in r.message["Subject"]]
         path = link_path(verification)
         assert len(path.rsplit("/", 1)[1]) >= 43  # 32 random bytes, URL-safe base64
+        html = verification.message.get_body(("html",))
+        assert html is not None and f'href="http://127.0.0.1:8080{path}"' in html.get_content()
 
         status, page = await get(running, path)
         assert status == 200
-        assert "ann@example.org" in page
+        assert not verified(running, "ann@example.org")  # the GET used nothing
+        done = await browser.press_button(url(running, path), page)
+        assert done.status == 200
+        assert "ann@example.org" in done.page
         assert verified(running, "ann@example.org")
 
-        status, page = await get(running, path)
+        status, again = await get(running, path)
         assert status == 410
-        assert "already been used" in page
+        assert "already been used" in again
+        posted_again = await browser.press_button(url(running, path), page)
+        assert posted_again.status == 410
+        assert "already been used" in posted_again.page
 
         token = path.rsplit("/", 1)[1]
         database = running.config.storage.database.read_bytes()
@@ -127,6 +146,13 @@ async def test_forged_token_changes_nothing(relay: Relay, relay_config: Config) 
         assert "do not know this confirmation link" in page
         status, _ = await get(running, "/verify/" + "A" * 500)
         assert status == 404
+        forged = await browser.fetch(
+            url(running, "/verify/" + "A" * 43),
+            method="POST",
+            data={"csrf": "0" * 64},
+            headers=browser.SAME_ORIGIN,
+        )
+        assert forged.status == 403
         assert not verified(running, "ann@example.org")
 
 
@@ -150,7 +176,7 @@ async def test_expired_token_changes_nothing_and_a_new_one_follows(
         await relay.wait_for(3)
         second = relay.received[2]
         assert VERIFY_SUBJECT in second.message["Subject"]
-        status, _ = await get(running, link_path(second))
+        status, _ = await confirm(running, link_path(second))
         assert status == 200
         assert verified(running, "ann@example.org")
 
@@ -307,20 +333,27 @@ def test_check_config_reports_template_errors(
 
 
 async def test_head_and_health(relay: Relay, relay_config: Config) -> None:
-    """A link checker's HEAD does not use up the token; /healthz answers."""
+    """A link checker's HEAD is answered as the GET, without its page, and uses nothing;
+    /healthz answers; the privacy confirmation route, not configured, knows no token."""
     async with daemon_running(relay_config) as running:
         await running.send(mail(sender="ann@example.org"))
         await relay.wait_for(2)
         [verification] = [r for r in relay.received if VERIFY_SUBJECT in r.message["Subject"]]
-        url = f"http://{running.http.host}:{running.http.port}"
-        async with aiohttp.ClientSession() as session:
-            async with session.head(url + link_path(verification)) as response:
-                assert response.status == 405
-            async with session.get(url + "/healthz") as response:
-                assert response.status == 200
+        link = url(running, link_path(verification))
+        head = await browser.fetch(link, method="HEAD")
+        assert (head.status, head.page) == (200, "")
+        unknown = await browser.fetch(url(running, "/verify/" + "A" * 43), method="HEAD")
+        assert (unknown.status, unknown.page) == (404, "")
+        health = await browser.fetch(url(running, "/healthz"))
+        assert health.status == 200
+        for method in ("GET", "POST"):
+            privacy = await browser.fetch(url(running, "/privacy/confirm/x"), method=method)
+            assert privacy.status == 404
+            assert "do not know this confirmation link" in privacy.page
         assert not verified(running, "ann@example.org")
-        status, _ = await get(running, link_path(verification))
+        status, _ = await confirm(running, link_path(verification))
         assert status == 200
+        assert verified(running, "ann@example.org")
 
 
 async def test_acknowledgement_can_be_switched_off(relay: Relay, tmp_path: Path) -> None:

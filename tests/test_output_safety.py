@@ -13,10 +13,9 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
 
-import aiohttp
-
 from mailgate.config import Config, load_config
 from mailgate.store import labels, open_keyring
+from tests import browser
 from tests.conftest import Relay, Running, daemon_running, mail, write_config
 
 SCRIPT = "<script>alert(1)</script>"
@@ -89,11 +88,10 @@ async def test_verification_page_escapes_the_address(relay: Relay, relay_config:
 
 
 async def fetch(running: Running, path: str) -> str:
-    async with aiohttp.ClientSession() as session:
-        url = f"http://{running.http.host}:{running.http.port}{path}"
-        async with session.get(url) as response:
-            assert response.status == 200
-            return await response.text()
+    """The page a click on the link's button shows: the address, verified."""
+    answer = await browser.confirm(f"http://{running.http.host}:{running.http.port}{path}")
+    assert answer.status == 200, answer.page
+    return answer.page
 
 
 # -- bidi controls and invisible characters ----------------------------------------------------

@@ -190,3 +190,33 @@ async def test_listing_rows_reads_no_raw_message(tmp_path: Path) -> None:
     assert picked == []
     assert head == raws[1][:65536]
     assert peak < 1024 * 1024
+
+
+async def test_peeking_at_a_token_tells_its_state_and_uses_nothing(tmp_path: Path) -> None:
+    """`peek_token` answers what `redeem_token` would find, in the same order (used before
+    revoked before expired), and changes nothing: a live token stays live until redeemed."""
+    now = datetime.now(UTC)
+    later, earlier = now + timedelta(days=1), now - timedelta(seconds=1)
+
+    def work(tx: IngestTx) -> None:
+        for email in ("live@example.org", "gone@example.org", "old@example.org"):
+            tx.create_ticket("s", Address(email), at=now)
+        tx.issue_token("live@example.org", "live", at=now, expires_at=later)
+        tx.issue_token("gone@example.org", "revoked", at=now, expires_at=later)
+        tx.issue_token("old@example.org", "expired", at=now, expires_at=earlier)
+        tx.revoke_tokens(hashes=["revoked"], at=now)
+
+    async with open_test_store(tmp_path / "db.sqlite") as store:
+        await store.ingest(work)
+        states = {h: await store.peek_token(h) for h in ("live", "revoked", "expired", "none")}
+        assert states == {
+            "live": "live",
+            "revoked": "revoked",
+            "expired": "expired",
+            "none": "unknown",
+        }
+        assert await store.peek_token("live") == "live"  # looking twice used nothing
+        requester = await store.get_requester("live@example.org")
+        assert requester is not None and not requester.verified
+        assert await store.redeem_token("live") == ("verified", "live@example.org")
+        assert await store.peek_token("live") == "used"

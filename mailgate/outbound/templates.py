@@ -20,7 +20,7 @@ from mailgate.errors import ConfigError
 
 MAIL_KINDS = ("verification", "ticket_created", "agent_reply")
 MAIL_PARTS = ("subject.txt", "txt", "html")
-PAGES = ("verified.html", "token_invalid.html")
+PAGES = ("confirm.html", "verified.html", "token_invalid.html", "not_confirmed.html")
 
 _COMMON = {"ticket_id": 42, "tag": "[#42]"}
 SAMPLES: Mapping[str, Mapping[str, Any]] = {
@@ -39,8 +39,10 @@ SAMPLES: Mapping[str, Mapping[str, Any]] = {
         "agent_name": None,
         "agent_email": None,
     },
+    "confirm.html": {"purpose": "verification", "action": "./SAMPLE", "csrf": "0" * 64},
     "verified.html": {"email": "customer@example.org"},
-    "token_invalid.html": {"reason": "used"},
+    "token_invalid.html": {"purpose": "verification", "reason": "used"},
+    "not_confirmed.html": {"purpose": "verification", "reason": "forbidden"},
 }
 
 

@@ -35,6 +35,8 @@ from mailgate.privacy.keyring import Keyring
 from mailgate.spool import Spooled
 
 TokenOutcome = Literal["verified", "used", "expired", "revoked", "unknown"]
+# What a token is, seen without using it: "live" is one that `redeem_token` would verify with.
+TokenState = Literal["live", "used", "expired", "revoked", "unknown"]
 
 T = TypeVar("T")
 
@@ -241,6 +243,14 @@ class Store(Protocol):
 
     async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
         """Use a verification token once; return the outcome and the requester's email."""
+
+    async def peek_token(self, token_hash: str) -> TokenState:
+        """Tell a verification token's state, reading only: nothing is used or changed.
+
+        Raises:
+            StoreUnavailable: transient failure.
+            StoreError: any other failure of the database.
+        """
 
     async def claim_outbox(self, *, limit: int) -> list[OutboxRow]:
         """Move due 'queued' rows to 'sending', counting the attempt, and return them."""

@@ -49,7 +49,7 @@ from mailgate.model import (
 from mailgate.privacy.keyring import Keyring
 from mailgate.privacy.sealing import DataKey, seal_stream
 from mailgate.spool import Spooled
-from mailgate.store.base import IngestTx, TokenOutcome
+from mailgate.store.base import IngestTx, TokenOutcome, TokenState
 from mailgate.store.blobs import read_blob
 from mailgate.store.labels import (
     ATTACHMENT,
@@ -1002,6 +1002,9 @@ class SqliteStore:
     async def redeem_token(self, token_hash: str) -> tuple[TokenOutcome, str | None]:
         return await self._writer.transaction(lambda db: _redeem(db, self.keys, token_hash))
 
+    async def peek_token(self, token_hash: str) -> TokenState:
+        return await _peek(self._reader, token_hash)
+
     async def claim_outbox(self, *, limit: int) -> list[OutboxRow]:
         def claim(db: sqlite3.Connection) -> list[sqlite3.Row]:
             ids = [row[0] for row in db.execute(_CLAIM, (_now(), limit))]
@@ -1171,6 +1174,28 @@ def _redeem(
         (now, row["person_id"]),
     )
     return "verified", _Opener(keys).address(row).email
+
+
+async def _peek(db: aiosqlite.Connection, token_hash: str) -> TokenState:
+    """What `_redeem` would find, in the same order, on the reader: nothing is written. No
+    join: a token's requester always exists (ON DELETE CASCADE, foreign keys on)."""
+    try:
+        async with db.execute(
+            "SELECT used_at, revoked_at, expires_at FROM verification_tokens WHERE token_hash = ?",
+            (token_hash,),
+        ) as cursor:
+            row = await cursor.fetchone()
+    except sqlite3.OperationalError as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    except sqlite3.Error as exc:
+        raise StoreError(str(exc)) from exc
+    if row is None:
+        return "unknown"
+    if row["used_at"] is not None:
+        return "used"
+    if row["revoked_at"] is not None:
+        return "revoked"
+    return "expired" if row["expires_at"] <= _now() else "live"
 
 
 def _ticket(
