@@ -1,4 +1,5 @@
-# mailgate: `make run` starts the daemon, `make test` runs lint, types and the whole suite.
+# mailgate: `make run` starts the daemon, `make test` runs lint, types, the import layers and
+# the whole suite.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -19,6 +20,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check mailgate tests bench
 	$(BIN)/ruff format --check mailgate tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/pytest
@@ -31,4 +33,4 @@ bench-memory: $(STAMP)
 	$(BIN)/python bench/memory.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

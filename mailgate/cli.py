@@ -33,9 +33,9 @@ from mailgate.log import configure_logging
 from mailgate.model import Address, InboundRow, Message, OutboxRow, Requester, Ticket
 from mailgate.msgid import message_ids
 from mailgate.outbound.templates import Templates
-from mailgate.reactions import Reactions
 from mailgate.store import SqliteStore, store_for
 from mailgate.text import clean_body, clean_line, decode_header_text
+from mailgate.tickets import Tickets
 
 EX_STARTUP = 3
 # What of a raw message a listing reads for its Subject: the header, as far as it matters.
@@ -369,11 +369,11 @@ def _read_body(source: str) -> str:
 
 async def cmd_reply(config: Config, args: argparse.Namespace) -> int:
     body = _read_body(args.body_file)
-    reactions = Reactions(config, message_ids(config))
+    tickets = Tickets(config, message_ids(config))
     async with _existing_store(config) as store:
         await _ticket(store, args.id)
         outbox_id = await store.ingest(
-            lambda tx: reactions.agent_reply(tx, args.id, body, agent=None, at=datetime.now(UTC))
+            lambda tx: tickets.agent_reply(tx, args.id, body, agent=None, at=datetime.now(UTC))
         )
     print(f"ticket {args.id}: reply stored, mail queued as outbox {outbox_id}")
     return 0

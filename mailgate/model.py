@@ -12,6 +12,8 @@ InboundState = Literal["received", "ingested", "quarantined"]
 Author = Literal["customer", "agent", "system"]
 MailKind = Literal["verification", "ticket_created", "agent_reply"]
 OutboxState = Literal["queued", "sending", "sent", "failed"]
+# How far a message's sender is proven (`ingest/trust.py` decides, `tickets.py` acts on it).
+Trust = Literal["authenticated", "unauthenticated", "failed"]
 
 
 class HostPort(NamedTuple):

@@ -11,8 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -28,7 +28,7 @@ from mailgate.config import Config, load_config
 from mailgate.model import HostPort, StoredAttachment, Ticket
 from mailgate.privacy.keyring import Keyring
 from mailgate.service import serve
-from mailgate.store import SqliteStore, open_store, store_for
+from mailgate.store import SqliteStore, Store, open_store, store_for
 from tests.dns_stub import dkim_key_pair, shared_dns_stub
 
 SUPPORT = "support@example.com"
@@ -242,6 +242,31 @@ def cli_json(running: Running, *args: str) -> Any:
     result = running.cli(*args, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+# The store backends that the store contract suite (tests/test_store_contract.py) and the
+# ticket rules' tests (tests/test_tickets.py) run on: each opens a store whose data lives in
+# the folder it is given. This is the one place those tests open a store, so a backend is
+# added, or opening one changes (a keyring for encryption), here alone.
+StoreOpener = Callable[[], AbstractAsyncContextManager[Store]]
+
+
+def _sqlite_backend(folder: Path) -> AbstractAsyncContextManager[Store]:
+    return open_test_store(folder / "mailgate.db")
+
+
+STORE_BACKENDS: dict[str, Callable[[Path], AbstractAsyncContextManager[Store]]] = {
+    "sqlite": _sqlite_backend,
+}
+
+
+@pytest.fixture(params=sorted(STORE_BACKENDS))
+def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> StoreOpener:
+    """Open the backend under test: `async with open_backend() as store:`. Every call opens
+    the same data again, so a test can close the store and see what survived."""
+    backend = STORE_BACKENDS[request.param]
+    folder = tmp_path / request.param
+    return lambda: backend(folder)
 
 
 @pytest.fixture

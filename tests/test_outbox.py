@@ -32,9 +32,9 @@ from aiosmtpd.smtp import SMTP
 
 from mailgate.config import Config, load_config, parse_config
 from mailgate.msgid import message_ids as load_msgids
-from mailgate.reactions import Reactions
 from mailgate.service import stop_budget
 from mailgate.store import store_for
+from mailgate.tickets import Tickets
 from tests.conftest import (
     REPO,
     SUPPORT,
@@ -730,7 +730,7 @@ async def test_a_mail_that_cannot_be_composed_fails_with_the_reason(
     """A row whose data cannot make a mail (here an agent reply holding a lone surrogate,
     which no charset encodes) ends 'failed' with the reason at its first attempt, rather than
     stay 'sending' until a restart; the mail after it is delivered."""
-    reactions = Reactions(relay_config, load_msgids(relay_config))
+    tickets = Tickets(relay_config, load_msgids(relay_config))
     body = tmp_path / "reply.txt"
     body.write_text("Fine.\n", encoding="utf-8")
     async with daemon_running(relay_config) as running:
@@ -738,7 +738,7 @@ async def test_a_mail_that_cannot_be_composed_fails_with_the_reason(
         await relay.wait_for(2)
         async with store_for(relay_config) as store:
             await store.ingest(
-                lambda tx: reactions.relay_agent_reply(
+                lambda tx: tickets.relay_agent_reply(
                     tx, 1, "Broken \udcff text\n", agent=None, at=datetime.now(UTC)
                 )
             )

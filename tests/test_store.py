@@ -1,118 +1,21 @@
-"""The SQLite store on its own: what intake commits, ingest reads back, bounded in memory."""
+"""The SQLite backend's own: its migrations, and memory bounded when listing large rows.
+
+What every backend must do is the contract suite's (tests/test_store_contract.py).
+"""
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import tracemalloc
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mailgate.store
-from mailgate.model import Address, Envelope, ParsedMail
+from mailgate.model import Envelope
 from mailgate.store import IngestTx
 from tests.conftest import open_test_store
 
 ENVELOPE = Envelope("a@example.org", ("support@example.com",), "127.0.0.1:1", "client")
-
-
-async def test_backlog_is_read_in_batches_bounded_by_bytes(tmp_path: Path) -> None:
-    async with open_test_store(tmp_path / "db.sqlite") as store:
-        await store.receive([(f"Q{n}", ENVELOPE, bytes(1000)) for n in range(10)])
-        assert [r.id for r in await store.pending_inbound(limit=4)] == ["Q0", "Q1", "Q2", "Q3"]
-        assert len(await store.pending_inbound(limit=10, max_bytes=2500)) == 3
-        # One message larger than the bound still comes, alone: it must be ingested too.
-        assert [r.id for r in await store.pending_inbound(limit=10, max_bytes=10)] == ["Q0"]
-
-
-async def test_received_rows_survive_reopening(tmp_path: Path) -> None:
-    raw = b"From: a@example.org\r\n\r\nbody\r\n"
-    async with open_test_store(tmp_path / "db.sqlite") as store:
-        await store.receive([("Q1", ENVELOPE, raw)])
-    async with open_test_store(tmp_path / "db.sqlite") as store:
-        [row] = await store.pending_inbound(limit=10)
-        stored = await store.read_raw("Q1")
-    assert (row.id, row.size, row.envelope, row.state) == ("Q1", len(raw), ENVELOPE, "received")
-    assert stored == raw
-
-
-async def test_deferred_and_excluded_rows_are_not_pending(tmp_path: Path) -> None:
-    """A row whose sender checks wait on DNS is skipped until its retry time, and stays
-    'received'; rows already under way (`exclude`) are not handed out twice."""
-    async with open_test_store(tmp_path / "db.sqlite") as store:
-        await store.receive([(f"Q{n}", ENVELOPE, b"x") for n in range(3)])
-        later = datetime.now(UTC) + timedelta(hours=1)
-        await store.ingest(lambda tx: tx.defer_inbound("Q0", retry_at=later))
-        assert [r.id for r in await store.pending_inbound(limit=10)] == ["Q1", "Q2"]
-        assert [r.id for r in await store.pending_inbound(limit=10, exclude=["Q1"])] == ["Q2"]
-        [deferred] = [r for r in await store.list_inbound("received") if r.id == "Q0"]
-        assert deferred.attempts == 1
-        now = datetime.now(UTC) - timedelta(seconds=1)
-        await store.ingest(lambda tx: tx.defer_inbound("Q0", retry_at=now))
-        assert [r.id for r in await store.pending_inbound(limit=1)] == ["Q0"]
-        assert (await store.pending_inbound(limit=1))[0].attempts == 2
-
-
-def _mail(sender: str, message_id: str, body: str) -> ParsedMail:
-    return ParsedMail(
-        sender=Address(sender),
-        to=(),
-        cc=(),
-        subject="s",
-        message_id=message_id,
-        in_reply_to=(),
-        references=(),
-        body_text=body,
-        body_html=None,
-        body_digest=hashlib.sha256(body.encode()).hexdigest(),
-    )
-
-
-async def test_every_lookup_compares_addresses_by_key(tmp_path: Path) -> None:
-    """Requester, participant, dedupe, references and undeliverable marks: one mailbox
-    whatever its spelling (full Unicode case folding; the domain as an A-label), stored in
-    the spelling it came with."""
-    now = datetime.now(UTC)
-
-    def work(tx: IngestTx) -> tuple[object, ...]:
-        ticket = tx.create_ticket("s", Address("STRASSE@Bücher.example"), at=now)
-        tx.add_participants(ticket, ["Ünal@example.org", "ünal@example.org"])
-        first = _mail("STRASSE@bücher.example", "m1@client.example", "one")
-        tx.add_message(ticket, first, inbound_id=None, reason="new", attachments=(), at=now)
-        tx.set_undeliverable("ÜNAL@example.org", "5.1.1", at=now)
-        requester = tx.requester("straße@xn--bcher-kva.example")
-        return (
-            requester.email if requester else None,
-            tx.may_post(ticket, "strasse@BÜCHER.example"),
-            tx.may_post(ticket, "üNAL@example.org"),
-            tx.may_post(ticket, "someone@example.org"),
-            tx.participants(ticket),
-            tx.duplicate_ticket(
-                "m1@client.example", "straße@bücher.example", first.body_digest or ""
-            ),
-            tx.duplicate_ticket("m1@client.example", "straße@bücher.example", "another body"),
-            tx.has_message_id("m1@client.example", "Strasse@bücher.example"),
-            tx.tickets_by_message_ids(["m1@client.example"], "STRASSE@BÜCHER.EXAMPLE"),
-            tx.undeliverable("ünal@EXAMPLE.org"),
-        )
-
-    async with open_test_store(tmp_path / "db.sqlite") as store:
-        found = await store.ingest(work)
-        assert await store.verify_requester("strasse@bücher.example")
-        requester = await store.get_requester("STRAßE@BÜCHER.EXAMPLE")
-    assert found == (
-        "STRASSE@Bücher.example",
-        True,
-        True,
-        False,
-        ["Ünal@example.org"],
-        1,
-        None,
-        True,
-        [1],
-        True,
-    )
-    assert requester is not None and requester.verified
 
 
 def _version_5(path: Path) -> sqlite3.Connection:

@@ -9,9 +9,9 @@ import encodings.aliases
 import pytest
 
 from mailgate import text
-from mailgate.ingest.match import display_subject, strip_reply_prefixes
 from mailgate.ingest.parse import sanitise_filename
 from mailgate.text import clean_line, codec_for, decode_bytes, decode_header_text
+from mailgate.tickets import display_subject, strip_reply_prefixes
 from tests.conftest import Running, cli_json
 
 

@@ -27,12 +27,11 @@ DMARC policy (quarantine or reject) asks receivers to refuse what it did not aut
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from mailgate.ingest.auth import AuthResults
-from mailgate.model import SenderEvidence
+from mailgate.model import SenderEvidence, Trust
 
-Trust = Literal["authenticated", "unauthenticated", "failed"]
+__all__ = ["UNCHECKED", "Trust", "Verdict", "decide"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,8 @@ and applied in one transaction together with the rows' new state, so a crash at 
 leaves each row either untouched ('received', done again on restart) or completely done. A
 message whose checks ran into DNS trouble stays 'received' and is checked again later, and so
 does one whose attachment files cannot be written (a full disk), while the rest flows on.
+The worker is the pipeline only: what a message does to tickets, and which mail follows, the
+ticket rules decide (`tickets.py`), given the sender's trust verdict.
 
 The daemon never holds raw messages: rows come without them, and the parser process reads
 each one from the database itself (for the parse and again for DKIM), so what ingest costs
@@ -25,17 +27,15 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from mailgate.addresses import address_key, same_address
 from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
 from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
-from mailgate.ingest.match import ThreadMatch, display_subject, find_thread
 from mailgate.ingest.prepare import ParserCrashed, ParserPool, Source, prepare_all, verify_all
 from mailgate.ingest.trust import UNCHECKED, Verdict, decide
 from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
 from mailgate.msgid import MessageIds
-from mailgate.reactions import Reactions
 from mailgate.store import IngestTx, Store
+from mailgate.tickets import Arrival, Proof, Tickets
 
 log = structlog.get_logger(__name__)
 
@@ -71,10 +71,6 @@ ATTACHMENT_RETRY_MAX = 60.0
 # of `[auth] retry_for`, if less), doubling up to AUTH_RETRY_MAX, until `retry_for`.
 AUTH_RETRY_INITIAL = 15.0
 AUTH_RETRY_MAX = 300.0
-# The trust flags that a ticket carries from the message that opened it.
-_TICKET_FLAGS = frozenset({"unverified_sender", "unauthenticated"})
-# Local parts that never get automatic mail (RFC 3834 section 2, RFC 5321 section 4.5.1).
-_ROLE_SENDERS = frozenset({"mailer-daemon", "postmaster"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,15 +105,10 @@ class IngestWorker:
     ) -> None:
         self._store = store
         self._parser = parser
-        self._msgids = msgids
-        self._reactions = Reactions(config, msgids)
+        self._tickets = Tickets(config, msgids)
         self._attachments = config.storage.attachments
         # Where the parser process reads raw mail, and the keys that open it.
         self._database = Source(store.path, store.keys.masters, store.keys.path)
-        self._tag_prefix = config.tickets.tag_prefix
-        self._is_support = config.smtp.accepts
-        self._agents = config.agents
-        self._own_sender = address_key(config.outbound.sender)
         self._wake = wake or asyncio.Event()
         self._mail_queued = mail_queued or asyncio.Event()
         self._authenticator = (
@@ -351,7 +342,11 @@ class IngestWorker:
             return await self._store.ingest(lambda tx: self._apply(tx, failed))
 
     def _apply(self, tx: IngestTx, item: _Prepared) -> IngestOutcome:
-        """Write one message's outcome; runs inside the store's transaction, on its writer."""
+        """Write one message's outcome; runs inside the store's transaction, on its writer.
+
+        The pipeline's steps come first (done already, to wait, to quarantine, a repeat
+        delivery, to check again later); the ticket rules (`tickets.py`) do the rest.
+        """
         row, mail, now = item.row, item.mail, datetime.now(UTC)
         state = tx.inbound_state(row.id)
         if state != "received":  # done meanwhile (a replay racing the daemon): nothing to do
@@ -361,10 +356,10 @@ class IngestWorker:
         if mail is None:
             tx.finish_inbound(row.id, "quarantined", reason=item.failure, at=now)
             return IngestOutcome(row.id, "quarantined", reason=item.failure)
-        duplicate_of, reused_id = self._seen(tx, mail)
-        if duplicate_of is not None:
+        seen = self._tickets.seen(tx, mail)  # a repeat delivery needs no sender checks
+        if seen.duplicate_of is not None:
             tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
-            return IngestOutcome(row.id, "ingested", duplicate_of, duplicate=True)
+            return IngestOutcome(row.id, "ingested", seen.duplicate_of, duplicate=True)
         if item.throttled:
             tx.defer_inbound(
                 row.id, retry_at=now + timedelta(seconds=THROTTLE_SECONDS), count=False
@@ -372,100 +367,24 @@ class IngestWorker:
             return IngestOutcome(row.id, "received", reason="throttled")
         if item.verdict is None:
             return self._defer(tx, row, now)
-        verdict = item.verdict
-        if mail.bounce is not None and mail.bounce.tokens:
-            # Whatever its trust: a link in a stored copy of our mail must verify no one.
-            tx.revoke_tokens(hashes=mail.bounce.tokens, at=now)
-        if mail.bounce is not None and verdict.trust != "failed":  # a failed one is no bounce
-            bounced = self._bounced_ticket(tx, item, mail)
-            if bounced is not None:
-                return self._apply_bounce(tx, item, mail, bounced, now)
-        trusted = verdict.trust == "authenticated"
-        failed = verdict.trust == "failed"
-        flags = _flags(mail, item.auth, verdict, reused_id=reused_id)
-        # A failed sender is not who it claims: it joins no ticket, is no agent, and gets no
-        # automatic mail (which would go to the forged address).
-        automatic = "untrusted sender" if failed else self._automatic_reason(mail, row)
-        claims_agent = automatic == "agent"  # a person on the team (their out-of-office is not)
-        match = (
-            ThreadMatch(None, "new")
-            if failed
-            else find_thread(
-                tx,
-                mail,
-                tag_prefix=self._tag_prefix,
-                own_ticket=self._msgids.ticket_of,
-                is_agent=claims_agent,
-            )
-        )
-        on_ticket = match.ticket_id is not None
-        if match.ticket_id is None:
-            subject = display_subject(mail.subject, self._tag_prefix)
-            ticket_id = tx.create_ticket(
-                subject,
-                mail.sender,
-                at=row.received_at,
-                flags=[f for f in verdict.flags if f in _TICKET_FLAGS],
-                rename=trusted,
-            )
-        else:
-            ticket_id = match.ticket_id
-            # A reply reopens the ticket; an out-of-office or an agent's answer does not.
-            if tx.ticket_status(ticket_id) == "closed" and automatic is None:
-                tx.set_status(ticket_id, "open", at=now)
-        # An agent's answer is relayed to the customer only when the agent is proven; else it
-        # is a note that only agents see.
-        relayed = claims_agent and on_ticket and trusted
-        note = claims_agent and on_ticket and not trusted
-        auth = {**item.auth.as_json(), "trust": verdict.trust} if item.auth else None
-        tx.add_message(
-            ticket_id,
+        arrival = Arrival(
             mail,
+            _proof(item.verdict, item.auth),
+            envelope_sender=row.envelope.mail_from,
+            received_at=row.received_at,
             inbound_id=row.id,
-            reason=match.reason,
             attachments=item.attachments,
-            at=row.received_at,
-            author="agent" if relayed else "system" if note else "customer",
-            auth=auth or {"trust": verdict.trust, "source": "not checked"},
-            flags=[*flags, "not_relayed"] if note else flags,
+            mentioned_ids=item.mentioned_ids,
         )
-        if relayed:
-            self._reactions.relay_agent_reply(
-                tx, ticket_id, mail.body_text, agent=mail.sender, at=now
-            )
-            queued = 1
-        elif note:
-            log.warning("agent_mail_not_authenticated", ticket_id=ticket_id, queue_id=row.id)
-            queued = 0
-        else:
-            if trusted:  # only a proven sender may let others post on the ticket
-                covered = item.auth.covered if item.auth else None
-                tx.add_participants(ticket_id, self._participants(mail, covered))
-            queued = self._customer_mail_reactions(
-                tx, mail, automatic, ticket_id, match, now, trusted=trusted
-            )
-        tx.finish_inbound(row.id, "ingested", reason=None, at=now)
+        filed = self._tickets.take_mail(tx, arrival, seen=seen, at=now)
+        tx.finish_inbound(row.id, "ingested", reason="bounce" if filed.bounce else None, at=now)
         return IngestOutcome(
-            row.id, "ingested", ticket_id, created=match.ticket_id is None, mails_queued=queued
+            row.id,
+            "ingested",
+            filed.ticket_id,
+            created=filed.created,
+            mails_queued=filed.mails_queued,
         )
-
-    @staticmethod
-    def _seen(tx: IngestTx, mail: ParsedMail) -> tuple[int | None, bool]:
-        """(the ticket that holds this very message already, whether its Message-ID is taken).
-
-        A repeat delivery (an SMTP client that never saw our 250 sends again) carries the same
-        Message-ID, sender and body: it is stored once. The same Message-ID and sender with
-        another body is another message (a client that reuses IDs, an edited resend): it is
-        kept, flagged `duplicate_message_id`. Nothing accepted disappears.
-        """
-        if not mail.message_id:
-            return None, False
-        sender = mail.sender.email
-        if mail.body_digest is not None:
-            ticket_id = tx.duplicate_ticket(mail.message_id, sender, mail.body_digest)
-            if ticket_id is not None:
-                return ticket_id, True
-        return None, tx.has_message_id(mail.message_id, sender)
 
     def _wait(self, tx: IngestTx, row: InboundRow, reason: str, now: datetime) -> IngestOutcome:
         """Something on our side (a full attachment disk) keeps this message from becoming a
@@ -492,124 +411,19 @@ class IngestWorker:
         )
         return IngestOutcome(row.id, "received", reason="authentication deferred")
 
-    def _customer_mail_reactions(
-        self,
-        tx: IngestTx,
-        mail: ParsedMail,
-        automatic: str | None,
-        ticket_id: int,
-        match: ThreadMatch,
-        now: datetime,
-        *,
-        trusted: bool,
-    ) -> int:
-        if automatic is not None:
-            log.info("automatic_mail_suppressed", ticket_id=ticket_id, because=automatic)
-            return 0
-        if trusted:  # it wrote in again; a claim to be that address proves nothing
-            tx.set_undeliverable(mail.sender.email, None, at=now)
-        created = match.ticket_id is None
-        return len(
-            self._reactions.after_customer_mail(
-                tx, mail, ticket_id=ticket_id, created=created, at=now
-            )
-        )
 
-    def _participants(self, mail: ParsedMail, covered: frozenset[str] | None) -> list[str]:
-        """To and Cc addresses besides the sender and ours, one spelling of each; only fields
-        the proof covers (`covered`, None for all): a replayed signed mail with a Cc added
-        adds no one."""
-        sender = address_key(mail.sender.email)
-        fields = [
-            addresses
-            for name, addresses in (("to", mail.to), ("cc", mail.cc))
-            if covered is None or name in covered
-        ]
-        found: dict[str, str] = {}  # by key: one spelling of each address
-        for a in (address for addresses in fields for address in addresses):
-            key = address_key(a.email)
-            if not self._is_support(a.email) and key != sender:
-                found.setdefault(key, a.email)
-        return sorted(found.values())
-
-    def _automatic_reason(self, mail: ParsedMail, row: InboundRow) -> str | None:
-        """Why no automatic mail may answer this one (RFC 3834, rule 6), or None."""
-        sender = mail.sender.email
-        if not row.envelope.mail_from:
-            return "null sender"
-        if mail.bounce is not None:
-            return "bounce"
-        if mail.automatic:
-            return mail.automatic
-        for address in (sender, row.envelope.mail_from):
-            if address.partition("@")[0].lower() in _ROLE_SENDERS:
-                return "mailer-daemon"
-        if self._is_support(sender) or address_key(sender) == self._own_sender:
-            return "own address"
-        if self._agents.includes(sender):
-            return "agent"  # the team's own people need no verification or acknowledgement
-        return None
-
-    def _bounced_ticket(self, tx: IngestTx, item: _Prepared, mail: ParsedMail) -> int | None:
-        """The ticket of the mail of ours a bounce returns, if it names one with a valid HMAC."""
-        tickets = [t for t in map(self._msgids.ticket_of, self._returned_ids(mail, item)) if t]
-        return next((t for t in tickets if tx.ticket_status(t) is not None), None)
-
-    def _returned_ids(self, mail: ParsedMail, item: _Prepared) -> list[str]:
-        """Our Message-IDs (valid HMAC) of the mail a bounce returns: those of its returned
-        part, or, where it returns only some headers or nothing (many formats besides RFC
-        3464), those anywhere in the bounce (found by the parser process: `mentioned_ids`)."""
-        assert mail.bounce is not None
-        ours = self._msgids.ticket_of
-        own = [i for i in mail.bounce.returned_ids if ours(i) is not None]
-        return own or list(dict.fromkeys(i for i in item.mentioned_ids if ours(i) is not None))
-
-    def _apply_bounce(
-        self, tx: IngestTx, item: _Prepared, mail: ParsedMail, ticket_id: int, now: datetime
-    ) -> IngestOutcome:
-        """File a bounce as a system note; a permanent failure stops automatic mail there."""
-        assert mail.bounce is not None
-        tx.add_message(
-            ticket_id,
-            mail,
-            inbound_id=item.row.id,
-            reason="bounce",
-            attachments=item.attachments,
-            at=item.row.received_at,
-            author="system",
-        )
-        # Only an address the returned mail went to can be marked: a bounce that names others
-        # would let anyone holding one of our mails silence a third party. And no address
-        # bounces its own mail: the "failure" an auto-reply names as its sender is a heuristic
-        # read of its text, not a mail system's report.
-        returned = self._returned_ids(mail, item)
-        sent_to = {address_key(a) for i in returned for a in tx.sent_to(i)}
-        sent_to.discard(address_key(mail.sender.email))
-        for recipient, status in mail.bounce.failed:
-            if status.startswith("5") and address_key(recipient) in sent_to:
-                tx.set_undeliverable(recipient, status, at=now)
-        if mail.bounce.permanent:  # a verification mail that never arrived verifies no one
-            tx.revoke_tokens(message_ids=returned, at=now)
-        tx.finish_inbound(item.row.id, "ingested", reason="bounce", at=now)
-        log.info("bounce_filed", ticket_id=ticket_id, permanent=len(mail.bounce.permanent))
-        return IngestOutcome(item.row.id, "ingested", ticket_id)
-
-
-def _flags(
-    mail: ParsedMail, auth: AuthResults | None, verdict: Verdict, *, reused_id: bool
-) -> list[str]:
-    """What an agent should know before trusting this message: its trust level, the shape of
-    its header (whether or not it was checked), then the rest; each flag once."""
-    flags = [*verdict.flags, *mail.evidence.flags]
-    if any(not same_address(a.email, mail.sender.email) for a in mail.reply_to):
-        flags.append("reply_to_differs")  # stored and shown; it never changes the requester
-    if auth is not None and any(s.partial_body for s in auth.signatures):
-        flags.append("dkim_partial_body")
-    if auth is not None and auth.forged_results:
-        flags.append("forged_authentication_results")
-    if reused_id:
-        flags.append("duplicate_message_id")
-    return list(dict.fromkeys(flags))
+def _proof(verdict: Verdict, auth: AuthResults | None) -> Proof:
+    """The trust verdict and the checks behind it, in the ticket rules' terms."""
+    if auth is None:  # [auth] enabled = false
+        return Proof(verdict.trust, tuple(verdict.flags))
+    return Proof(
+        verdict.trust,
+        tuple(verdict.flags),
+        checks=auth.as_json(),
+        covered=auth.covered,
+        partial_body=any(s.partial_body for s in auth.signatures),
+        forged_results=bool(auth.forged_results),
+    )
 
 
 def _log_outcome(outcome: IngestOutcome) -> None:

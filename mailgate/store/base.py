@@ -67,9 +67,6 @@ class IngestTx(Protocol):
 
     def ticket_status(self, ticket_id: int) -> TicketStatus | None: ...
 
-    def may_post(self, ticket_id: int, email: str) -> bool:
-        """Tell whether `email` is the ticket's requester or one of its participants."""
-
     def create_ticket(
         self,
         subject: str,

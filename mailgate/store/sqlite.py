@@ -422,17 +422,6 @@ class _SqliteIngestTx:
         row = self._one("SELECT status FROM tickets WHERE id = ?", (ticket_id,))
         return cast(TicketStatus, row["status"]) if row else None
 
-    def may_post(self, ticket_id: int, email: str) -> bool:
-        person = self._person_id(email)
-        if person is None:
-            return False
-        row = self._one(
-            "SELECT 1 FROM tickets WHERE id = ? AND requester_id = ? "
-            "UNION ALL SELECT 1 FROM participants WHERE ticket_id = ? AND person_id = ? LIMIT 1",
-            (ticket_id, person, ticket_id, person),
-        )
-        return row is not None
-
     def create_ticket(
         self,
         subject: str,
