@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sqlite3
 import tracemalloc
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import mailgate.store
-from mailgate.model import Envelope
+from mailgate.model import Address, Envelope
 from mailgate.store import IngestTx
 from tests.conftest import open_test_store
 
