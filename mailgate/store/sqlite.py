@@ -197,7 +197,9 @@ class _Writer:
         """Copy the WAL into the database and truncate it (after deletes: no old pages stay)."""
         assert self._db is not None, "writer not open"
         db = self._db
-        await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        # Fetched to its end: a PRAGMA that returns a row and is left unfinished keeps a
+        # statement in progress, and the next COMMIT on this connection fails.
+        await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     async def statement(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> None:
         """Run one statement, atomic (and fsynced) on its own, on the writer thread."""

@@ -171,5 +171,5 @@ def reconcile(db: sqlite3.Connection, keys: Keyring) -> int:
             db.execute("ROLLBACK")
             raise
     if deleted:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # to its end: see _Writer
     return deleted
