@@ -3,8 +3,9 @@
 Ingest calls `after_customer_mail` and `relay_agent_reply` inside its transaction; the CLI's
 `reply` calls `agent_reply`. Composition and delivery happen later, in the outbound worker,
 from the outbox row alone. Automatic mails (verification, acknowledgement) follow RFC 3834
-and ARCHITECTURE rule 6: never to automatic or bounced senders, at most `auto_reply_limit`
-per recipient and `auto_reply_global_limit` in all per window. Agent replies are not automatic.
+and ARCHITECTURE rule 6: never to automatic or bounced senders nor to a person who restricted
+processing, at most `auto_reply_limit` per recipient and `auto_reply_global_limit` in all per
+window. Agent replies are not automatic (a restricted person still gets them).
 """
 
 from __future__ import annotations
@@ -42,19 +43,9 @@ class Reactions:
         requester = tx.requester(sender)
         if requester is not None and not requester.verified:
             if not tx.has_live_token(sender, at=at):
-                token, digest = new_token()
-                ttl = timedelta(seconds=self._config.verification.ttl)
-                context: dict[str, str | int | None] = {"token": token, "email": sender}
                 to = Address(requester.email, requester.name)
-                # The token knows its mail: a permanent bounce of that mail revokes it.
-                message_id = self._msgids.new(ticket_id)
-                outbox_id = self._automatic(
-                    tx, "verification", ticket_id, to, context, at=at, message_id=message_id
-                )
+                outbox_id = self.verification(tx, ticket_id, to, sender=sender, at=at)
                 if outbox_id is not None:
-                    tx.issue_token(
-                        sender, digest, at=at, expires_at=at + ttl, message_id=message_id
-                    )
                     queued.append(outbox_id)
         if created and self._config.outbound.acknowledge:
             _subject, to = tx.ticket_head(ticket_id)
@@ -62,6 +53,23 @@ class Reactions:
             if outbox_id is not None:
                 queued.append(outbox_id)
         return queued
+
+    def verification(
+        self, tx: IngestTx, ticket_id: int, to: Address, *, sender: str, at: datetime
+    ) -> int | None:
+        """Queue the mail that lets `to` confirm the address `sender` wrote from, with a new
+        token; None (and no token) if a limit says no. (Also `requesters update --email`.)"""
+        token, digest = new_token()
+        ttl = timedelta(seconds=self._config.verification.ttl)
+        context: dict[str, str | int | None] = {"token": token, "email": sender}
+        # The token knows its mail: a permanent bounce of that mail revokes it.
+        message_id = self._msgids.new(ticket_id)
+        outbox_id = self._automatic(
+            tx, "verification", ticket_id, to, context, at=at, message_id=message_id
+        )
+        if outbox_id is not None:
+            tx.issue_token(sender, digest, at=at, expires_at=at + ttl, message_id=message_id)
+        return outbox_id
 
     def _automatic(
         self,
@@ -78,6 +86,9 @@ class Reactions:
         outbound = self._config.outbound
         if tx.undeliverable(to.email):
             log.info("automatic_mail_skipped", kind=kind, ticket_id=ticket_id, why="undeliverable")
+            return None
+        if _restricted(tx, to.email):
+            log.info("automatic_mail_skipped", kind=kind, ticket_id=ticket_id, why="restricted")
             return None
         since = at - timedelta(seconds=outbound.auto_reply_window)
         if tx.automatic_mails_since(to.email, since) >= outbound.auto_reply_limit:
@@ -189,3 +200,10 @@ class Reactions:
             references=references,
         )
         return tx.enqueue(item, at=at)
+
+
+def _restricted(tx: IngestTx, email: str) -> bool:
+    """The person restricted processing (or objected): their mail is stored, no more
+    (`privacy/rights.py`); no automatic mail goes to them."""
+    person = tx.requester(email)
+    return person is not None and person.state != "active"
