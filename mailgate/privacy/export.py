@@ -5,13 +5,14 @@ The zip holds `export.json` (the schema is `docs/export-schema.json`, JSON Schem
 each attachment's content, opened from its sealed file, at
 `attachments/<ticket>/<message>/<position>-<name>` (the name sanitised: no folders, no
 controls, no leading dot), and each of the person's own messages as it arrived, while
-retention still keeps it, at `messages/<ticket>/<message>.eml`. The document holds the person's record, their tickets with every
-message (who else wrote on them is withheld: that is another person's data, and an agent's
-address is the team's), their own messages on other people's tickets, the mail sent about
-their tickets (kind, recipients, state, times; never the template's variables, which hold a
-queued verification's token), their verification tokens' times (never the tokens or their
-hashes), their processing state (restricted, objected) and the requests they made (from the
-audit log). mailgate records no consents: processing rests on the support request itself,
+retention still keeps it, at `messages/<ticket>/<message>.eml`.
+
+The document holds the person's record, their tickets with every message (who else wrote on
+them is withheld: that is another person's data, and an agent's address is the team's), their
+own messages on other people's tickets, the mail sent about their tickets (kind, recipients,
+state, times; never the template's variables, which hold a queued verification's token), their
+verification tokens' times (never the tokens or their hashes), their processing state
+(restricted, objected) and the requests they made (from the audit log). mailgate records no consents: processing rests on the support request itself,
 so `consents` is empty; the field is there for a deployment that adds them.
 
 `build_export` is what the CLI (`mailgate privacy export`) and a confirmed privacy request by
