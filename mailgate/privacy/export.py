@@ -12,8 +12,9 @@ them is withheld: that is another person's data, and an agent's address is the t
 own messages on other people's tickets, the mail sent about their tickets (kind, recipients,
 state, times; never the template's variables, which hold a queued verification's token), their
 verification tokens' times (never the tokens or their hashes), their processing state
-(restricted, objected) and the requests they made (from the audit log). mailgate records no consents: processing rests on the support request itself,
-so `consents` is empty; the field is there for a deployment that adds them.
+(restricted, objected) and the requests they made (from the audit log). mailgate records no
+consents: processing rests on the support request itself, so `consents` is empty; the field
+is there for a deployment that adds them.
 
 `build_export` is what the CLI (`mailgate privacy export`) and a confirmed privacy request by
 mail both call; each export is audited.
