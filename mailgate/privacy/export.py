@@ -111,8 +111,8 @@ def _zip(
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(DOCUMENT, json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
-        for path, message in raw.items():
-            archive.writestr(path, message)
+        for name, message in raw.items():
+            archive.writestr(name, message)
         for file in record.files:
             content = read_blob(attachments_root, file.blob, file.key)
             path = paths.get(file.attachment_id)
