@@ -589,8 +589,10 @@ async def cmd_requesters_update(config: Config, args: argparse.Namespace) -> int
         """A new address is verified again: the verification mail, on their latest ticket."""
         if not corrected.email or corrected.ticket_id is None or new is None:
             return None
-        to = Address(new, name if name is not None else None)
-        return reactions.verification(tx, corrected.ticket_id, to, sender=new, at=now)
+        # Automatic mail names the bare address (architecture rule 13).
+        return reactions.verification(
+            tx, corrected.ticket_id, Address(new, None), sender=new, at=now
+        )
 
     async with _privacy_store(config) as store:
         done = await rights.correct(
