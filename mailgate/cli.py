@@ -13,27 +13,38 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
-from mailgate import __version__
+from mailgate import __version__, stats
 from mailgate.addresses import EmailNotValidError, validate_address
 from mailgate.config import Config, config_path, load_config
 from mailgate.domains import u_label
 from mailgate.errors import ConfigError, MailgateError, NotFound, UsageError
+from mailgate.files import write_durably
 from mailgate.ingest.auth import Authenticator
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.log import configure_logging
-from mailgate.model import Address, InboundRow, Message, OutboxRow, Requester, Ticket
+from mailgate.model import (
+    Address,
+    AuditRecord,
+    InboundRow,
+    Message,
+    OutboxRow,
+    Requester,
+    Ticket,
+)
 from mailgate.msgid import message_ids
 from mailgate.outbound.templates import Templates
-from mailgate.store import SqliteStore, store_for
+from mailgate.privacy import audit, export, rights
+from mailgate.store import IngestTx, SqliteStore, store_for
+from mailgate.store.sqlite_rights import Change, Correction
 from mailgate.text import clean_body, clean_line, decode_header_text
 from mailgate.tickets import Tickets
 
@@ -129,6 +140,8 @@ def requester_json(requester: Requester) -> dict[str, Any]:
         "created_at": requester.created_at.isoformat(),
         "verified_at": requester.verified_at.isoformat() if requester.verified_at else None,
         "undeliverable": requester.undeliverable,
+        "state": requester.state,
+        "objected": requester.objected,
     }
 
 
@@ -300,7 +313,8 @@ async def cmd_quarantine_purge(config: Config, args: argparse.Namespace) -> int:
     async with _existing_store(config) as store:
         if not await store.purge_inbound(args.id):
             raise NotFound(f"no quarantined message {args.id}")
-        # The audit log (privacy issue) records the purge here: which row, when, by whom.
+        # No subject: a quarantined message belongs to no person yet.
+        await audit.record(store, "quarantine_purge", "cli", None, {"raw_messages": 1})
     print(f"{args.id}: purged")
     return 0
 
@@ -452,6 +466,9 @@ async def cmd_requesters_show(config: Config, args: argparse.Namespace) -> int:
     print(f"Created:  {requester.created_at.isoformat()}")
     if requester.undeliverable:
         print(f"Undeliverable: bounced with {requester.undeliverable}; no automatic mail")
+    if requester.state != "active":
+        objected = " (objected)" if requester.objected else ""
+        print(f"Processing: {requester.state}{objected}; stored only, no automatic mail")
     return 0
 
 
@@ -461,6 +478,252 @@ async def cmd_requesters_verify(config: Config, args: argparse.Namespace) -> int
             raise NotFound(f"no requester {args.email}")
     print(f"{args.email}: verified")
     return 0
+
+
+# -- the requester's rights, the audit log, statistics (issue 10) --
+
+
+@asynccontextmanager
+async def _privacy_store(config: Config) -> AsyncIterator[SqliteStore]:
+    """The store, with any erasure a crash cut short finished first."""
+    async with _existing_store(config) as store:
+        await rights.finish_erasures(store, config.storage.attachments)
+        yield store
+
+
+def _date(text: str) -> datetime:
+    """`2024-05-01` (midnight UTC) or an ISO 8601 time (UTC unless it names an offset)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since: not a date (YYYY-MM-DD): {text}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _new_address(text: str) -> str:
+    try:
+        return validate_address(text)
+    except EmailNotValidError as exc:
+        raise UsageError(f"--email: not a valid address: {exc}") from None
+
+
+async def cmd_privacy_export(config: Config, args: argparse.Namespace) -> int:
+    async with _privacy_store(config) as store:
+        if await store.get_requester(args.email) is None:
+            raise NotFound(f"no requester {args.email}")
+        # Named by the audit subject's hash: never the address in a file name.
+        name = f"mailgate-export-{audit.subject_hash(store.keys, args.email)[:16]}.zip"
+        out = Path(args.out) if args.out else Path.cwd() / name
+        if out.exists():
+            raise UsageError(f"--out: {out} exists; move it away or name another file")
+        data = await export.build_export(store, args.email, config.storage.attachments)
+        if data is None:
+            raise NotFound(f"no requester {args.email}")
+    try:
+        if not write_durably(out, data, mode=0o600, exclusive=True):
+            raise UsageError(f"--out: {out} exists; move it away or name another file")
+    except OSError as exc:
+        raise UsageError(f"--out: {exc.strerror or exc}: {out}") from None
+    print(f"{args.email}: exported to {out} ({len(data)} bytes)")
+    return 0
+
+
+async def _restriction(config: Config, args: argparse.Namespace, change: Change) -> int:
+    async with _privacy_store(config) as store:
+        result = await rights.restriction(store, args.email, change, via="cli")
+    if result is None:
+        raise NotFound(f"no requester {args.email}")
+    done = {
+        "restrict": "restricted: stored only, no automatic mail, left out of statistics",
+        "object": "objection recorded; restricted: stored only, no automatic mail",
+        "unrestrict": "restriction lifted (and any objection withdrawn)",
+    }[change]
+    already = {
+        "restrict": "already restricted",
+        "object": "objection already recorded",
+        "unrestrict": "not restricted",
+    }[change]
+    print(f"{args.email}: {done if result.changed else 'no change: ' + already}")
+    return 0
+
+
+async def cmd_privacy_restrict(config: Config, args: argparse.Namespace) -> int:
+    return await _restriction(config, args, "restrict")
+
+
+async def cmd_privacy_unrestrict(config: Config, args: argparse.Namespace) -> int:
+    return await _restriction(config, args, "unrestrict")
+
+
+async def cmd_privacy_object(config: Config, args: argparse.Namespace) -> int:
+    return await _restriction(config, args, "object")
+
+
+async def cmd_privacy_erase(config: Config, args: argparse.Namespace) -> int:
+    async with _privacy_store(config) as store:
+        erased = await rights.erase(
+            store, args.email, config.storage.attachments, via="cli", reason=args.reason
+        )
+    if erased is None:
+        raise NotFound(f"no requester {args.email}")
+    counts = erased.counts
+    print(f"{args.email}: erased (reason: {erased.reason}); their key is destroyed")
+    for name in ("tickets", "messages", "attachments", "files", "outbox", "tokens"):
+        print(f"  {name}: {counts[name]}")
+    print(f"  raw messages: {counts['raw_messages']}")
+    print(f"  participations removed: {counts['participations']}")
+    if counts["open_tickets"]:
+        print(f"  open tickets closed and erased, not archived: {counts['open_tickets']}")
+    return 0
+
+
+async def cmd_requesters_update(config: Config, args: argparse.Namespace) -> int:
+    if args.name is None and args.email_new is None:
+        raise UsageError("give --name NAME and/or --email NEW")
+    name = clean_line(args.name) if args.name is not None else None
+    new = _new_address(args.email_new) if args.email_new is not None else None
+    rules = Tickets(config, message_ids(config))
+    now = datetime.now(UTC)
+
+    def follow(tx: IngestTx, corrected: Correction) -> int | None:
+        """A new address is verified again: the verification mail, on their latest ticket."""
+        if not corrected.email or corrected.ticket_id is None or new is None:
+            return None
+        return rules.address_corrected(tx, corrected.ticket_id, new, at=now)
+
+    async with _privacy_store(config) as store:
+        done = await rights.correct(
+            store, args.email, name=name, new_email=new, via="cli", then=follow
+        )
+    if done is None:
+        raise NotFound(f"no requester {args.email}")
+    corrected, outbox_id = done
+    if corrected.name:
+        print(f"{args.email}: name corrected")
+    if new is not None and not corrected.email:
+        print(f"{args.email}: address spelled {new} (the same mailbox; verification kept)")
+    if corrected.email:
+        print(f"{args.email}: address corrected to {new}; it must be verified again")
+        if outbox_id is not None:
+            print(f"{new}: verification mail queued as outbox {outbox_id}")
+        else:
+            print(f"{new}: no verification mail queued (no ticket, restricted or a limit)")
+    return 0
+
+
+def audit_json(record: AuditRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "at": record.at.isoformat(),
+        "action": record.action,
+        "via": record.via,
+        "subject": record.subject,
+        "reason": record.reason,
+        "counts": record.counts,
+    }
+
+
+async def cmd_audit_list(config: Config, args: argparse.Namespace) -> int:
+    since = _date(args.since) if args.since else None
+    async with _existing_store(config) as store:
+        records = await store.audit_records(since)
+        if args.subject:
+            subject = audit.subject_hash(store.keys, args.subject)
+            records = [r for r in records if r.subject == subject]
+    if args.json:
+        _print_json([audit_json(r) for r in records])
+        return 0
+    _table(
+        [
+            (
+                r.at.isoformat(timespec="seconds"),
+                r.action,
+                r.via,
+                (r.subject or "-")[:16],
+                r.reason or "",
+                " ".join(f"{k}={v}" for k, v in sorted(r.counts.items())),
+            )
+            for r in records
+        ],
+        ("AT", "ACTION", "VIA", "SUBJECT", "REASON", "COUNTS"),
+        whole_last=True,
+    )
+    return 0
+
+
+async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
+    since = _date(args.since) if args.since else None
+    async with _existing_store(config) as store:
+        result = stats.compute(await store.ticket_facts(since), since)
+    if args.json:
+        _print_json(result.as_json())
+        return 0
+    shown = result.as_json()
+    print(f"Since:           {shown['since'] or 'the start'}")
+    print(f"Opened, closed:  {shown['tickets_opened']}, {shown['tickets_closed']}")
+    print(
+        f"First response:  {stats.duration(result.first_response.seconds)} median "
+        f"({result.first_response.count} tickets)"
+    )
+    print(
+        f"Resolution:      {stats.duration(result.resolution.seconds)} median "
+        f"({result.resolution.count} tickets)"
+    )
+    rate = result.reopen_rate
+    print(
+        f"Reopened:        {result.reopened} of {result.ever_closed} closed"
+        + (f" ({rate:.0%})" if rate is not None else "")
+    )
+    print("Restricted and objecting requesters are left out.")
+    print()
+    _table(
+        [(d["day"], d["opened"], d["closed"]) for d in shown["per_day"]],
+        ("DAY", "OPENED", "CLOSED"),
+    )
+    print()
+    _table(list(result.domains.items()), ("DOMAIN", "TICKETS"))
+    print(f"(domains with fewer than {stats.MIN_DOMAIN} tickets are counted as other)")
+    return 0
+
+
+def _add_rights(add: Callable[..., argparse.ArgumentParser], commands: Any) -> None:
+    """The privacy, audit and stats commands, and `requesters update` (see `_add_requesters`)."""
+    privacy = commands.add_parser("privacy", help="the requester's rights: export, restrict, erase")
+    pv = privacy.add_subparsers(dest="privacy_command", required=True, metavar="COMMAND")
+    exporting = add(
+        "export", cmd_privacy_export, "write everything stored of a person to a zip", pv
+    )
+    exporting.add_argument("email", metavar="EMAIL")
+    exporting.add_argument(
+        "--out", metavar="FILE", help="the zip (default: ./mailgate-export-<hash>.zip, mode 0600)"
+    )
+    add(
+        "restrict", cmd_privacy_restrict, "store a person's data but process it no further", pv
+    ).add_argument("email", metavar="EMAIL")
+    add(
+        "unrestrict", cmd_privacy_unrestrict, "lift a restriction (and objection)", pv
+    ).add_argument("email", metavar="EMAIL")
+    add(
+        "object", cmd_privacy_object, "record an objection to processing (restricts)", pv
+    ).add_argument("email", metavar="EMAIL")
+    erasing = add("erase", cmd_privacy_erase, "erase a person: rows, files and their key", pv)
+    erasing.add_argument("email", metavar="EMAIL")
+    erasing.add_argument(
+        "--reason",
+        metavar="TEXT",
+        help="request (default), under-16, or any text (kept only as the category 'other')",
+    )
+
+    audit_cmd = commands.add_parser("audit", help="the audit log of privacy actions")
+    a_sub = audit_cmd.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    a_list = add("list", cmd_audit_list, "list audit records, oldest first", a_sub)
+    a_list.add_argument("--since", metavar="DATE", help="from this date (YYYY-MM-DD, UTC) on")
+    a_list.add_argument("--subject", metavar="EMAIL", help="only the records of this address")
+    a_list.add_argument("--json", action="store_true", help="print JSON")
+
+    st = add("stats", cmd_stats, "ticket statistics without personal data")
+    st.add_argument("--since", metavar="DATE", help="from this date (YYYY-MM-DD, UTC) on")
+    st.add_argument("--json", action="store_true", help="print JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -540,6 +803,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("verify", cmd_requesters_verify, "mark a requester's address verified", r_sub).add_argument(
         "email", metavar="EMAIL"
     )
+    r_update = add("update", cmd_requesters_update, "correct a requester's name or address", r_sub)
+    r_update.add_argument("email", metavar="EMAIL")
+    r_update.add_argument("--name", metavar="NAME", help="the corrected name")
+    r_update.add_argument(
+        "--email", dest="email_new", metavar="NEW", help="the corrected address (verified again)"
+    )
+    _add_rights(add, commands)
     return parser
 
 

@@ -282,3 +282,16 @@ class OutboxRow:
     next_attempt_at: datetime
     sent_at: datetime | None = None
     reply: str | None = None  # the relay's whole reply to the last attempt
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """What was done to personal data: no personal data itself (`privacy/audit.py`)."""
+
+    at: datetime
+    action: str  # export, erase, restrict, unrestrict, object, correct, quarantine_purge, ...
+    via: str  # the command or link: cli, mail, resume, reconcile, retention, ...
+    subject: str | None  # keyed hash of the person's address; None when no person is named
+    counts: dict[str, int]
+    reason: str | None = None  # an erasure's category: request, under-16, other
+    id: int | None = None

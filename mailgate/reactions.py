@@ -3,12 +3,13 @@
 `tickets.py` decides which mail follows an event and calls this module, and nothing else
 does (an import-linter contract holds it to that). What is left here is how a mail is queued:
 automatic mail (verification, acknowledgement) follows RFC 3834 and ARCHITECTURE rule 12,
-never to an undeliverable address and at most `auto_reply_limit` per recipient and
+never to an undeliverable address nor to a person who restricted processing (or objected),
+and at most `auto_reply_limit` per recipient and
 `auto_reply_global_limit` in all per `auto_reply_window`; a verification token is issued
 only with the mail that carries it, and knows that mail's Message-ID (a permanent bounce of it
 revokes the token); every mail threads onto the ticket (In-Reply-To, References). Agent
-replies are not automatic. Composition and delivery happen later, in the outbound worker,
-from the outbox row alone.
+replies are not automatic (a restricted person still gets them). Composition and delivery
+happen later, in the outbound worker, from the outbox row alone.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class Reactions:
         if tx.undeliverable(to.email):
             log.info("automatic_mail_skipped", kind=kind, ticket_id=ticket_id, why="undeliverable")
             return None
+        if _restricted(tx, to.email):
+            log.info("automatic_mail_skipped", kind=kind, ticket_id=ticket_id, why="restricted")
+            return None
         since = at - timedelta(seconds=outbound.auto_reply_window)
         if tx.automatic_mails_since(to.email, since) >= outbound.auto_reply_limit:
             log.info(
@@ -118,3 +122,10 @@ class Reactions:
             references=references,
         )
         return tx.enqueue(item, at=at)
+
+
+def _restricted(tx: IngestTx, email: str) -> bool:
+    """The person restricted processing (or objected): their mail is stored, no more
+    (`privacy/rights.py`); no automatic mail goes to them."""
+    person = tx.requester(email)
+    return person is not None and person.state != "active"

@@ -25,9 +25,10 @@ from mailgate.outbound.compose import Composer
 from mailgate.outbound.outbox import OutboundWorker, stop_seconds
 from mailgate.outbound.templates import Templates
 from mailgate.outbound.transports import transport_for
+from mailgate.privacy import rights
 from mailgate.smtp import start_smtp
 from mailgate.smtp_session import MailgateSMTP
-from mailgate.store import store_for
+from mailgate.store import SqliteStore, store_for
 from mailgate.web import HTTP_STOP_SECONDS, build_app, start_web
 
 log = structlog.get_logger(__name__)
@@ -87,6 +88,7 @@ async def serve(
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(store_for(config))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
+        await _finish_erasures(store, config)
 
         committed, mail_queued = asyncio.Event(), asyncio.Event()
         sessions: set[MailgateSMTP] = set()
@@ -145,6 +147,13 @@ async def serve(
         sd_notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(stop_budget(config) * 1e6)}")
         log.info("daemon_stopping")
     log.info("daemon_stopped")
+
+
+async def _finish_erasures(store: SqliteStore, config: Config) -> None:
+    """Erasures a crash cut short are finished before anything else reads the store."""
+    finished = await rights.finish_erasures(store, config.storage.attachments)
+    if finished:
+        log.info("erasures_finished", count=finished)
 
 
 async def _stop_worker(

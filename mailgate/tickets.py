@@ -293,6 +293,16 @@ class Tickets:
             message_id=message_id,
         )
 
+    def address_corrected(
+        self, tx: IngestTx, ticket_id: int, new_email: str, *, at: datetime
+    ) -> int | None:
+        """A requester's address was corrected (`requesters update --email`): the new one is
+        verified again, by a verification mail about their latest ticket, to the bare address
+        (architecture rule 13). None if a limit (or a restriction) says no."""
+        return self._reactions.verification(
+            tx, ticket_id, Address(new_email, None), sender=new_email, at=at
+        )
+
     # Which ticket, and who may post there.
 
     def may_post(self, tx: IngestTx, ticket_id: int, sender: str, *, agent: bool) -> bool:

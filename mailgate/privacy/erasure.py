@@ -5,7 +5,13 @@ the next start and never undone: (1) the person is marked 'erasing'; (2) what th
 requires of them is copied to the archive (`archive`, when given); (3) their data key is
 destroyed in the key store: from here on every copy of their values, in the database, its WAL
 and any backup, is ciphertext without a key; (4) their rows are deleted and overwritten and
-the WAL truncated; (5) their attachment files are removed.
+the WAL truncated, the names of their attachment files noted (`erased_files`) in the same
+transaction; (5) those files are removed, and the note with them.
+
+A crash after (3) leaves rows whose key is gone: the next open of the store deletes them
+(`reconcile`, which writes their audit record); one after (4) leaves noted files, which
+`resume` removes. `MAILGATE_CRASH_AT` (`crashpoints.py`) kills the process right after (1) or
+(3), for the tests that prove it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from mailgate.crashpoints import crash_point
+from mailgate.privacy import audit
 from mailgate.store.blobs import remove_blobs
 from mailgate.store.sqlite import PersonRef, SqliteStore
 from mailgate.store.sqlite_erase import Deleted
@@ -27,6 +35,7 @@ async def erase(
     person = await store.begin_erasure(email)
     if person is None:
         return None
+    crash_point("erase.marked")
     return await finish(store, person, attachments, archive=archive)
 
 
@@ -36,14 +45,22 @@ async def finish(
     if archive is not None:
         await archive(person)
     store.keys.destroy([person.key_id])
+    crash_point("erase.key_destroyed")
     deleted = await store.delete_person(person)
     remove_blobs(attachments, deleted.blob_files)
+    await store.forget_erased_files(deleted.blob_files)
     return deleted
 
 
 async def resume(store: SqliteStore, attachments: Path, *, archive: Archive | None = None) -> int:
-    """Finish the erasures a crash interrupted; return how many."""
+    """Finish the erasures a crash interrupted (each audited: via "resume", no subject, the
+    address being sealed under a key that may be gone); return how many."""
     unfinished = await store.erasing()
     for person in unfinished:
-        await finish(store, person, attachments, archive=archive)
+        deleted = await finish(store, person, attachments, archive=archive)
+        await audit.record(store, "erase", "resume", None, deleted.counts())
+    leftover = await store.erased_files()
+    if leftover:  # rows deleted (here, or by `reconcile` at open), files not yet unlinked
+        remove_blobs(attachments, leftover)
+        await store.forget_erased_files(leftover)
     return len(unfinished)

@@ -302,7 +302,7 @@ class Keyring:
                 raise
             for key_id in ids:
                 self._cache.pop(key_id, None)
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return gone
 
     def destroyed(self) -> set[str]:
@@ -348,7 +348,7 @@ class Keyring:
                 self._db.execute("ROLLBACK")
                 raise
             if not rows:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             return len(rows)
 
     def masters_in_use(self) -> set[str]:

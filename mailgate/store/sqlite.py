@@ -30,6 +30,7 @@ from mailgate.addresses import address_key
 from mailgate.errors import StoreError, StoreUnavailable
 from mailgate.model import (
     Address,
+    AuditRecord,
     Author,
     Envelope,
     ForwardedClient,
@@ -49,6 +50,7 @@ from mailgate.model import (
 from mailgate.privacy.keyring import Keyring
 from mailgate.privacy.sealing import DataKey, seal_stream
 from mailgate.spool import Spooled
+from mailgate.store import sqlite_rights as rights
 from mailgate.store.base import IngestTx, TokenOutcome, TokenState
 from mailgate.store.blobs import read_blob
 from mailgate.store.labels import (
@@ -197,7 +199,9 @@ class _Writer:
         """Copy the WAL into the database and truncate it (after deletes: no old pages stay)."""
         assert self._db is not None, "writer not open"
         db = self._db
-        await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        # Fetched to its end: a PRAGMA that returns a row and is left unfinished keeps a
+        # statement in progress, and the next COMMIT on this connection fails.
+        await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     async def statement(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> None:
         """Run one statement, atomic (and fsynced) on its own, on the writer thread."""
@@ -738,8 +742,10 @@ class _SqliteIngestTx:
 
 
 def _set_status(db: sqlite3.Connection, ticket_id: int, status: TicketStatus, at: float) -> int:
+    # A closed ticket set open again counts as reopened (statistics: the reopen rate).
     cursor = db.execute(
         "UPDATE tickets SET status = ?1, updated_at = ?2, "
+        "reopened = reopened + (status = 'closed' AND ?1 = 'open'), "
         "closed_at = CASE WHEN ?1 = 'closed' THEN coalesce(closed_at, ?2) END WHERE id = ?3",
         (status, at, ticket_id),
     )
@@ -1078,6 +1084,73 @@ class SqliteStore:
     async def blob_names(self) -> set[str]:
         """The names of the attachment files that rows refer to (the sweep keeps only those)."""
         return {row[0] for row in await self._rows("SELECT name FROM blobs")}
+
+    # -- rights, audit, statistics (sqlite_rights.py) --------------------------------------
+
+    async def person_record(self, email: str, audit_subject: str) -> rights.PersonRecord | None:
+        """Everything stored of the person with this address, read at one moment."""
+        return await _reading(
+            lambda: rights.snapshot(
+                self.path, lambda db: rights.person_record(db, self.keys, email, audit_subject)
+            )
+        )
+
+    async def set_restriction(
+        self, email: str, change: rights.Change, audit: AuditRecord
+    ) -> rights.Restriction | None:
+        return await self._writer.transaction(
+            lambda db: rights.set_restriction(db, self.keys, email, change, audit)
+        )
+
+    async def correct_person(
+        self,
+        email: str,
+        *,
+        name: str | None,
+        new_email: str | None,
+        audit: Sequence[AuditRecord],
+        then: Callable[[IngestTx, rights.Correction], T],
+    ) -> tuple[rights.Correction, T] | None:
+        """Correct the person's name or address and run `then` (the mail that follows) in the
+        same transaction; None if there is no such person."""
+
+        def work(db: sqlite3.Connection) -> tuple[rights.Correction, T] | None:
+            corrected = rights.correct_person(
+                db, self.keys, email, name=name, new_email=new_email, audit=audit
+            )
+            if corrected is None:
+                return None
+            return corrected, then(_SqliteIngestTx(db, self.keys), corrected)
+
+        return await self._writer.transaction(work)
+
+    async def ticket_counts(self, email: str) -> dict[str, int] | None:
+        return await _reading(
+            lambda: rights.snapshot(
+                self.path, lambda db: rights.ticket_counts(db, self.keys, email)
+            )
+        )
+
+    async def add_audit(self, record: AuditRecord) -> int:
+        return await self._writer.transaction(lambda db: rights.insert_audit(db, record))
+
+    async def audit_records(self, since: datetime | None = None) -> list[AuditRecord]:
+        return await _reading(
+            lambda: rights.snapshot(self.path, lambda db: rights.audit_records(db, since))
+        )
+
+    async def erased_files(self) -> list[str]:
+        """Attachment files of erased people not yet unlinked (a crash cut the erasure)."""
+        return [row[0] for row in await self._rows("SELECT name FROM erased_files")]
+
+    async def forget_erased_files(self, names: Sequence[str]) -> None:
+        await self._writer.transaction(lambda db: rights.forget_erased_files(db, names))
+
+    async def ticket_facts(self, since: datetime | None = None) -> list[rights.TicketFacts]:
+        start = since.timestamp() if since else 0.0
+        return await _reading(
+            lambda: rights.snapshot(self.path, lambda db: rights.ticket_facts(db, self.keys, start))
+        )
 
 
 async def _reading(read: Callable[[], T]) -> T:

@@ -106,6 +106,8 @@ def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id:
         p,
     )
     _scrub_cc(db, keys, person_id)
+    # Their files are unlinked after the commit; until then (a crash) this table names them.
+    db.executemany("INSERT OR IGNORE INTO erased_files (name) VALUES (?)", [(f,) for f in files])
     # Their messages on other tickets keep no link to them (sender_id SET NULL); their name
     # and address there are sealed under the key that is gone.
     db.execute("DELETE FROM people WHERE id = ?", (person_id,))
@@ -148,6 +150,16 @@ def _scrub_cc(db: sqlite3.Connection, keys: Keyring, person_id: int) -> None:
             )
 
 
+def _audit_reconciled(db: sqlite3.Connection, deleted: Deleted) -> None:
+    """The audit record of an erasure finished here (`privacy/audit.py` writes the others):
+    the address is gone with the key, so it names no subject."""
+    db.execute(
+        "INSERT INTO audit (at, action, via, subject, counts) VALUES (?, 'erase', 'reconcile', "
+        "NULL, ?)",
+        (time.time(), json.dumps(deleted.counts(), sort_keys=True)),
+    )
+
+
 def reconcile(db: sqlite3.Connection, keys: Keyring) -> int:
     """Make the database and the key store agree on who was erased; return how many people
     this deleted (an erasure that a restored copy of the database had not seen)."""
@@ -160,7 +172,7 @@ def reconcile(db: sqlite3.Connection, keys: Keyring) -> int:
         try:
             for person_id, key_id in db.execute("SELECT id, key_id FROM people").fetchall():
                 if key_id in destroyed:
-                    delete_person(db, keys, person_id, key_id)
+                    _audit_reconciled(db, delete_person(db, keys, person_id, key_id))
                     deleted += 1
             db.execute(
                 "INSERT OR IGNORE INTO erasures (key_id, at) SELECT value, ? FROM json_each(?)",
@@ -171,5 +183,5 @@ def reconcile(db: sqlite3.Connection, keys: Keyring) -> int:
             db.execute("ROLLBACK")
             raise
     if deleted:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # to its end: see _Writer
     return deleted
