@@ -144,6 +144,18 @@ class TicketsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PrivacyConfig:
+    """Privacy requests by mail (`privacy/requests.py`): off without an `address`."""
+
+    address: str | None = None  # its address key; accepted by SMTP whatever `smtp.accept` says
+    ttl: float = 7 * 24 * 3600.0  # a request's confirmation link, as a verification link's
+    max_export_size: int = 10 * 1024 * 1024  # an export's zip above this is not mailed
+
+    def is_address(self, address: str) -> bool:
+        return self.address is not None and address_key(address) == self.address
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str
     format: str
@@ -162,6 +174,7 @@ class Config:
     auth: AuthConfig
     log: LogConfig
     security: SecurityConfig
+    privacy: PrivacyConfig = PrivacyConfig()
 
 
 # -- value parsers: each takes (value, base folder) and raises ValueError with a short reason --
@@ -364,6 +377,11 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "key_file": (_optional(_path), None),
         "keystore": (_optional(_path), None),
     },
+    "privacy": {
+        "address": (_optional(_mailbox), None),
+        "ttl": (_seconds, 7 * 24 * 3600),
+        "max_export_size": (_positive_int, 10 * 1024 * 1024),
+    },
     "log": {
         "level": (_one_of("debug", "info", "warning", "error"), "info"),
         "format": (_one_of("auto", "json", "console"), "auto"),
@@ -417,6 +435,7 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         raise ConfigError(
             "auth.trusted_authserv_id: needs smtp.trusted_proxies, the address of that MTA"
         )
+    privacy = _privacy(values)
     return Config(
         path=path,
         smtp=SmtpConfig(**values["smtp"]),
@@ -429,7 +448,26 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         auth=AuthConfig(**values["auth"]),
         log=LogConfig(**values["log"]),
         security=_security(values["security"], base),
+        privacy=privacy,
     )
+
+
+def _privacy(values: dict[str, dict[str, Any]]) -> PrivacyConfig:
+    """The privacy address is accepted implicitly: it is added to `smtp.accept` (so it is one
+    of our own addresses everywhere: never a participant, never sent automatic mail).
+
+    Raises:
+        ConfigError: it is an agent's address (an agent's mail is the team's; a person asks
+            for their rights there).
+    """
+    given = values["privacy"]
+    address = address_key(given["address"]) if given["address"] else None
+    if address is not None:
+        if _listed(address, values["agents"]["addresses"]):
+            raise ConfigError("privacy.address: is an agent's address (agents.addresses)")
+        if not _listed(address, values["smtp"]["accept"]):
+            values["smtp"]["accept"] = (*values["smtp"]["accept"], address)
+    return PrivacyConfig(address, given["ttl"], given["max_export_size"])
 
 
 def _security(values: Mapping[str, Any], base: Path) -> SecurityConfig:

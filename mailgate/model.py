@@ -10,7 +10,17 @@ TicketStatus = Literal["open", "closed"]
 ThreadReason = Literal["new", "references", "subject_tag", "agent", "bounce"]
 InboundState = Literal["received", "ingested", "quarantined"]
 Author = Literal["customer", "agent", "system"]
-MailKind = Literal["verification", "ticket_created", "agent_reply"]
+MailKind = Literal[
+    "verification",
+    "ticket_created",
+    "agent_reply",
+    "privacy_confirm",  # the link that confirms a privacy request
+    "privacy_export",  # the export, attached (or why it is not)
+    "privacy_done",  # a restriction or objection applied
+    "privacy_erased",  # the erasure done: a system mail, sealed under a key of its own
+]
+# The rights a privacy request by mail asks for (`tickets.privacy_action`).
+PrivacyAction = Literal["export", "erase", "restrict", "object"]
 OutboxState = Literal["queued", "sending", "sent", "failed"]
 # How far a message's sender is proven (`ingest/trust.py` decides, `tickets.py` acts on it).
 Trust = Literal["authenticated", "unauthenticated", "failed"]
@@ -258,10 +268,12 @@ class OutboxItem:
     """An outgoing mail to queue: which template, to whom, and the variables it renders.
 
     `context` holds only what the template shows; `in_reply_to`/`references` thread it.
+    `ticket_id` None is a system mail: about no ticket, to no person (an erasure's
+    confirmation, which outlives the person it tells).
     """
 
     kind: MailKind
-    ticket_id: int
+    ticket_id: int | None
     to: Address
     message_id: str
     automatic: bool

@@ -66,6 +66,11 @@ class MessageIds:
         nonce = secrets.token_hex(6)
         return f"mg-{ticket_id}-{nonce}-{self._mac(ticket_id, nonce)}@{self._hostname}"
 
+    def system(self) -> str:
+        """A Message-ID for a system mail (no ticket): it names nothing, so a reply to it
+        opens a new ticket."""
+        return f"mg-system-{secrets.token_hex(12)}@{self._hostname}"
+
     def ticket_of(self, message_id: str) -> int | None:
         """The ticket an ID of ours names, or None if it is not ours or its HMAC is wrong."""
         match = _OWN_ID.fullmatch(message_id)

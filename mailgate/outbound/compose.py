@@ -24,6 +24,7 @@ from mailgate.text import clean_line
 _PLAIN_MSGID = re.compile(r"[!-;=?-~]{1,998}")  # printable ASCII without space, < and >
 MAX_SUBJECT = 200
 _MULTILINE = frozenset({"body"})  # the agent's answer; every other variable is one line
+EXPORT_FILENAME = "mailgate-export.zip"  # never the address: the name travels with the file
 
 
 class Composer:
@@ -35,6 +36,7 @@ class Composer:
         self._base_url = config.http.base_url
         self._tag_prefix = config.tickets.tag_prefix
         self._ttl_days = max(1, round(config.verification.ttl / 86400))
+        self._privacy_ttl_days = max(1, round(config.privacy.ttl / 86400))
 
     @property
     def sender(self) -> str:
@@ -52,16 +54,22 @@ class Composer:
         }
         found["tag"] = self.tag(item.ticket_id)
         token = found.pop("token", None)
+        found.pop("export_blob", None)  # the attachment's file name in the store: not shown
         if item.kind == "verification":
             found["verify_url"] = f"{self._base_url}/verify/{token}"
             found["ttl_days"] = self._ttl_days
+        elif item.kind == "privacy_confirm":
+            found["confirm_url"] = f"{self._base_url}/privacy/confirm/{token}"
+            found["ttl_days"] = self._privacy_ttl_days
         return found
 
-    def tag(self, ticket_id: int) -> str:
-        return f"[{self._tag_prefix}{ticket_id}]"
+    def tag(self, ticket_id: int | None) -> str:
+        """The ticket's subject tag; a system mail (no ticket) has none."""
+        return f"[{self._tag_prefix}{ticket_id}]" if ticket_id is not None else ""
 
-    def compose(self, item: OutboxItem) -> EmailMessage:
-        """Render and assemble; raises ConfigError if a template is broken."""
+    def compose(self, item: OutboxItem, *, attachment: bytes | None = None) -> EmailMessage:
+        """Render and assemble, with `attachment` (a privacy export's zip) if given; raises
+        ConfigError if a template is broken."""
         variables = self.variables(item)
         tag = self.tag(item.ticket_id)
         subject = _with_tag(
@@ -91,6 +99,10 @@ class Composer:
             msg["X-Auto-Response-Suppress"] = "All"
         msg.set_content(text)
         msg.add_alternative(html, subtype="html")
+        if attachment is not None:
+            msg.add_attachment(
+                attachment, maintype="application", subtype="zip", filename=EXPORT_FILENAME
+            )
         return msg
 
 
@@ -99,7 +111,10 @@ def _with_tag(subject: str, tag: str) -> str:
 
     The tag is what threads the customer's answer (rule 4) when the client drops References,
     so a subject too long is cut before the tag, never through it: `Re: <long text>... [#12]`.
+    A system mail has no tag (`tag` empty).
     """
+    if not tag:
+        return subject if len(subject) <= MAX_SUBJECT else subject[: MAX_SUBJECT - 3] + "..."
     if tag in subject and len(subject) <= MAX_SUBJECT:
         return subject
     text = subject.replace(tag, " ") if tag in subject else subject

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Literal
 
 import structlog
@@ -27,6 +28,7 @@ from mailgate.outbound.compose import Composer, serialise
 from mailgate.outbound.refusals import record_refusals
 from mailgate.outbound.transports import DeliveryFailed, Handover, Refusal, Transport
 from mailgate.store import IngestTx, Store
+from mailgate.store.blobs import remove_blobs
 
 log = structlog.get_logger(__name__)
 
@@ -71,8 +73,10 @@ class OutboundWorker:
         *,
         wake: asyncio.Event | None = None,
         intake_busy: Callable[[], bool] = lambda: False,
+        attachments: Path | None = None,
     ) -> None:
         self._store = store
+        self._attachments = attachments  # [storage] attachments: a privacy export's sealed zip
         self._intake_busy = intake_busy
         self._composer = composer
         self._transport = transport
@@ -167,11 +171,27 @@ class OutboundWorker:
         else:
             await self._finish(row, outcome)
 
+    async def _attachment(self, row: OutboxRow) -> bytes | Outcome | None:
+        """What the mail attaches: a privacy export's zip, opened from its sealed blob (which
+        the store removes once the mail is sent or has failed); an Outcome if it is gone."""
+        item = row.item
+        if item.kind != "privacy_export" or item.context.get("too_large"):
+            return None
+        content = None
+        if item.context.get("export_blob") and self._attachments is not None:
+            content = await self._store.outbox_attachment(row.id, self._attachments)
+        if content is None:
+            return Outcome("failed", "the export is no longer stored; ask for a new one")
+        return content
+
     async def _attempt(self, row: OutboxRow, handover: Handover) -> Outcome:
         item = row.item
         recipients = [item.to.email, *item.cc]
+        attachment = await self._attachment(row)
+        if isinstance(attachment, Outcome):
+            return attachment
         try:
-            message = serialise(self._composer.compose(item), recipients)
+            message = serialise(self._composer.compose(item, attachment=attachment), recipients)
         except ConfigError as exc:  # a broken template: ops can fix it, so retry later
             return Outcome("retry", f"template: {exc}")
         except Exception as exc:  # noqa: BLE001 - this row's data cannot make a mail
@@ -235,13 +255,18 @@ class OutboundWorker:
     async def _finish(self, row: OutboxRow, outcome: Outcome) -> None:
         state = outcome.state
         assert state != "retry"
-        verification_lost = row.item.kind == "verification" and state == "failed"
-        if outcome.refused or verification_lost:
+        link_lost = row.item.kind in ("verification", "privacy_confirm") and state == "failed"
+        if (outcome.refused or link_lost) and row.item.ticket_id is not None:
             await self._store.ingest(lambda tx: self._record(tx, row, outcome))
-        else:
+        else:  # a system mail leaves no trace of its recipient: no mark, no note
             await self._store.finish_outbox(
                 row.id, state, error=outcome.error, retry_at=None, reply=outcome.reply
             )
+        blob = row.item.context.get("export_blob")
+        if isinstance(blob, str) and blob and self._attachments is not None:
+            # Its row went in the transaction above; a crash before this leaves a sealed file
+            # whose key went with the row, which the blob sweep removes.
+            remove_blobs(self._attachments, [blob])
         event = "outbox_sent" if state == "sent" else "outbox_failed"
         log.info(
             event,

@@ -32,11 +32,15 @@ def record_refusals(
     at: datetime,
 ) -> None:
     """Mark the permanently refused recipients of `item` and note its ticket; `delivered`
-    tells whether the relay took the mail for the other recipients."""
+    tells whether the relay took the mail for the other recipients. A system mail (no
+    ticket) leaves no trace: marking its recipient would make a person of an address that
+    must stay gone (an erasure's confirmation)."""
+    if item.ticket_id is None:
+        return
     for refusal in refused:
         if refusal.permanent:
             tx.set_undeliverable(refusal.recipient, refusal.status, at=at)
-    if item.kind == "verification" and not delivered:
+    if item.kind in ("verification", "privacy_confirm") and not delivered:
         tx.revoke_tokens(message_ids=[item.message_id], at=at)
     if tx.ticket_status(item.ticket_id) is None:
         return

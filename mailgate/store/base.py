@@ -25,6 +25,7 @@ from mailgate.model import (
     OutboxRow,
     OutboxState,
     ParsedMail,
+    PrivacyAction,
     Requester,
     StoredAttachment,
     ThreadReason,
@@ -124,7 +125,23 @@ class IngestTx(Protocol):
         self, *, hashes: Sequence[str] = (), message_ids: Sequence[str] = (), at: datetime
     ) -> int:
         """Revoke the unused tokens with these hashes or carried by these mails (a bounce
-        returned them); return how many. A revoked token verifies no one."""
+        returned them); return how many. A revoked token verifies no one. Privacy requests'
+        links are tokens too: an unconfirmed one is revoked the same way."""
+
+    def open_privacy_request(
+        self,
+        email: str,
+        ticket_id: int,
+        action: PrivacyAction,
+        token_hash: str,
+        *,
+        at: datetime,
+        expires_at: datetime,
+        message_id: str | None,
+    ) -> None:
+        """Store a privacy request of the person with this address, its link's hash and the
+        mail that carries it, bound to that address and the request's ticket; their older
+        unconfirmed requests for the same action are revoked."""
 
     def automatic_mails_since(self, recipient: str | None, since: datetime) -> int:
         """Count automatic mails queued since `since`, to `recipient` or (None) to anyone."""
@@ -137,8 +154,14 @@ class IngestTx(Protocol):
     def sent_to(self, message_id: str) -> list[str]:
         """The addresses (To and Cc) of the outgoing mail with this Message-ID."""
 
-    def enqueue(self, item: OutboxItem, *, at: datetime) -> int:
-        """Queue an outgoing mail, due now; return its outbox id."""
+    def enqueue(self, item: OutboxItem, *, at: datetime, held_for: int | None = None) -> int:
+        """Queue an outgoing mail, due now; return its outbox id.
+
+        `item.ticket_id` None is a system mail: it makes no person of its recipient and is
+        sealed under a key of its own, destroyed with the row once the mail is sent or has
+        failed. With `held_for`, the mail is not sent while the person with that row id
+        exists (an erasure's confirmation waits for the erasure).
+        """
 
     def finish_outbox(
         self,
@@ -248,6 +271,10 @@ class Store(Protocol):
             StoreUnavailable: transient failure.
             StoreError: any other failure of the database.
         """
+
+    async def outbox_attachment(self, outbox_id: int, root: Path) -> bytes | None:
+        """The file an outgoing mail attaches (a privacy export's zip, `export_blob` in its
+        context), opened from its sealed blob under `root`; None if it is not stored."""
 
     async def claim_outbox(self, *, limit: int) -> list[OutboxRow]:
         """Move due 'queued' rows to 'sending', counting the attempt, and return them."""

@@ -41,6 +41,7 @@ from mailgate.model import (
     OutboxRow,
     OutboxState,
     ParsedMail,
+    PrivacyAction,
     Requester,
     StoredAttachment,
     ThreadReason,
@@ -50,6 +51,7 @@ from mailgate.model import (
 from mailgate.privacy.keyring import Keyring
 from mailgate.privacy.sealing import DataKey, seal_stream
 from mailgate.spool import Spooled
+from mailgate.store import sqlite_requests as requests
 from mailgate.store import sqlite_rights as rights
 from mailgate.store.base import IngestTx, TokenOutcome, TokenState
 from mailgate.store.blobs import read_blob
@@ -610,13 +612,41 @@ class _SqliteIngestTx:
     def revoke_tokens(
         self, *, hashes: Sequence[str] = (), message_ids: Sequence[str] = (), at: datetime
     ) -> int:
+        found, carried = json.dumps(list(hashes)), json.dumps(list(message_ids))
         cursor = self._db.execute(
             "UPDATE verification_tokens SET revoked_at = ? WHERE used_at IS NULL "
             "AND revoked_at IS NULL AND (token_hash IN (SELECT value FROM json_each(?)) "
             "OR message_id IN (SELECT value FROM json_each(?)))",
-            (_ts(at), json.dumps(list(hashes)), json.dumps(list(message_ids))),
+            (_ts(at), found, carried),
         )
-        return int(cursor.rowcount)
+        # A privacy request's link is a token like the others: a bounce revokes it too.
+        return int(cursor.rowcount) + requests.revoke(self._db, found, carried, _ts(at))
+
+    def open_privacy_request(
+        self,
+        email: str,
+        ticket_id: int,
+        action: PrivacyAction,
+        token_hash: str,
+        *,
+        at: datetime,
+        expires_at: datetime,
+        message_id: str | None,
+    ) -> None:
+        row = self._people.find(email)
+        if row is None:
+            return
+        requests.open_request(
+            self._db,
+            person_id=int(row["id"]),
+            blind=bytes(row["blind"]),
+            ticket_id=ticket_id,
+            action=action,
+            token_hash=token_hash,
+            at=_ts(at),
+            expires_at=_ts(expires_at),
+            message_id=message_id,
+        )
 
     def automatic_mails_since(self, recipient: str | None, since: datetime) -> int:
         if recipient is None:
@@ -655,24 +685,35 @@ class _SqliteIngestTx:
         row = self._one(
             "SELECT o.ticket_id, o.mail FROM outbox o WHERE o.message_id = ?", (message_id,)
         )
-        if row is None:
+        if row is None or row["ticket_id"] is None:  # a system mail names no one once sent
             return []
         _owner, key = self._people.of_ticket(row["ticket_id"])
         mail = json.loads(key.open(bytes(row["mail"]), OUTBOX))
         return [mail["to"][0], *mail["cc"]]
 
-    def enqueue(self, item: OutboxItem, *, at: datetime) -> int:
-        _owner, key = self._people.of_ticket(item.ticket_id)
-        recipient, _ = self._people.upsert(Address(item.to.email, None))
+    def enqueue(self, item: OutboxItem, *, at: datetime, held_for: int | None = None) -> int:
+        recipient: int | None
+        seal_key: str | None
+        if item.ticket_id is None:
+            # A system mail: to no person (no people row is made for its address), sealed
+            # under a key of its own, destroyed with the row once it is sent.
+            key = self._keys.new_key()
+            recipient, seal_key = None, key.key_id
+        else:
+            _owner, key = self._people.of_ticket(item.ticket_id)
+            recipient, _ = self._people.upsert(Address(item.to.email, None))
+            seal_key = None
         mail = {"to": [item.to.email, item.to.name], "cc": list(item.cc), "context": item.context}
         row = self._one(
-            "INSERT INTO outbox (kind, ticket_id, recipient_id, mail, message_id, in_reply_to, "
-            "refs, automatic, created_at, next_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO outbox (kind, ticket_id, recipient_id, seal_key, held_for, mail, "
+            "message_id, in_reply_to, refs, automatic, created_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 item.kind,
                 item.ticket_id,
                 recipient,
+                seal_key,
+                held_for,
                 key.seal(json.dumps(mail).encode(), OUTBOX),
                 item.message_id,
                 item.in_reply_to,
@@ -694,18 +735,37 @@ class _SqliteIngestTx:
         retry_at: datetime | None,
         reply: str | None = None,
     ) -> None:
-        row = self._one("SELECT ticket_id, mail FROM outbox WHERE id = ?", (outbox_id,))
+        row = self._one("SELECT ticket_id, seal_key, mail FROM outbox WHERE id = ?", (outbox_id,))
         if row is None:
             return
-        try:
-            _owner, key = self._people.of_ticket(row["ticket_id"])
-        except (LookupError, StoreError):
-            return  # its ticket was erased while it was being sent
+        if row["seal_key"] is not None:
+            key = self._keys.key(row["seal_key"])
+            if state in ("sent", "failed") or key is None:
+                # Done with: its key first (from here the row is ciphertext without a key),
+                # then the row; a crash between leaves a row that the next claim drops.
+                self._keys.destroy([row["seal_key"]])
+                self._db.execute("DELETE FROM outbox WHERE id = ?", (outbox_id,))
+                return
+        else:
+            try:
+                _owner, key = self._people.of_ticket(row["ticket_id"])
+            except (LookupError, StoreError):
+                return  # its ticket was erased while it was being sent
         mail = bytes(row["mail"])
-        if state == "sent":
-            # A sent verification mail drops its token: from now on only its hash exists.
+        if state in ("sent", "failed"):
             opened = json.loads(key.open(mail, OUTBOX))
-            opened["context"].pop("token", None)
+            # A sent verification mail drops its token: from now on only its hash exists.
+            if state == "sent":
+                opened["context"].pop("token", None)
+            # An export's zip is kept only until its mail is sent (or has failed).
+            blob = opened["context"].get("export_blob")
+            if blob is not None:
+                opened["context"]["export_blob"] = None
+                self._db.execute(
+                    "DELETE FROM blobs WHERE name = ? AND owner_id = "
+                    "(SELECT requester_id FROM tickets WHERE id = ?)",
+                    (blob, row["ticket_id"]),
+                )
             mail = key.seal(json.dumps(opened).encode(), OUTBOX)
         self._db.execute(
             "UPDATE outbox SET state = :state, last_error = :error, mail = :mail, "
@@ -738,6 +798,52 @@ class _SqliteIngestTx:
         self._db.execute(
             "UPDATE inbound SET state = ?, reason = ?, processed_at = ? WHERE id = ?",
             (state, reason, _ts(at), inbound_id),
+        )
+
+
+class PrivacyTx(_SqliteIngestTx):
+    """A unit of work of a privacy request's confirmation (`SqliteStore.privacy`): the ingest
+    unit of work (the mails that follow are queued through the ticket rules as ever) and what
+    acting on the request writes besides, in the same transaction: the request's state, a
+    restriction, the mark that begins an erasure, the export's blob, audit records."""
+
+    def confirm_request(self, token_hash: str, *, at: datetime) -> requests.Claim | TokenState:
+        """Use a live request's link (once); otherwise its state, nothing changed."""
+        return requests.confirm(self._db, self._keys, token_hash, _ts(at))
+
+    def unfinished_request(self, request_id: int) -> requests.Claim | None:
+        """The request if it is confirmed and not yet done (its person not being erased)."""
+        return requests.unfinished(self._db, self._keys, request_id)
+
+    def finish_request(self, request_id: int, *, at: datetime) -> None:
+        requests.finish(self._db, request_id, _ts(at))
+
+    def restrict(
+        self, email: str, change: rights.Change, audit: AuditRecord
+    ) -> rights.Restriction | None:
+        return rights.set_restriction(self._db, self._keys, email, change, audit)
+
+    def begin_erasure(self, person_id: int) -> PersonRef | None:
+        """Mark the person 'erasing' (`SqliteStore.begin_erasure`, by id)."""
+        row = self._one(
+            "UPDATE people SET state = 'erasing' WHERE id = ? RETURNING id, key_id", (person_id,)
+        )
+        return PersonRef(row["id"], row["key_id"]) if row else None
+
+    def add_audit(self, record: AuditRecord) -> None:
+        rights.insert_audit(self._db, record)
+
+    def own_export(self, person_id: int, name: str, key: bytes, size: int) -> None:
+        """Record an export's sealed zip (`blobs.save_blob`) as a blob of the person: erasing
+        them removes it; it is removed once its mail is sent."""
+        row = self._one("SELECT key_id FROM people WHERE id = ?", (person_id,))
+        owner = self._keys.key(row["key_id"]) if row is not None else None
+        if owner is None:
+            raise StoreError("that person was erased")
+        digest = self._keys.keyed_hash(f"{owner.key_id}:export:{name}".encode(), "blob")
+        self._db.execute(
+            "INSERT INTO blobs (owner_id, name, digest, key, size, refs) VALUES (?, ?, ?, ?, ?, 1)",
+            (person_id, name, digest, owner.seal(key, f"{BLOB_KEY}:{name}"), size),
         )
 
 
@@ -1000,13 +1106,68 @@ class SqliteStore:
     async def peek_token(self, token_hash: str) -> TokenState:
         return await _peek(self._reader, token_hash)
 
+    # -- privacy requests by mail (sqlite_requests.py) -------------------------------------
+
+    async def peek_privacy(self, token_hash: str) -> tuple[TokenState, PrivacyAction | None]:
+        """A privacy request's link state and its action, reading only (GET, HEAD)."""
+        try:
+            rows = await self._rows(requests.REQUEST + "WHERE r.token_hash = ?", (token_hash,))
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+        if not rows:
+            return "unknown", None
+        return requests.state(rows[0], _now()), cast(PrivacyAction, rows[0]["action"])
+
+    async def privacy(self, work: Callable[[PrivacyTx], T]) -> T:
+        """Run `work` in one write transaction (`PrivacyTx`) and return its result."""
+        return await self._writer.transaction(lambda db: work(PrivacyTx(db, self.keys)))
+
+    async def unfinished_requests(self) -> list[int]:
+        """Requests confirmed and not acted on (a crash or a failure came between)."""
+        rows = await self._rows(
+            "SELECT id FROM privacy_requests WHERE confirmed_at IS NOT NULL AND done_at IS NULL "
+            "ORDER BY id"
+        )
+        return [int(row[0]) for row in rows]
+
+    async def outbox_attachment(self, outbox_id: int, root: Path) -> bytes | None:
+        rows = await self._rows(
+            "SELECT o.mail, t.requester_id, p.key_id FROM outbox o "
+            "JOIN tickets t ON t.id = o.ticket_id JOIN people p ON p.id = t.requester_id "
+            "WHERE o.id = ?",
+            (outbox_id,),
+        )
+        owner = self.keys.key(rows[0]["key_id"]) if rows else None
+        if owner is None:
+            return None
+        name = json.loads(owner.open(bytes(rows[0]["mail"]), OUTBOX))["context"].get("export_blob")
+        blob = await self._rows(
+            "SELECT key FROM blobs WHERE name = ? AND owner_id = ?",
+            (name, rows[0]["requester_id"]),
+        )
+        if not name or not blob:
+            return None
+        key = DataKey(owner.open(bytes(blob[0]["key"]), f"{BLOB_KEY}:{name}"))
+        return await asyncio.to_thread(read_blob, root, name, key)
+
     async def claim_outbox(self, *, limit: int) -> list[OutboxRow]:
         def claim(db: sqlite3.Connection) -> list[sqlite3.Row]:
             ids = [row[0] for row in db.execute(_CLAIM, (_now(), limit))]
-            return db.execute(
+            rows = db.execute(
                 _OUTBOX + "WHERE o.id IN (SELECT value FROM json_each(?))",  # noqa: S608
                 (json.dumps(ids),),
             ).fetchall()
+            live = []
+            for row in rows:
+                if row["seal_key"] is not None and self.keys.key(row["seal_key"]) is None:
+                    # A system row whose key is destroyed (a crash after its mail was done
+                    # with, or an old copy of the database): nothing of it can be sent.
+                    db.execute("DELETE FROM outbox WHERE id = ?", (row["id"],))
+                else:
+                    live.append(row)
+            return live
 
         rows = await self._writer.transaction(claim)
         people = _Opener(self.keys)
@@ -1037,7 +1198,7 @@ class SqliteStore:
         return int(cursor.rowcount)
 
     async def next_outbox_due(self) -> datetime | None:
-        rows = await self._rows("SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'")
+        rows = await self._rows(f"SELECT min(next_attempt_at) FROM outbox WHERE {_DUE}")  # noqa: S608
         return _dt(rows[0][0]) if rows and rows[0][0] is not None else None
 
     async def list_outbox(self, state: OutboxState | None = None) -> list[OutboxRow]:
@@ -1314,13 +1475,19 @@ _TICKETS = (
     "(SELECT count(*) FROM messages m WHERE m.ticket_id = t.id) AS message_count "
     "FROM tickets t JOIN people p ON p.id = t.requester_id "
 )
+# A row is sealed under its ticket's requester's key, or (a system row) under its own.
 _OUTBOX = (
-    "SELECT o.*, p.key_id FROM outbox o JOIN tickets t ON t.id = o.ticket_id "
-    "JOIN people p ON p.id = t.requester_id "
+    "SELECT o.*, coalesce(o.seal_key, p.key_id) AS key_id FROM outbox o "
+    "LEFT JOIN tickets t ON t.id = o.ticket_id LEFT JOIN people p ON p.id = t.requester_id "
+)
+# Due, and not held: a row held for a person waits until that person's row is gone.
+_DUE = (
+    "state = 'queued' AND (held_for IS NULL OR NOT EXISTS "
+    "(SELECT 1 FROM people WHERE people.id = outbox.held_for))"
 )
 _CLAIM = (
-    "UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id IN ("
-    " SELECT id FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
+    "UPDATE outbox SET state = 'sending', attempts = attempts + 1 WHERE id IN ("  # noqa: S608
+    f" SELECT id FROM outbox WHERE {_DUE} AND next_attempt_at <= ?"
     " ORDER BY next_attempt_at, id LIMIT ?) RETURNING id"
 )
 
