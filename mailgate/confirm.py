@@ -74,11 +74,14 @@ class ConfirmHooks:
     """What a confirmation route does with the SHA-256 of its path's token.
 
     `peek` tells its state and changes nothing (GET, HEAD); `redeem` uses it (the POST, once
-    its checks pass) and says what to show. Both may raise StoreError: the page is a 503.
+    its checks pass) and says what to show; `details`, if given, reads what the page of a
+    live token may say besides (variables of `confirm.html`; never personal data). Each may
+    raise StoreError: the page is a 503.
     """
 
     peek: Callable[[str], Awaitable[TokenState]]
     redeem: Callable[[str], Awaitable[Outcome]]
+    details: Callable[[str], Awaitable[Mapping[str, Any]]] | None = None
 
 
 class Page(Protocol):
@@ -176,10 +179,15 @@ class ConfirmationRoute:
         log.info("confirmation_shown", purpose=self.purpose, state=state)
         if state != "live":
             return self._refusal(request, state)
+        try:
+            details = await self._hooks.details(hashed) if self._hooks.details else {}
+        except StoreError as exc:
+            return self._unavailable(request, exc)
         return self._page(
             request,
             "confirm.html",
             200,
+            **details,
             purpose=self.purpose,
             # Relative to /…/{token}: the same URL, whatever prefix a proxy serves us under.
             action="./" + quote(token, safe=""),

@@ -10,6 +10,13 @@ only with the mail that carries it, and knows that mail's Message-ID (a permanen
 revokes the token); every mail threads onto the ticket (In-Reply-To, References). Agent
 replies are not automatic (a restricted person still gets them). Composition and delivery
 happen later, in the outbound worker, from the outbox row alone.
+
+Privacy requests by mail (rule 18): the link that confirms one is automatic mail within the
+same limits, but goes to a restricted person too (their rights are not processing for
+support: restriction must not keep them from lifting it, getting a copy or being erased);
+the answer to a confirmed request is not limited (each answers one click on a link that was)
+and goes whatever the person's state. An erasure's answer is a system mail (no ticket), held
+until the erasure is done.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import structlog
 
 from mailgate.config import Config
 from mailgate.log import mask_address
-from mailgate.model import Address, MailKind, OutboxItem
+from mailgate.model import Address, MailKind, OutboxItem, PrivacyAction
 from mailgate.msgid import MessageIds
 from mailgate.privacy.tokens import new_token
 from mailgate.store import IngestTx
@@ -39,6 +46,7 @@ class Reactions:
     def __init__(self, config: Config, msgids: MessageIds) -> None:
         self._outbound = config.outbound
         self._ttl = timedelta(seconds=config.verification.ttl)
+        self._privacy_ttl = timedelta(seconds=config.privacy.ttl)
         self._msgids = msgids
 
     def verification(
@@ -57,6 +65,64 @@ class Reactions:
             tx.issue_token(sender, digest, at=at, expires_at=at + self._ttl, message_id=message_id)
         return outbox_id
 
+    def privacy_confirmation(
+        self, tx: IngestTx, ticket_id: int, to: str, action: PrivacyAction, *, at: datetime
+    ) -> int | None:
+        """Queue the mail with the link that confirms a privacy request of the person with
+        address `to`, with a new token and its request; None (and no request) if a limit says
+        no."""
+        token, digest = new_token()
+        message_id = self._msgids.new(ticket_id)  # a permanent bounce of it revokes the link
+        context: Context = {"token": token, "action": action}
+        outbox_id = self.automatic(
+            tx,
+            "privacy_confirm",
+            ticket_id,
+            Address(to),
+            context,
+            at=at,
+            message_id=message_id,
+            rights=True,
+        )
+        if outbox_id is not None:
+            tx.open_privacy_request(
+                to,
+                ticket_id,
+                action,
+                digest,
+                at=at,
+                expires_at=at + self._privacy_ttl,
+                message_id=message_id,
+            )
+        return outbox_id
+
+    def privacy_answer(
+        self,
+        tx: IngestTx,
+        kind: MailKind,
+        ticket_id: int,
+        to: str,
+        context: Context,
+        *,
+        at: datetime,
+    ) -> int:
+        """Queue the answer to a confirmed privacy request, threaded onto its ticket."""
+        return self.queue(tx, kind, ticket_id, Address(to), context, automatic=True, at=at)
+
+    def farewell(self, tx: IngestTx, to: str, *, held_for: int, at: datetime) -> int:
+        """Queue the mail that tells `to` their data was erased: a system mail (no ticket,
+        nothing but the address, sealed under a key of its own), held until the person with
+        row id `held_for` is gone."""
+        item = OutboxItem(
+            kind="privacy_erased",
+            ticket_id=None,
+            to=Address(to),
+            message_id=self._msgids.system(),
+            automatic=True,
+            context={},
+        )
+        return tx.enqueue(item, at=at, held_for=held_for)
+
     def automatic(
         self,
         tx: IngestTx,
@@ -67,13 +133,15 @@ class Reactions:
         *,
         at: datetime,
         message_id: str | None = None,
+        rights: bool = False,
     ) -> int | None:
-        """Queue an automatic mail to `to`, unless a limit says no (then None)."""
+        """Queue an automatic mail to `to`, unless a limit says no (then None); `rights`: it
+        serves the person's privacy rights, so a restriction does not stop it."""
         outbound = self._outbound
         if tx.undeliverable(to.email):
             log.info("automatic_mail_skipped", kind=kind, ticket_id=ticket_id, why="undeliverable")
             return None
-        if _restricted(tx, to.email):
+        if not rights and _restricted(tx, to.email):
             log.info("automatic_mail_skipped", kind=kind, ticket_id=ticket_id, why="restricted")
             return None
         since = at - timedelta(seconds=outbound.auto_reply_window)

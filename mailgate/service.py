@@ -26,10 +26,12 @@ from mailgate.outbound.outbox import OutboundWorker, stop_seconds
 from mailgate.outbound.templates import Templates
 from mailgate.outbound.transports import transport_for
 from mailgate.privacy import rights
+from mailgate.privacy.requests import PrivacyRequests
 from mailgate.smtp import start_smtp
 from mailgate.smtp_session import MailgateSMTP
 from mailgate.store import SqliteStore, store_for
-from mailgate.web import HTTP_STOP_SECONDS, build_app, start_web
+from mailgate.tickets import Tickets
+from mailgate.web import HTTP_STOP_SECONDS, build_app, privacy_hooks, start_web
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +91,10 @@ async def serve(
         store = await stack.enter_async_context(store_for(config))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
         await _finish_erasures(store, config)
+        requests = PrivacyRequests(store, config, Tickets(config, msgids))
+        exported = await requests.finish_confirmed()  # confirmed before a crash: mailed now
+        if exported:
+            log.info("privacy_exports_finished", count=exported)
 
         committed, mail_queued = asyncio.Event(), asyncio.Event()
         sessions: set[MailgateSMTP] = set()
@@ -101,6 +107,7 @@ async def serve(
             config.outbound,
             wake=mail_queued,
             intake_busy=intake.busy,
+            attachments=config.storage.attachments,
         )
         outbound_task = asyncio.create_task(outbound.run(), name="outbound-worker")
         stack.push_async_callback(
@@ -135,7 +142,14 @@ async def serve(
         )
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 
-        app = build_app(store, templates, secret=secret, base_url=config.http.base_url)
+        app = build_app(
+            store,
+            templates,
+            secret=secret,
+            base_url=config.http.base_url,
+            # Without a privacy address, the route knows no link (404).
+            privacy_confirm=privacy_hooks(requests) if config.privacy.address else None,
+        )
         web_server = await start_web(config.http, app)
         stack.push_async_callback(web_server.close)
         http_address = web_server.address

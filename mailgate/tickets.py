@@ -21,6 +21,13 @@ only persists, and `reactions.py` queues the mails the rules call for.
   requester with the participants on Cc.
 - *Bounces*: a bounce that returns one of our Message-IDs is a system note on its ticket;
   it marks undeliverable only addresses the returned mail went to.
+- *Privacy requests* (rule 18): mail to `[privacy] address` (an envelope recipient) whose
+  subject's first word asks for a right (`privacy_action`), which joins no ticket and is no
+  automatic mail, opens a privacy-request ticket, and the mail that follows is the link that
+  confirms it, to the From address (never Reply-To): the mailbox whose data it is. Nothing
+  is done until that link is confirmed (`privacy/requests.py`), so the From may be forged.
+  A failed sender is answered too: the link, not the mail's authentication, proves who asks.
+  Anything else sent there is a normal ticket.
 
 Imports `store` (its Protocol), `reactions`, `config`, `msgid` and the shared modules;
 never `ingest`, `outbound`, `smtp`, `web` or `cli`, which call it.
@@ -29,6 +36,7 @@ never `ingest`, `outbound`, `smtp`, `web` or `cli`, which call it.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,7 +45,14 @@ import structlog
 
 from mailgate.addresses import address_key, same_address
 from mailgate.config import Config
-from mailgate.model import Address, ParsedMail, StoredAttachment, ThreadReason, Trust
+from mailgate.model import (
+    Address,
+    ParsedMail,
+    PrivacyAction,
+    StoredAttachment,
+    ThreadReason,
+    Trust,
+)
 from mailgate.msgid import MessageIds
 from mailgate.reactions import Context, Reactions
 from mailgate.store import IngestTx
@@ -61,6 +76,42 @@ _REPLY_PREFIX = re.compile(
 def strip_reply_prefixes(subject: str) -> str:
     """Remove leading Re:/AW:/SV:/VS:/Antw:/답장: and similar, however often repeated."""
     return _REPLY_PREFIX.sub("", subject).strip()
+
+
+# The first word of a privacy request's subject, and the right it asks for. Korean: 열람
+# (access), 삭제 (deletion), 처리정지 (suspension of processing), also written with 요청
+# ("request") or 신청 ("application") joined on, as Hangul compounds are.
+PRIVACY_WORDS: Mapping[str, PrivacyAction] = {
+    "access": "export",
+    "export": "export",
+    "erase": "erase",
+    "delete": "erase",
+    "restrict": "restrict",
+    "object": "object",
+    "열람": "export",
+    "삭제": "erase",
+    "처리정지": "restrict",
+}
+_KOREAN_SUFFIXES = ("요청", "신청")
+_FIRST_WORD = re.compile(r"[^\W\d_]+")
+
+
+def privacy_action(subject: str) -> PrivacyAction | None:
+    """The right a subject asks for: its first word (NFKC, case-folded; letters only, so
+    `Erase:` and `ERASE my data` ask, `erasers` and `accessibility` do not), or None.
+
+    A reply prefix is not stripped: `Re: erase` answers a mail (ours, perhaps the
+    confirmation itself) and asks for nothing new.
+    """
+    match = _FIRST_WORD.match(unicodedata.normalize("NFKC", subject).lstrip())
+    if match is None:
+        return None
+    word = match.group(0).casefold()
+    for suffix in ("", *_KOREAN_SUFFIXES):
+        found = PRIVACY_WORDS.get(word.removesuffix(suffix)) if word.endswith(suffix) else None
+        if found is not None and (not suffix or not word.removesuffix(suffix).isascii()):
+            return found
+    return None
 
 
 def tag_pattern(prefix: str) -> re.Pattern[str]:
@@ -98,6 +149,7 @@ class Arrival:
     envelope_sender: str  # MAIL FROM; "" for the null sender
     received_at: datetime
     inbound_id: str | None = None  # the inbound row it came in as
+    recipients: tuple[str, ...] = ()  # RCPT TO: which of our addresses it was sent to
     attachments: tuple[StoredAttachment, ...] = ()
     mentioned_ids: tuple[str, ...] = ()  # a bounce's strings shaped like our Message-IDs
 
@@ -137,6 +189,7 @@ class Tickets:
         self._is_support = config.smtp.accepts
         self._agents = config.agents
         self._own_sender = address_key(config.outbound.sender)
+        self._privacy = config.privacy
 
     # The ways in.
 
@@ -175,7 +228,10 @@ class Tickets:
         automatic = "untrusted sender" if failed else self._automatic_reason(arrival)
         claims_agent = automatic == "agent"  # a person on the team (their out-of-office is not)
         match = ThreadMatch(None, "new") if failed else self._thread(tx, mail, agent=claims_agent)
-        return self._file(tx, arrival, match, automatic, reused_id=seen.reused_id, at=at)
+        privacy = self._privacy_request(arrival) if match.ticket_id is None else None
+        return self._file(
+            tx, arrival, match, automatic, reused_id=seen.reused_id, at=at, privacy=privacy
+        )
 
     def agent_reply(
         self, tx: IngestTx, ticket_id: int, body: str, *, agent: Address | None, at: datetime
@@ -354,8 +410,10 @@ class Tickets:
         *,
         reused_id: bool,
         at: datetime,
+        privacy: PrivacyAction | None = None,
     ) -> Filed:
-        """Store the message on the matched ticket (or a new one) and queue what follows."""
+        """Store the message on the matched ticket (or a new one) and queue what follows;
+        `privacy`: it opens a privacy request (a new ticket, no participants, the link)."""
         mail, proof = arrival.mail, arrival.proof
         trusted = proof.trust == "authenticated"
         claims_agent = automatic == "agent"
@@ -365,7 +423,10 @@ class Tickets:
                 display_subject(mail.subject, self._tag_prefix),
                 mail.sender,
                 at=arrival.received_at,
-                flags=[f for f in proof.flags if f in _TICKET_FLAGS],
+                flags=[
+                    *(f for f in proof.flags if f in _TICKET_FLAGS),
+                    *(["privacy_request"] if privacy else []),
+                ],
                 rename=trusted,  # only a proven sender renames a known requester
             )
         else:
@@ -390,7 +451,9 @@ class Tickets:
             auth=checks or {"trust": proof.trust, "source": "not checked"},
             flags=[*flags, "not_relayed"] if note else flags,
         )
-        if relayed:
+        if privacy is not None:
+            queued = self._privacy_link(tx, mail, ticket_id, privacy, trusted=trusted, at=at)
+        elif relayed:
             self.relay_agent_reply(tx, ticket_id, mail.body_text, agent=mail.sender, at=at)
             queued = 1
         elif note:
@@ -437,6 +500,74 @@ class Tickets:
             _subject, to = tx.ticket_head(ticket_id)
             queued.append(self._reactions.automatic(tx, "ticket_created", ticket_id, to, {}, at=at))
         return sum(1 for outbox_id in queued if outbox_id is not None)
+
+    # Privacy requests by mail (rule 18).
+
+    def _privacy_request(self, arrival: Arrival) -> PrivacyAction | None:
+        """The right this mail asks for, if it is a privacy request: sent to the privacy
+        address (as an envelope recipient: the To header is the sender's word) and no
+        automatic mail (RFC 3834: a bounce or an out-of-office asks for nothing); whatever
+        the sender's trust, which the link decides."""
+        if not any(self._privacy.is_address(r) for r in arrival.recipients):
+            return None
+        if self._automatic_reason(arrival) is not None:
+            return None
+        return privacy_action(arrival.mail.subject)
+
+    def _privacy_link(
+        self,
+        tx: IngestTx,
+        mail: ParsedMail,
+        ticket_id: int,
+        action: PrivacyAction,
+        *,
+        trusted: bool,
+        at: datetime,
+    ) -> int:
+        """Queue the link that confirms a privacy request, to the From address: only its
+        mailbox can confirm, so a forged From makes mailgate ask the real owner, never act."""
+        sender = mail.sender.email
+        if trusted:  # it wrote in again; a claim to be that address proves nothing
+            tx.set_undeliverable(sender, None, at=at)
+        queued = self._reactions.privacy_confirmation(tx, ticket_id, sender, action, at=at)
+        log.info(
+            "privacy_request_received", ticket_id=ticket_id, action=action, link=queued is not None
+        )
+        return int(queued is not None)
+
+    def privacy_done(
+        self, tx: IngestTx, ticket_id: int, to: str, action: PrivacyAction, *, at: datetime
+    ) -> int:
+        """A confirmed restriction or objection was applied: say so, on its ticket. It is
+        the answer to the person's own request, not processing for support, so it goes
+        although they are restricted now."""
+        context: Context = {"action": action}
+        return self._reactions.privacy_answer(tx, "privacy_done", ticket_id, to, context, at=at)
+
+    def privacy_export(
+        self,
+        tx: IngestTx,
+        ticket_id: int,
+        to: str,
+        *,
+        blob: str | None,
+        size: int,
+        at: datetime,
+    ) -> int:
+        """Mail a confirmed export: the zip in `blob` (attached at send time), or, with no
+        blob, why not (past `[privacy] max_export_size`: an agent sends it another way)."""
+        context: Context = {
+            "export_blob": blob,
+            "export_size": size,
+            "max_size": self._privacy.max_export_size,
+            "too_large": int(blob is None),
+        }
+        return self._reactions.privacy_answer(tx, "privacy_export", ticket_id, to, context, at=at)
+
+    def privacy_erased(self, tx: IngestTx, to: str, *, held_for: int, at: datetime) -> int:
+        """Tell `to` their data was erased, once the person with row id `held_for` is gone:
+        a system mail that names nothing of them but the address it goes to."""
+        return self._reactions.farewell(tx, to, held_for=held_for, at=at)
 
     def _participants(self, mail: ParsedMail, covered: frozenset[str] | None) -> list[str]:
         """To and Cc addresses besides the sender and ours, one spelling of each; only fields

@@ -25,6 +25,7 @@ from mailgate.config import HttpConfig
 from mailgate.confirm import ConfirmationRoute, Confirmed, ConfirmHooks, CsrfKey, Outcome
 from mailgate.model import HostPort
 from mailgate.outbound.templates import Templates
+from mailgate.privacy.requests import Done, PrivacyRequests
 from mailgate.store import Store
 from mailgate.text import clean_line
 
@@ -70,6 +71,21 @@ def build_app(
         app.router.add_routes(privacy.routes("/privacy/confirm/{token}"))
     app.router.add_get("/healthz", healthz)
     return app
+
+
+def privacy_hooks(requests: PrivacyRequests) -> ConfirmHooks:
+    """The privacy route's hooks: a live link's page names the right asked for; its POST
+    carries the request out and says what came of it (`privacy_done.html`)."""
+
+    async def redeem(hashed: str) -> Outcome:
+        outcome = await requests.redeem(hashed)
+        if isinstance(outcome, Done):
+            return Confirmed(
+                "privacy_done.html", {"request": outcome.action, "outcome": outcome.outcome}
+            )
+        return outcome
+
+    return ConfirmHooks(peek=requests.peek, redeem=redeem, details=requests.describe)
 
 
 def _verification(store: Store) -> ConfirmHooks:

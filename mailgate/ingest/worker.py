@@ -373,6 +373,7 @@ class IngestWorker:
             envelope_sender=row.envelope.mail_from,
             received_at=row.received_at,
             inbound_id=row.id,
+            recipients=row.envelope.rcpt_tos,
             attachments=item.attachments,
             mentioned_ids=item.mentioned_ids,
         )

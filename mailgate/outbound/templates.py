@@ -18,9 +18,23 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from mailgate.errors import ConfigError
 
-MAIL_KINDS = ("verification", "ticket_created", "agent_reply")
+MAIL_KINDS = (
+    "verification",
+    "ticket_created",
+    "agent_reply",
+    "privacy_confirm",
+    "privacy_export",
+    "privacy_done",
+    "privacy_erased",
+)
 MAIL_PARTS = ("subject.txt", "txt", "html")
-PAGES = ("confirm.html", "verified.html", "token_invalid.html", "not_confirmed.html")
+PAGES = (
+    "confirm.html",
+    "verified.html",
+    "token_invalid.html",
+    "not_confirmed.html",
+    "privacy_done.html",
+)
 
 _COMMON = {"ticket_id": 42, "tag": "[#42]"}
 SAMPLES: Mapping[str, Mapping[str, Any]] = {
@@ -39,10 +53,25 @@ SAMPLES: Mapping[str, Mapping[str, Any]] = {
         "agent_name": None,
         "agent_email": None,
     },
+    "privacy_confirm": {
+        **_COMMON,
+        "action": "erase",
+        "confirm_url": "https://support.example.com/privacy/confirm/SAMPLE",
+        "ttl_days": 7,
+    },
+    "privacy_export": {
+        **_COMMON,
+        "export_size": 12 * 1024 * 1024,
+        "max_size": 10 * 1024 * 1024,
+        "too_large": 1,
+    },
+    "privacy_done": {**_COMMON, "action": "restrict"},
+    "privacy_erased": {"tag": ""},  # a system mail: no ticket
     "confirm.html": {"purpose": "verification", "action": "./SAMPLE", "csrf": "0" * 64},
     "verified.html": {"email": "customer@example.org"},
     "token_invalid.html": {"purpose": "verification", "reason": "used"},
     "not_confirmed.html": {"purpose": "verification", "reason": "forbidden"},
+    "privacy_done.html": {"request": "erase", "outcome": "erased"},
 }
 
 

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from mailgate.privacy import audit, erasure
 from mailgate.store import IngestTx
-from mailgate.store.sqlite import SqliteStore
+from mailgate.store.sqlite import PersonRef, SqliteStore
 from mailgate.store.sqlite_rights import Change, Correction, Restriction
 
 T = TypeVar("T")
@@ -86,6 +86,18 @@ async def erase(
     counts = {**deleted.counts(), "open_tickets": tickets["open"]}
     await audit.record(store, "erase", via, email, counts, reason=category)
     return Erased(counts, category)
+
+
+async def erase_marked(
+    store: SqliteStore, person: PersonRef, email: str, attachments: Path, *, via: str
+) -> Erased:
+    """Finish the erasure of a person already marked 'erasing' (a privacy request confirmed
+    by its link is marked in the transaction that confirms it) and audit it: their own
+    request, so the reason is `request`."""
+    deleted = await erasure.finish(store, person, attachments, archive=archive_step(store))
+    counts = deleted.counts()
+    await audit.record(store, "erase", via, email, counts, reason="request")
+    return Erased(counts, "request")
 
 
 async def finish_erasures(store: SqliteStore, attachments: Path) -> int:
