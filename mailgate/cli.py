@@ -351,6 +351,8 @@ async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
         authenticator.close()
     else:
         print("auth: off: no mail is authenticated (no agent answers by mail, no renames)")
+    if config.privacy.address:
+        print(f"privacy: requests by mail to {config.privacy.address} (accepted by SMTP)")
     print(f"{config.path}: OK")
     return 0
 

@@ -109,10 +109,10 @@ class Reactions:
         """Queue the answer to a confirmed privacy request, threaded onto its ticket."""
         return self.queue(tx, kind, ticket_id, Address(to), context, automatic=True, at=at)
 
-    def farewell(self, tx: IngestTx, to: str, *, held_for: int, at: datetime) -> int:
+    def farewell(self, tx: IngestTx, to: str, *, at: datetime) -> int:
         """Queue the mail that tells `to` their data was erased: a system mail (no ticket,
         nothing but the address, sealed under a key of its own), held until the person with
-        row id `held_for` is gone."""
+        that address (being erased) is gone."""
         item = OutboxItem(
             kind="privacy_erased",
             ticket_id=None,
@@ -121,7 +121,7 @@ class Reactions:
             automatic=True,
             context={},
         )
-        return tx.enqueue(item, at=at, held_for=held_for)
+        return tx.enqueue(item, at=at, held_for=to)
 
     def automatic(
         self,

@@ -564,10 +564,10 @@ class Tickets:
         }
         return self._reactions.privacy_answer(tx, "privacy_export", ticket_id, to, context, at=at)
 
-    def privacy_erased(self, tx: IngestTx, to: str, *, held_for: int, at: datetime) -> int:
-        """Tell `to` their data was erased, once the person with row id `held_for` is gone:
-        a system mail that names nothing of them but the address it goes to."""
-        return self._reactions.farewell(tx, to, held_for=held_for, at=at)
+    def privacy_erased(self, tx: IngestTx, to: str, *, at: datetime) -> int:
+        """Tell `to` their data was erased, once the person with that address (being erased)
+        is gone: a system mail that names nothing of them but the address it goes to."""
+        return self._reactions.farewell(tx, to, at=at)
 
     def _participants(self, mail: ParsedMail, covered: frozenset[str] | None) -> list[str]:
         """To and Cc addresses besides the sender and ours, one spelling of each; only fields

@@ -22,6 +22,7 @@ from mailgate.model import (
     ForwardedClient,
     OutboxItem,
     ParsedMail,
+    PrivacyAction,
     StoredAttachment,
 )
 from mailgate.spool import Spool, Spooled
@@ -636,6 +637,41 @@ async def test_tokens_are_revoked_by_hash_or_by_their_mail_and_only_unused(
         assert await store.ingest(lambda tx: tx.revoke_tokens(at=now)) == 0
 
 
+async def test_privacy_request_links_are_tokens_a_bounce_revokes(
+    open_backend: StoreOpener,
+) -> None:
+    """A privacy request's link is revoked as a verification token is: by its hash or by the
+    mail that carried it, once; an address with no person opens none."""
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def work(tx: IngestTx) -> None:
+        ticket = tx.create_ticket("erase", Address("ann@example.org"), at=now)
+        actions: tuple[PrivacyAction, ...] = ("erase", "export")
+        for n, action in enumerate(actions):
+            tx.open_privacy_request(
+                "Ann@Example.org",
+                ticket,
+                action,
+                f"p{n}",
+                at=now,
+                expires_at=now + HOUR,
+                message_id=f"privacy{n}@mailgate.test",
+            )
+        tx.open_privacy_request(
+            "nobody@example.org", ticket, "erase", "p9", at=now, expires_at=now, message_id=None
+        )
+
+    async with open_backend() as store:
+        await store.ingest(work)
+        revoked = await store.ingest(
+            lambda tx: tx.revoke_tokens(
+                hashes=["p0", "p9"], message_ids=["privacy1@mailgate.test"], at=now
+            )
+        )
+        assert revoked == 2
+        assert await store.ingest(lambda tx: tx.revoke_tokens(hashes=["p0"], at=now)) == 0
+
+
 # Undeliverable marks.
 
 
@@ -700,6 +736,41 @@ async def test_outbox_rows_are_claimed_once_and_finished(open_backend: StoreOpen
         assert [r.id for r in await store.claim_outbox(limit=10)] == [second]
         assert not await store.retry_outbox(first)  # sent
         assert not await store.retry_outbox(999)
+
+
+def system_mail(to: str, message_id: str) -> OutboxItem:
+    return OutboxItem("privacy_erased", None, Address(to), message_id, True, {})
+
+
+async def test_a_system_mail_makes_no_person_and_waits_while_it_is_held(
+    open_backend: StoreOpener,
+) -> None:
+    """A system mail (no ticket) makes no person of its recipient; one held for an address
+    is not due while the person with that address exists; once sent or failed a system mail
+    leaves no row."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with open_backend() as store:
+        await ticket_with_message(store)  # ann@example.org
+        free = await store.ingest(
+            lambda tx: tx.enqueue(system_mail("gone@example.org", "sys1@mailgate.test"), at=now)
+        )
+        await store.ingest(
+            lambda tx: tx.enqueue(
+                system_mail("ann@example.org", "sys2@mailgate.test"),
+                at=now - HOUR,
+                held_for="Ann@example.org",
+            )
+        )
+        assert await store.get_requester("gone@example.org") is None
+        assert await store.next_outbox_due() == now  # the held one is not due
+        [claimed] = await store.claim_outbox(limit=10)
+        assert claimed.id == free
+        assert claimed.item == system_mail("gone@example.org", "sys1@mailgate.test")
+        assert await store.claim_outbox(limit=10) == []
+        await store.finish_outbox(free, "sent", error=None, retry_at=None, reply="250 ok")
+        [held] = await store.list_outbox()
+        assert held.item.message_id == "sys2@mailgate.test" and held.state == "queued"
+        assert await store.ingest(lambda tx: tx.sent_to("sys1@mailgate.test")) == []
 
 
 async def test_claims_respect_the_limit_and_oldest_due_come_first(

@@ -96,7 +96,7 @@ class PrivacyRequests:
                 # Marked in the transaction that confirms: from here a crash is finished at the
                 # next start, and the farewell waits for the person's row to go.
                 tx.begin_erasure(claim.person_id)
-                self._rules.privacy_erased(tx, claim.email, held_for=claim.person_id, at=now)
+                self._rules.privacy_erased(tx, claim.email, at=now)
             return claim
 
         claim = await self._store.privacy(confirm)

@@ -154,13 +154,14 @@ class IngestTx(Protocol):
     def sent_to(self, message_id: str) -> list[str]:
         """The addresses (To and Cc) of the outgoing mail with this Message-ID."""
 
-    def enqueue(self, item: OutboxItem, *, at: datetime, held_for: int | None = None) -> int:
+    def enqueue(self, item: OutboxItem, *, at: datetime, held_for: str | None = None) -> int:
         """Queue an outgoing mail, due now; return its outbox id.
 
         `item.ticket_id` None is a system mail: it makes no person of its recipient and is
         sealed under a key of its own, destroyed with the row once the mail is sent or has
-        failed. With `held_for`, the mail is not sent while the person with that row id
-        exists (an erasure's confirmation waits for the erasure).
+        failed. With `held_for` (an address), the mail is not sent while the person who has
+        that address now exists (an erasure's confirmation waits for the erasure; someone
+        who writes in with the address later is another person).
         """
 
     def finish_outbox(

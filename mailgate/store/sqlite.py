@@ -691,7 +691,7 @@ class _SqliteIngestTx:
         mail = json.loads(key.open(bytes(row["mail"]), OUTBOX))
         return [mail["to"][0], *mail["cc"]]
 
-    def enqueue(self, item: OutboxItem, *, at: datetime, held_for: int | None = None) -> int:
+    def enqueue(self, item: OutboxItem, *, at: datetime, held_for: str | None = None) -> int:
         recipient: int | None
         seal_key: str | None
         if item.ticket_id is None:
@@ -713,7 +713,7 @@ class _SqliteIngestTx:
                 item.ticket_id,
                 recipient,
                 seal_key,
-                held_for,
+                self._person_id(held_for) if held_for is not None else None,
                 key.seal(json.dumps(mail).encode(), OUTBOX),
                 item.message_id,
                 item.in_reply_to,
