@@ -523,7 +523,7 @@ async def _archived(
 ) -> T:
     """Read the archive (`empty` if there is none yet); only these commands open it."""
     if not config.retention.archive.exists():
-        return empty
+        return empty  # and make none
     async with open_archive(config.retention.archive, store.keys) as archive:
         return await read(archive)
 

@@ -84,7 +84,7 @@ async def _unverified(config: Config, store: SqliteStore, before: float) -> list
 async def purge(
     config: Config,
     store: SqliteStore,
-    archive: ArchiveStore | None,
+    archive: ArchiveStore,
     *,
     now: datetime,
     dry_run: bool = False,
@@ -92,10 +92,7 @@ async def purge(
     stopping: Callable[[], bool] = lambda: False,
 ) -> dict[str, int]:
     """Apply every retention period as of `now`; return how many of each were removed (with
-    `dry_run`, how many are due, and nothing changes). See the module's docstring.
-
-    `archive` may be None only for a dry run without an archive yet (nothing in it is due).
-    """
+    `dry_run`, how many are due, and nothing changes). See the module's docstring."""
     periods = config.retention
 
     def cutoff(period_of: str) -> float:
@@ -119,7 +116,6 @@ async def purge(
         counts["unverified_requesters"] = len(await _unverified(config, store, unverified))
         return counts
 
-    assert archive is not None, "a purge that changes anything needs the archive"
     counts.update(await store.expire(cutoffs, stopping=stopping))
     files: list[str] = []
     # Records at the end of their period, wherever they are.
@@ -151,8 +147,9 @@ async def purge(
     # Files no row names (a message never committed, an erasure cut short). The grace is in
     # real time: it spares files of messages being ingested now, whatever `now` says.
     counts["files"] += sweep(config.storage.attachments, await store.blob_names())
-    await store.checkpoint()
-    await archive.checkpoint()
+    if any(counts.values()):
+        await store.checkpoint()
+        await archive.checkpoint()
     await audit.record(store, "purge", via, None, counts)
     return counts
 
@@ -166,10 +163,7 @@ async def purge_now(
     via: str = "purge",
     stopping: Callable[[], bool] = lambda: False,
 ) -> dict[str, int]:
-    """`purge` with the configured archive, opened for the run and closed after (a dry run
-    makes no archive where there is none)."""
-    if dry_run and not config.retention.archive.exists():
-        return await purge(config, store, None, now=now, dry_run=True, via=via)
+    """`purge` with the configured archive, opened for the run and closed after."""
     async with open_archive(config.retention.archive, store.keys) as archive:
         return await purge(
             config, store, archive, now=now, dry_run=dry_run, via=via, stopping=stopping

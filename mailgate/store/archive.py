@@ -83,50 +83,74 @@ def _dt(ts: float) -> datetime:
 
 
 class ArchiveStore:
-    """The archive file and its keys; every call runs in a thread, one at a time."""
+    """The archive file and its keys; every call runs in a thread, one at a time.
 
-    def __init__(self, db: sqlite3.Connection, keys: Keyring, path: Path) -> None:
-        self._db = db
-        self._keys = keys
+    The file is made by the first record written: reading or purging an archive that does not
+    exist finds nothing and makes nothing.
+    """
+
+    def __init__(self, path: Path, keys: Keyring) -> None:
         self.path = path
+        self._keys = keys
+        self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
     @classmethod
     async def open(cls, path: Path, keys: Keyring) -> ArchiveStore:
-        """Open (making it if new) the archive at `path` and reconcile it with the key store."""
-
-        def connect() -> ArchiveStore:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            try:
-                db.row_factory = sqlite3.Row
-                for pragma in _PRAGMAS:
-                    db.execute(pragma)
-                db.executescript(_SCHEMA)
-                archive = cls(db, keys, path)
-                archive._reconcile()
-            except BaseException:
-                db.close()
-                raise
-            return archive
-
-        return await _mapped(connect)
+        """The archive at `path`, reconciled with the key store if it exists."""
+        archive = cls(path, keys)
+        await archive._call(lambda _db: None, empty=None)
+        return archive
 
     async def close(self) -> None:
         def close() -> None:
             with self._lock:
-                self._db.close()
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
 
         await _mapped(close)
 
-    async def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _connect(self, *, create: bool) -> sqlite3.Connection | None:
+        if self._db is not None or (not create and not self.path.exists()):
+            return self._db
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.row_factory = sqlite3.Row
+            for pragma in _PRAGMAS:
+                db.execute(pragma)
+            db.executescript(_SCHEMA)
+            self._reconcile(db)
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return db
+
+    async def _call(self, work: Callable[[sqlite3.Connection], T], *, empty: T) -> T:
+        """Run `work` on the archive; `empty` if there is none (`work` would make it)."""
+
         def locked() -> T:
             with self._lock:
-                return work(self._db)
+                db = self._connect(create=False)
+                return empty if db is None else work(db)
 
         return await _mapped(locked)
 
-    def _transaction(self, db: sqlite3.Connection, work: Callable[[], T]) -> T:
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on the archive, making the file if it is new."""
+
+        def locked() -> T:
+            with self._lock:
+                db = self._connect(create=True)
+                assert db is not None
+                return work(db)
+
+        return await _mapped(locked)
+
+    @staticmethod
+    def _transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:
         db.execute("BEGIN IMMEDIATE")
         try:
             result = work()
@@ -137,21 +161,20 @@ class ArchiveStore:
             raise
         return result
 
-    def _reconcile(self) -> None:
+    def _reconcile(self, db: sqlite3.Connection) -> None:
         destroyed = self._keys.destroyed()
-        logged = {row[0] for row in self._db.execute("SELECT key_id FROM destroyed")}
+        logged = {row[0] for row in db.execute("SELECT key_id FROM destroyed")}
         self._keys.destroy(logged - destroyed)
         gone = [
             row[0]
-            for row in self._db.execute("SELECT key_id FROM records")
+            for row in db.execute("SELECT key_id FROM records")
             if row[0] in destroyed or row[0] in logged
         ]
         if gone:
-            self._delete(gone)
+            self._delete(db, gone)
 
-    def _delete(self, key_ids: Sequence[str]) -> int:
+    def _delete(self, db: sqlite3.Connection, key_ids: Sequence[str]) -> int:
         """Delete the records of these (destroyed) keys and log them; truncate the WAL."""
-        db = self._db
 
         def delete() -> int:
             ids = json.dumps(list(key_ids))
@@ -171,12 +194,11 @@ class ArchiveStore:
     # -- writing -----------------------------------------------------------------------------
 
     async def has(self, ticket_id: int) -> bool:
-        return await self._call(
-            lambda db: (
-                db.execute("SELECT 1 FROM records WHERE ticket_id = ?", (ticket_id,)).fetchone()
-                is not None
-            )
-        )
+        def has(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT 1 FROM records WHERE ticket_id = ?", (ticket_id,))
+            return row.fetchone() is not None
+
+        return await self._call(has, empty=False)
 
     async def put(
         self,
@@ -212,7 +234,7 @@ class ArchiveStore:
             )
             return cursor.rowcount == 1
 
-        stored = await self._call(lambda db: self._transaction(db, lambda: put(db)))
+        stored = await self._write(lambda db: self._transaction(db, lambda: put(db)))
         if not stored:
             self._keys.destroy([key.key_id])  # made for nothing: no value was ever sealed under it
         return stored
@@ -225,31 +247,41 @@ class ArchiveStore:
             rows = db.execute("SELECT key_id FROM records WHERE closed_at < ?", (before,))
             return [row[0] for row in rows]
 
-        key_ids = await self._call(due)
+        none: list[str] = []
+        key_ids = await self._call(due, empty=none)
         if dry_run or not key_ids:
             return len(key_ids)
         self._keys.destroy(key_ids)
-        return await self._call(lambda _db: self._delete(key_ids))
+        return await self._call(lambda db: self._delete(db, key_ids), empty=0)
 
     async def checkpoint(self) -> None:
-        await self._call(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        """Truncate the WAL (if the archive is open: it was written or read in this run)."""
+
+        def checkpoint() -> None:
+            with self._lock:
+                if self._db is not None:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await _mapped(checkpoint)
 
     # -- reading -----------------------------------------------------------------------------
 
     async def list(self, *, requester: str | None = None) -> list[ArchivedTicket]:
-        rows = await self._call(
+        rows: list[sqlite3.Row] = await self._call(
             lambda db: db.execute(
                 "SELECT * FROM records WHERE ?1 IS NULL OR requester = ?1 ORDER BY ticket_id",
                 (requester,),
-            ).fetchall()
+            ).fetchall(),
+            empty=[],
         )
         return [self._opened(row) for row in rows]
 
     async def get(self, ticket_id: int) -> ArchivedTicket | None:
-        rows = await self._call(
+        rows: list[sqlite3.Row] = await self._call(
             lambda db: db.execute(
                 "SELECT * FROM records WHERE ticket_id = ?", (ticket_id,)
-            ).fetchall()
+            ).fetchall(),
+            empty=[],
         )
         return self._opened(rows[0]) if rows else None
 

@@ -122,8 +122,8 @@ def remove_batch(db: sqlite3.Connection, cutoffs: Cutoffs, limit: int = BATCH) -
 # -- tickets and people ------------------------------------------------------------------------
 
 CLOSED = (
-    "SELECT id, closed_at FROM tickets WHERE status = 'closed' AND closed_at < :before "
-    "AND (:since IS NULL OR closed_at >= :since) "
+    "SELECT id, closed_at FROM tickets WHERE status = 'closed' "
+    "AND (:before IS NULL OR closed_at < :before) AND (:since IS NULL OR closed_at >= :since) "
     "AND (:requester IS NULL OR requester_id = :requester) ORDER BY closed_at, id"
 )
 
