@@ -271,9 +271,11 @@ async def test_an_unverified_requester_is_erased_after_30_days_once_nothing_is_o
     assert purge(config, _at(ximena, DAYS_30 - SECOND))["unverified_requesters"] == 0
     cli(config, "requesters", "show", EMAIL, "--json")
 
+    due = purge(config, _at(closed, DAYS_30 - SECOND), "--dry-run")
     after = purge(config, _at(closed, DAYS_30 - SECOND))  # > 30 days since created
+    assert {**after, "files": 0} == due
     assert after["unverified_requesters"] == 1  # not the verified one, not support@ (the agent)
-    assert after["archived"] == 0  # closed < 30 days: not by retention, by the erasure's hook
+    assert after["archived"] == 1  # closed < 30 days: not by retention, by the erasure's hook
     gone = run_cli("--config", str(config.path), "requesters", "show", EMAIL)
     assert gone.returncode == 1
     assert [t["id"] for t in cli(config, "tickets", "list", "--json")] == [other]
