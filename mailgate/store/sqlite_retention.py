@@ -27,22 +27,18 @@ class Cutoffs:
 
 # category -> (count of what is due, the removal of one batch of it). Each names :limit and
 # the cutoffs as parameters; the times compared are those the indexes of migration 010 hold.
+# An inbound row is timed from when ingest finished with it (`processed_at`, always set then).
 _RAW_DUE = (
-    "FROM inbound WHERE state = 'ingested' AND raw IS NOT NULL "
-    "AND coalesce(processed_at, received_at) < :raw_messages"
+    "FROM inbound WHERE state = 'ingested' AND raw IS NOT NULL AND processed_at < :raw_messages"
 )
-_QUARANTINED_DUE = (
-    "FROM inbound WHERE state = 'quarantined' "
-    "AND coalesce(processed_at, received_at) < :raw_messages"
-)
+_QUARANTINED_DUE = "FROM inbound WHERE state = 'quarantined' AND processed_at < :raw_messages"
 # An ingested message's envelope (client address, HELO, envelope addresses) is a record of
 # service use: it goes with the delivery log. The ticket keeps the message.
-_ENVELOPE_DUE = (
-    "FROM inbound WHERE state = 'ingested' AND coalesce(processed_at, received_at) < :delivery_log"
-)
+_ENVELOPE_DUE = "FROM inbound WHERE state = 'ingested' AND processed_at < :delivery_log"
+# A sent row from when it was sent; a failed one from its last attempt.
 _OUTBOX_DUE = (
-    "FROM outbox WHERE state IN ('sent', 'failed') "
-    "AND coalesce(sent_at, next_attempt_at) < :delivery_log"
+    "FROM outbox WHERE (state = 'sent' AND sent_at < :delivery_log) "
+    "OR (state = 'failed' AND next_attempt_at < :delivery_log)"
 )
 # A token is an identification record from its making to its last use; a live one is kept.
 _TOKENS_DUE = (
