@@ -600,3 +600,21 @@ async def test_a_failed_run_is_logged_and_the_next_one_runs(
         assert purged["archived"] == 1
         await daemon.send(mail())  # the daemon went on all along
         assert len(await daemon.tickets()) == 1
+
+
+async def test_an_erasure_cut_short_is_finished_by_the_next_purge(daemon: Running) -> None:
+    """A crash (or a stop) after an erasure began: the next purge (the daemon's first run
+    after a start) finishes it, the closed ticket archived by the hook first."""
+    config = daemon.config
+    closed_one = await one_ticket(daemon)
+    cli(config, "close", str(closed_one))
+    async with store_for(config) as store:
+        assert await store.begin_erasure(EMAIL) is not None  # and then the process died
+    now = _at(time.time())
+    assert removed(purge(config, now, "--dry-run")) == {"erasures_resumed": 1}
+    counts = purge(config, now)
+    assert (counts["erasures_resumed"], counts["archived"]) == (1, 1)
+    assert run_cli("--config", str(config.path), "requesters", "show", EMAIL).returncode == 1
+    [record] = cli(config, "archive", "list", "--json")
+    assert (record["id"], record["archived_because"]) == (closed_one, "erasure")
+    assert purge(config, now)["erasures_resumed"] == 0

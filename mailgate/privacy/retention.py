@@ -2,6 +2,9 @@
 
 `purge(now=...)` applies every period, counted back from `now`, in this order:
 
+0. erasures a crash or a stop left unfinished (people marked 'erasing') are finished
+   (`erasure.resume`, with the archive hook), so the daemon's first run after a start
+   completes them;
 1. rows of the simple categories, in short batches (`store/sqlite_retention.py`): raw bytes
    of ingested messages and quarantined messages (`raw_messages`), envelopes of ingested
    messages and outbox rows sent or failed (`delivery_log`), verification tokens
@@ -43,7 +46,14 @@ log = structlog.get_logger(__name__)
 # The categories a purge reports, in its order. `envelopes` and `quarantined` are kept for
 # `delivery_log` and `raw_messages`; `archived` counts tickets moved to the archive,
 # `closed_tickets` the records destroyed at the end of their period, `files` attachment files.
-COUNTS = (*CATEGORIES, "closed_tickets", "archived", "unverified_requesters", "files")
+COUNTS = (
+    "erasures_resumed",
+    *CATEGORIES,
+    "closed_tickets",
+    "archived",
+    "unverified_requesters",
+    "files",
+)
 
 _NOW = "MAILGATE_NOW"  # undocumented: lets the test suite move the retention clock
 DAY = 24 * 3600.0
@@ -108,9 +118,17 @@ async def purge(
     ended, inactive = cutoff("closed_tickets"), cutoff("active_after_close")
     unverified = cutoff("unverified_requesters")
     counts = dict.fromkeys(COUNTS, 0)
+    hook = archiver(store, archive, periods, now=now)
+
+    async def keep(person: PersonRef) -> int:
+        kept = await hook(person)
+        counts["archived"] += kept
+        return kept
+
     if dry_run:
+        counts["erasures_resumed"] = len(await store.erasing())
         counts.update(await store.count_due(cutoffs))
-        archived_due = await archive.destroy_closed_before(ended, dry_run=True) if archive else 0
+        archived_due = await archive.destroy_closed_before(ended, dry_run=True)
         counts["closed_tickets"] = len(await store.closed_tickets(before=ended)) + archived_due
         counts["archived"] = len(await store.closed_tickets(before=inactive, since=ended))
         people = await _unverified(config, store, unverified)
@@ -121,6 +139,9 @@ async def purge(
             )
         return counts
 
+    counts["erasures_resumed"] = await erasure.resume(
+        store, config.storage.attachments, archive=keep
+    )
     counts.update(await store.expire(cutoffs, stopping=stopping))
     files: list[str] = []
     # Records at the end of their period, wherever they are.
@@ -140,13 +161,6 @@ async def purge(
         counts["archived"] += deleted.tickets
         files += deleted.blob_files
     # Never verified, nothing open: erased, what the law requires archived first.
-    hook = archiver(store, archive, periods, now=now)
-
-    async def keep(person: PersonRef) -> int:
-        kept = await hook(person)
-        counts["archived"] += kept
-        return kept
-
     for person in await _unverified(config, store, unverified):
         if stopping():
             break
