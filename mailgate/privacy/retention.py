@@ -45,7 +45,8 @@ log = structlog.get_logger(__name__)
 
 # The categories a purge reports, in its order. `envelopes` and `quarantined` are kept for
 # `delivery_log` and `raw_messages`; `archived` counts tickets moved to the archive,
-# `closed_tickets` the records destroyed at the end of their period, `files` attachment files.
+# `closed_tickets` the records destroyed at the end of their period, `files` attachment files
+# removed (a dry run does not count files: which ones go is known only as rows go).
 COUNTS = (
     "erasures_resumed",
     *CATEGORIES,
