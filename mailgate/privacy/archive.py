@@ -27,8 +27,10 @@ from mailgate.store.sqlite import PersonRef, SqliteStore
 
 def person_hash(keys: Keyring, email: str) -> str:
     """A person's address as a keyed hash: equal for every spelling of it, and no way back to
-    the address without the key store's index key (for the archive and audit subjects)."""
-    return keys.keyed_hash(address_key(email).encode("utf-8"), "person")
+    the address without the key store's index key. The same hash names the person as the
+    audit log's subject (purpose "audit", as `privacy/audit.py` of the rights work makes it),
+    so an archive read is audited under the requester's own subject."""
+    return keys.keyed_hash(address_key(email).encode("utf-8"), "audit")
 
 
 def _sender(keys: Keyring, message: Message) -> str | None:
