@@ -140,6 +140,7 @@ def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id:
     )
     _scrub_cc(db, keys, person_id)
     # Their files are unlinked after the commit; until then (a crash) this table names them.
+    files = tickets.blob_files + files
     db.executemany("INSERT OR IGNORE INTO erased_files (name) VALUES (?)", [(f,) for f in files])
     # Their messages on other tickets keep no link to them (sender_id SET NULL); their name
     # and address there are sealed under the key that is gone.
@@ -153,7 +154,7 @@ def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id:
         tokens=tokens,
         raw_messages=tickets.raw_messages + raw,
         participations=participations,
-        blob_files=tickets.blob_files + files,
+        blob_files=files,
     )
 
 
