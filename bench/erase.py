@@ -152,9 +152,7 @@ async def erase_in_process(config: Config) -> tuple[float, dict[str, int]]:
     """The erasure alone, timed inside one process (the store already open)."""
     async with store_for(config) as store:
         start = time.perf_counter()
-        erased = await rights.erase(
-            store, EMAIL, config.storage.attachments, via="bench", reason=None
-        )
+        erased = await rights.erase(store, EMAIL, config, via="bench", reason=None)
         took = time.perf_counter() - start
     assert erased is not None
     return took, erased.counts

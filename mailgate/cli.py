@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mailgate import __version__, stats
 from mailgate.addresses import EmailNotValidError, validate_address
@@ -43,7 +43,10 @@ from mailgate.model import (
 from mailgate.msgid import message_ids
 from mailgate.outbound.templates import Templates
 from mailgate.privacy import audit, export, rights
+from mailgate.privacy.archive import person_hash
 from mailgate.store import IngestTx, SqliteStore, store_for
+from mailgate.store.archive import ArchivedTicket, ArchiveStore, open_archive
+from mailgate.store.labels import ERASED
 from mailgate.store.sqlite_rights import Change, Correction
 from mailgate.text import clean_body, clean_line, decode_header_text
 from mailgate.tickets import Tickets
@@ -52,6 +55,7 @@ EX_STARTUP = 3
 # What of a raw message a listing reads for its Subject: the header, as far as it matters.
 HEAD_BYTES = 65536
 Command = Callable[[Config, argparse.Namespace], Awaitable[int]]
+T = TypeVar("T")
 
 
 def _line(text: str) -> str:
@@ -489,7 +493,7 @@ async def cmd_requesters_verify(config: Config, args: argparse.Namespace) -> int
 async def _privacy_store(config: Config) -> AsyncIterator[SqliteStore]:
     """The store, with any erasure a crash cut short finished first."""
     async with _existing_store(config) as store:
-        await rights.finish_erasures(store, config.storage.attachments)
+        await rights.finish_erasures(store, config)
         yield store
 
 
@@ -563,9 +567,7 @@ async def cmd_privacy_object(config: Config, args: argparse.Namespace) -> int:
 
 async def cmd_privacy_erase(config: Config, args: argparse.Namespace) -> int:
     async with _privacy_store(config) as store:
-        erased = await rights.erase(
-            store, args.email, config.storage.attachments, via="cli", reason=args.reason
-        )
+        erased = await rights.erase(store, args.email, config, via="cli", reason=args.reason)
     if erased is None:
         raise NotFound(f"no requester {args.email}")
     counts = erased.counts
@@ -728,6 +730,146 @@ def _add_rights(add: Callable[..., argparse.ArgumentParser], commands: Any) -> N
     st.add_argument("--json", action="store_true", help="print JSON")
 
 
+# -- retention and the archive (issue 10) --
+
+
+async def cmd_purge(config: Config, args: argparse.Namespace) -> int:
+    from mailgate.privacy import retention
+
+    async with _existing_store(config) as store:
+        counts = await retention.purge_now(
+            config, store, now=retention.clock(), dry_run=args.dry_run
+        )
+    if args.json:
+        _print_json({"dry_run": args.dry_run, "counts": counts})
+    else:
+        _table(list(counts.items()), ("CATEGORY", "DUE" if args.dry_run else "REMOVED"))
+        if args.dry_run:
+            print("(dry run: nothing was changed)")
+    return 0
+
+
+def archived_json(record: ArchivedTicket, *, messages: bool = False) -> dict[str, Any]:
+    """An archived record for output: the requester as its keyed hash, never a name."""
+    content = record.content
+    shown: dict[str, Any] = {
+        "id": record.ticket_id,
+        "subject": _line(content["subject"]) if content else ERASED,
+        "requester": record.requester,
+        "created_at": record.created_at.isoformat(),
+        "closed_at": record.closed_at.isoformat(),
+        "archived_at": record.archived_at.isoformat(),
+        "archived_because": record.reason,
+        "message_count": record.message_count,
+    }
+    if messages:
+        shown["messages"] = [
+            {
+                "author": m["author"],
+                "sender": m["sender"],
+                "received_at": m["received_at"],
+                "subject": _line(m["subject"]),
+                "body_text": m["body_text"],
+                "attachments": [
+                    {**a, "filename": _opt(a["filename"]), "content_type": _line(a["content_type"])}
+                    for a in m["attachments"]
+                ],
+            }
+            for m in (content or {}).get("messages", [])
+        ]
+    return shown
+
+
+async def _archived(
+    config: Config, store: SqliteStore, read: Callable[[ArchiveStore], Awaitable[T]], empty: T
+) -> T:
+    """Read the archive (`empty` if there is none yet); only these commands open it."""
+    if not config.retention.archive.exists():
+        return empty  # and make none
+    async with open_archive(config.retention.archive, store.keys) as archive:
+        return await read(archive)
+
+
+async def cmd_archive_list(config: Config, args: argparse.Namespace) -> int:
+    async with _existing_store(config) as store:
+        requester = None
+        if args.requester:
+            try:
+                requester = person_hash(store.keys, validate_address(args.requester))
+            except EmailNotValidError as exc:
+                raise UsageError(f"--requester: not a valid address: {exc}") from None
+        none: list[ArchivedTicket] = []
+        records = await _archived(config, store, lambda a: a.list(requester=requester), none)
+        await audit.record(
+            store, "archive.list", "cli", None, {"records": len(records)}, hashed=requester
+        )
+    if args.json:
+        _print_json([archived_json(r) for r in records])
+        return 0
+    _table(
+        [
+            (
+                r.ticket_id,
+                r.closed_at.isoformat(timespec="seconds"),
+                r.archived_at.isoformat(timespec="seconds"),
+                r.message_count,
+                r.requester[:16],
+                _line(r.content["subject"]) if r.content else ERASED,
+            )
+            for r in records
+        ],
+        ("ID", "CLOSED", "ARCHIVED", "MSGS", "REQUESTER (KEYED HASH)", "SUBJECT"),
+    )
+    return 0
+
+
+async def cmd_archive_show(config: Config, args: argparse.Namespace) -> int:
+    async with _existing_store(config) as store:
+        record = await _archived(config, store, lambda a: a.get(args.id), None)
+        if record is None:
+            raise NotFound(f"no archived ticket {args.id}")
+        await audit.record(
+            store,
+            "archive.show",
+            "cli",
+            None,
+            {"messages": record.message_count},
+            hashed=record.requester,
+        )
+    shown = archived_json(record, messages=True)
+    if args.json:
+        _print_json(shown)
+        return 0
+    print(f"Archived ticket #{shown['id']} {shown['subject']}")
+    print(f"Requester: {shown['requester']} (keyed hash of the address)")
+    print(f"Created:   {shown['created_at']}")
+    print(f"Closed:    {shown['closed_at']}")
+    print(f"Archived:  {shown['archived_at']} ({shown['archived_because']})")
+    for m in shown["messages"]:
+        author = "" if m["author"] == "customer" else f"[{m['author']}] "
+        sender = (m["sender"] or ERASED)[:16]
+        print(f"\n--- {m['received_at']}  {author}{sender}")
+        print(m["body_text"])
+        for a in m["attachments"]:
+            filename = a["filename"] or "(unnamed)"
+            print(f"[attachment] {filename}  {a['content_type']}  {a['size']} bytes")
+    return 0
+
+
+def _retention_commands(commands: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
+    purge = add("purge", cmd_purge, "apply every [retention] period now and print the counts")
+    purge.add_argument("--dry-run", action="store_true", help="count what is due; change nothing")
+    purge.add_argument("--json", action="store_true", help="print JSON")
+    archive = commands.add_parser("archive", help="closed tickets kept for their legal period")
+    a_sub = archive.add_subparsers(dest="archive_command", required=True, metavar="COMMAND")
+    a_list = add("list", cmd_archive_list, "list archived tickets (audited)", a_sub)
+    a_list.add_argument("--requester", metavar="EMAIL", help="only this address's records")
+    a_list.add_argument("--json", action="store_true", help="print JSON")
+    a_show = add("show", cmd_archive_show, "show an archived ticket (audited)", a_sub)
+    a_show.add_argument("id", type=int, metavar="ID")
+    a_show.add_argument("--json", action="store_true", help="print JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
@@ -812,6 +954,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--email", dest="email_new", metavar="NEW", help="the corrected address (verified again)"
     )
     _add_rights(add, commands)
+    _retention_commands(commands, add)
     return parser
 
 

@@ -7,11 +7,14 @@ Relative paths are resolved against the config file's folder, not the working di
 
 from __future__ import annotations
 
+import calendar
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +164,80 @@ class LogConfig:
     format: str
 
 
+# -- retention (issue 10) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """A retention period as written: a count of hours, days, weeks, months or years.
+
+    Months and years are calendar months (a month before 31 March is 28 or 29 February), so
+    "3y" ends on the same date three years later, as the law counts it.
+    """
+
+    count: int
+    unit: str  # "hours", "days", "weeks", "months"; years are kept as 12 months
+    text: str = ""
+
+    def before(self, moment: datetime) -> datetime:
+        """The moment this long before `moment`: what is older than it is due."""
+        if self.unit != "months":
+            return moment - timedelta(**{self.unit: self.count})
+        months = moment.year * 12 + moment.month - 1 - self.count
+        year, month = divmod(months, 12)
+        day = min(moment.day, calendar.monthrange(year, month + 1)[1])
+        return moment.replace(year=year, month=month + 1, day=day)
+
+    def __str__(self) -> str:
+        return self.text or f"{self.count} {self.unit}"
+
+
+_UNITS = {
+    "h": ("hours", 1), "hour": ("hours", 1), "hours": ("hours", 1),
+    "d": ("days", 1), "day": ("days", 1), "days": ("days", 1),
+    "w": ("weeks", 1), "week": ("weeks", 1), "weeks": ("weeks", 1),
+    "mo": ("months", 1), "month": ("months", 1), "months": ("months", 1),
+    "y": ("months", 12), "year": ("months", 12), "years": ("months", 12),
+}  # fmt: skip
+_DURATION = re.compile(r"\s*(\d{1,6})\s*([a-z]+)\s*")
+
+
+def _duration(value: Any, _base: Path) -> Duration:
+    """`"30d"`, `"12h"`, `"2w"`, `"6 months"`, `"3y"` (`m` alone is refused: minutes or months?)."""
+    found = _DURATION.fullmatch(value.lower()) if isinstance(value, str) else None
+    if found is None or found.group(2) not in _UNITS:
+        raise ValueError(f'expected a duration like "30d" or "6 months", got {value!r}')
+    unit, factor = _UNITS[found.group(2)]
+    return Duration(int(found.group(1)) * factor, unit, value.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long each kind of record is kept (`privacy/retention.py` applies them)."""
+
+    raw_messages: Duration  # raw bytes after ingest; quarantined messages in all
+    closed_tickets: Duration  # a closed inquiry's record, then destroyed (archive included)
+    unverified_requesters: Duration  # never verified, no open ticket: erased
+    delivery_log: Duration  # outbox rows once sent or failed; inbound envelopes (service use)
+    identification: Duration  # verification tokens and their use
+    audit: Duration
+    active_after_close: Duration  # then a closed ticket moves to the archive
+    archive: Path  # the archive database: its own file, its records under their own keys
+
+
+def _retention(values: Mapping[str, Any], database: Path) -> RetentionConfig:
+    """The archive defaults to a file of its own beside the database."""
+    archive = values["archive"] or database.parent / "archive.sqlite"
+    if archive == database:
+        raise ConfigError("retention.archive: must not be the database itself")
+    probe = datetime(2000, 1, 1)
+    if values["active_after_close"].before(probe) < values["closed_tickets"].before(probe):
+        raise ConfigError(
+            "retention.active_after_close: must not be longer than retention.closed_tickets"
+        )
+    return RetentionConfig(**{**values, "archive": archive})
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     path: Path
@@ -174,6 +251,7 @@ class Config:
     auth: AuthConfig
     log: LogConfig
     security: SecurityConfig
+    retention: RetentionConfig
     privacy: PrivacyConfig = PrivacyConfig()
 
 
@@ -386,6 +464,16 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "level": (_one_of("debug", "info", "warning", "error"), "info"),
         "format": (_one_of("auto", "json", "console"), "auto"),
     },
+    "retention": {
+        "raw_messages": (_duration, "30d"),
+        "closed_tickets": (_duration, "3y"),
+        "unverified_requesters": (_duration, "30d"),
+        "delivery_log": (_duration, "3 months"),
+        "identification": (_duration, "6 months"),
+        "audit": (_duration, "5y"),
+        "active_after_close": (_duration, "30d"),
+        "archive": (_optional(_path), None),
+    },
 }
 
 
@@ -448,6 +536,7 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         auth=AuthConfig(**values["auth"]),
         log=LogConfig(**values["log"]),
         security=_security(values["security"], base),
+        retention=_retention(values["retention"], values["storage"]["database"]),
         privacy=privacy,
     )
 

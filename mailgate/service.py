@@ -25,7 +25,7 @@ from mailgate.outbound.compose import Composer
 from mailgate.outbound.outbox import OutboundWorker, stop_seconds
 from mailgate.outbound.templates import Templates
 from mailgate.outbound.transports import transport_for
-from mailgate.privacy import rights
+from mailgate.privacy import retention, rights
 from mailgate.privacy.requests import PrivacyRequests
 from mailgate.smtp import start_smtp
 from mailgate.smtp_session import MailgateSMTP
@@ -42,13 +42,15 @@ STOP_MARGIN = 10.0  # intake's last commit, the parser process's exit, closing t
 def stop_budget(config: Config) -> float:
     """The longest a clean stop takes, in seconds; systemd's TimeoutStopSec must cover it.
 
-    The steps run one after the other: HTTP, the SMTP drain, ingest's batch, the outbound
-    deliveries past DATA (the relay's `outbound.timeout`), the rest. `deploy/mailgate.service`
+    The steps run one after the other: the retention purge's step under way, HTTP, the SMTP
+    drain, ingest's batch, the outbound deliveries past DATA (the relay's `outbound.timeout`),
+    the rest. `deploy/mailgate.service`
     is checked against this for the default config (tests/test_outbox.py), and the daemon tells
     systemd its own figure when it stops (EXTEND_TIMEOUT_USEC), for configs that need more.
     """
     return (
         HTTP_STOP_SECONDS
+        + retention.STOP_SECONDS
         + config.smtp.drain_timeout
         + INGEST_STOP_SECONDS
         + stop_seconds(config.outbound)
@@ -154,6 +156,12 @@ async def serve(
         stack.push_async_callback(web_server.close)
         http_address = web_server.address
 
+        # Retention, daily; stopped first (its step under way finishes or is cut: each is
+        # safe to cut).
+        purger = retention.Scheduler(config, store)
+        purge_task = asyncio.create_task(purger.run(), name="retention")
+        stack.push_async_callback(_stop_worker, purger, purge_task, retention.STOP_SECONDS)
+
         on_ready(Listening(listener.address, http_address))
         sd_notify("READY=1")
         log.info("daemon_started", smtp=str(listener.address), http=str(http_address))
@@ -165,18 +173,21 @@ async def serve(
 
 async def _finish_erasures(store: SqliteStore, config: Config) -> None:
     """Erasures a crash cut short are finished before anything else reads the store."""
-    finished = await rights.finish_erasures(store, config.storage.attachments)
+    finished = await rights.finish_erasures(store, config)
     if finished:
         log.info("erasures_finished", count=finished)
 
 
 async def _stop_worker(
-    worker: IngestWorker | OutboundWorker, task: asyncio.Task[None], seconds: float
+    worker: IngestWorker | OutboundWorker | retention.Scheduler,
+    task: asyncio.Task[None],
+    seconds: float,
 ) -> None:
     worker.stop()
     try:
         await asyncio.wait_for(task, seconds)
     except TimeoutError:
         # Ingest: the batch rolls back and is redone on start. Outbound: only if writing the
-        # cut deliveries' rows hung; rows left 'sending' are sent again on start.
+        # cut deliveries' rows hung; rows left 'sending' are sent again on start. Retention:
+        # the purge's step is cut; the next run does it again.
         log.warning("worker_cancelled", worker=task.get_name())

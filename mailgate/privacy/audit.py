@@ -49,13 +49,15 @@ def entry(
     counts: Mapping[str, int],
     *,
     reason: str | None = None,
+    hashed: str | None = None,
 ) -> AuditRecord:
-    """The record of an action on the person with the address `subject` (None: no person)."""
+    """The record of an action on the person with the address `subject` (None: no person, or
+    one known only by `hashed`, their subject hash: an archived record's requester)."""
     return AuditRecord(
         at=datetime.now(UTC),
         action=action,
         via=via,
-        subject=subject_hash(keys, subject) if subject is not None else None,
+        subject=subject_hash(keys, subject) if subject is not None else hashed,
         counts={name: int(n) for name, n in counts.items()},
         reason=reason,
     )
@@ -69,6 +71,8 @@ async def record(
     counts: Mapping[str, int],
     *,
     reason: str | None = None,
+    hashed: str | None = None,
 ) -> None:
     """Write one audit record; `subject` is the person's address (hashed here) or None."""
-    await store.add_audit(entry(store.keys, action, via, subject, counts, reason=reason))
+    record = entry(store.keys, action, via, subject, counts, reason=reason, hashed=hashed)
+    await store.add_audit(record)

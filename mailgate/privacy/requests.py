@@ -63,6 +63,7 @@ class PrivacyRequests:
 
     def __init__(self, store: SqliteStore, config: Config, rules: Tickets) -> None:
         self._store = store
+        self._config = config
         self._rules = rules
         self._attachments = config.storage.attachments
         self._max_export = config.privacy.max_export_size
@@ -111,7 +112,7 @@ class PrivacyRequests:
                 self._store,
                 PersonRef(claim.person_id, claim.key_id),
                 claim.email,
-                self._attachments,
+                self._config,
                 via="mail",
             )
             return Done("erase", "erased")

@@ -12,13 +12,16 @@ objection records when, and restricts; lifting a restriction withdraws the objec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
+from mailgate.config import Config
 from mailgate.privacy import audit, erasure
+from mailgate.privacy.archive import archiver
 from mailgate.store import IngestTx
+from mailgate.store.archive import open_archive
 from mailgate.store.sqlite import PersonRef, SqliteStore
 from mailgate.store.sqlite_rights import Change, Correction, Restriction
 
@@ -60,19 +63,17 @@ class Erased:
     reason: str
 
 
-def archive_step(store: SqliteStore) -> erasure.Archive | None:
-    """What of an erased person the law still requires, copied to the archive first.
-
-    The one hook point for the archive (retention: `privacy/archive.py`, `archiver(...)`), not
-    on this branch yet: until then nothing is archived. Whatever it archives, a ticket still
-    open is not an inquiry that was settled: it is closed and erased with the rest.
-    """
-    del store
-    return None
+@asynccontextmanager
+async def _archive_first(store: SqliteStore, config: Config) -> AsyncIterator[erasure.Archive]:
+    """What of an erased person the law still requires goes to the archive first: their closed
+    tickets within `closed_tickets` (`privacy/archive.py`). A ticket still open is not an
+    inquiry that was settled: it is closed and erased with the rest."""
+    async with open_archive(config.retention.archive, store.keys) as archive:
+        yield archiver(store, archive, config.retention)
 
 
 async def erase(
-    store: SqliteStore, email: str, attachments: Path, *, via: str, reason: str | None
+    store: SqliteStore, email: str, config: Config, *, via: str, reason: str | None
 ) -> Erased | None:
     """Erase the person with this address (`reason` as given; only its category is kept);
     None if there is no such person."""
@@ -80,7 +81,8 @@ async def erase(
     tickets = await store.ticket_counts(email)
     if tickets is None:
         return None
-    deleted = await erasure.erase(store, email, attachments, archive=archive_step(store))
+    async with _archive_first(store, config) as archive:
+        deleted = await erasure.erase(store, email, config.storage.attachments, archive=archive)
     if deleted is None:  # erased by someone else in between
         return None
     counts = {**deleted.counts(), "open_tickets": tickets["open"]}
@@ -89,17 +91,19 @@ async def erase(
 
 
 async def erase_marked(
-    store: SqliteStore, person: PersonRef, email: str, attachments: Path, *, via: str
+    store: SqliteStore, person: PersonRef, email: str, config: Config, *, via: str
 ) -> Erased:
     """Finish the erasure of a person already marked 'erasing' (a privacy request confirmed
-    by its link is marked in the transaction that confirms it) and audit it: their own
-    request, so the reason is `request`."""
-    deleted = await erasure.finish(store, person, attachments, archive=archive_step(store))
+    by its link is marked in the transaction that confirms it), archiving first what the law
+    still requires, and audit it: their own request, so the reason is `request`."""
+    async with _archive_first(store, config) as archive:
+        deleted = await erasure.finish(store, person, config.storage.attachments, archive=archive)
     counts = deleted.counts()
     await audit.record(store, "erase", via, email, counts, reason="request")
     return Erased(counts, "request")
 
 
-async def finish_erasures(store: SqliteStore, attachments: Path) -> int:
+async def finish_erasures(store: SqliteStore, config: Config) -> int:
     """Finish the erasures a crash cut short (before serving, before any privacy command)."""
-    return await erasure.resume(store, attachments, archive=archive_step(store))
+    async with _archive_first(store, config) as archive:
+        return await erasure.resume(store, config.storage.attachments, archive=archive)

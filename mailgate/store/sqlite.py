@@ -73,8 +73,17 @@ from mailgate.store.labels import (
     SUBJECT,
 )
 from mailgate.store.sqlite_adopt import adopt_legacy
-from mailgate.store.sqlite_erase import Deleted, delete_person, reconcile
+from mailgate.store.sqlite_erase import Deleted, delete_person, delete_tickets, reconcile
 from mailgate.store.sqlite_raw import RawReader, insert_spooled, message_key, raw_size
+from mailgate.store.sqlite_retention import CATEGORIES as RETENTION_CATEGORIES
+from mailgate.store.sqlite_retention import CLOSED as CLOSED_TICKETS
+from mailgate.store.sqlite_retention import (
+    UNVERIFIED,
+    Cutoffs,
+    count_due,
+    mark_unverified,
+    remove_batch,
+)
 
 T = TypeVar("T")
 
@@ -946,7 +955,9 @@ class SqliteStore:
     async def ingest(self, work: Callable[[IngestTx], T]) -> T:
         return await self._writer.transaction(lambda db: work(_SqliteIngestTx(db, self.keys)))
 
-    async def _rows(self, sql: str, params: Sequence[object] = ()) -> list[aiosqlite.Row]:
+    async def _rows(
+        self, sql: str, params: Sequence[object] | Mapping[str, object] = ()
+    ) -> list[aiosqlite.Row]:
         async with self._reader.execute(sql, params) as cursor:
             return list(await cursor.fetchall())
 
@@ -1312,6 +1323,67 @@ class SqliteStore:
         return await _reading(
             lambda: rights.snapshot(self.path, lambda db: rights.ticket_facts(db, self.keys, start))
         )
+
+    # -- retention (issue 10): the rules in privacy/retention.py, the SQL in sqlite_retention.py
+
+    async def count_due(self, cutoffs: Cutoffs) -> dict[str, int]:
+        """How many rows of each simple category are due (a dry run), on a read-only
+        connection of its own: nothing is written, nothing waits for the writer."""
+
+        def count() -> dict[str, int]:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                return count_due(db, cutoffs)
+            finally:
+                db.close()
+
+        return await _reading(count)
+
+    async def expire(self, cutoffs: Cutoffs, *, stopping: Callable[[], bool]) -> dict[str, int]:
+        """Remove every due row of the simple categories, a short transaction per batch."""
+        total = dict.fromkeys(RETENTION_CATEGORIES, 0)
+        while not stopping():
+            batch = await self._writer.transaction(lambda db: remove_batch(db, cutoffs))
+            for category, count in batch.items():
+                total[category] += count
+            if not any(batch.values()):
+                break
+        return total
+
+    async def closed_tickets(
+        self,
+        *,
+        before: float | None = None,
+        since: float | None = None,
+        requester: int | None = None,
+    ) -> list[tuple[int, float]]:
+        """(id, closed_at) of the closed tickets closed before `before` and at or after
+        `since` (of `requester` only, if given), oldest first."""
+        rows = await self._rows(
+            CLOSED_TICKETS, {"before": before, "since": since, "requester": requester}
+        )
+        return [(int(row["id"]), float(row["closed_at"])) for row in rows]
+
+    async def delete_tickets(self, ticket_ids: Sequence[int]) -> Deleted:
+        """Delete these tickets and all that is theirs (erasure's code); the caller removes
+        the files named and truncates the WAL (`checkpoint`)."""
+        return await self._writer.transaction(lambda db: delete_tickets(db, ticket_ids))
+
+    async def unverified_people(self, before: float) -> list[tuple[PersonRef, str]]:
+        """Active people never verified, created before `before`, with no open ticket (theirs
+        or one they take part in) and no mail on its way to them; with their addresses."""
+        rows = await self._rows(UNVERIFIED, {"before": before})
+        people = _Opener(self.keys)
+        return [(PersonRef(row["id"], row["key_id"]), people.address(row).email) for row in rows]
+
+    async def begin_unverified_erasure(self, person: PersonRef, before: float) -> bool:
+        """Mark the person 'erasing' if they are still due (see `unverified_people`)."""
+        key_id = await self._writer.transaction(lambda db: mark_unverified(db, person.id, before))
+        return key_id == person.key_id
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it: no deleted page stays in it."""
+        await self._writer.checkpoint()
 
 
 async def _reading(read: Callable[[], T]) -> T:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from mailgate.privacy.keyring import Keyring
@@ -49,6 +50,68 @@ def _count(db: sqlite3.Connection, sql: str, params: dict[str, object]) -> int:
     return int(db.execute(sql, params).fetchone()[0])
 
 
+def delete_tickets(db: sqlite3.Connection, ticket_ids: Sequence[int]) -> Deleted:
+    """Delete these tickets with their messages, attachments, outbox rows and raw messages,
+    and the blobs that no attachment uses any more; inside a transaction.
+
+    An erasure deletes a person's tickets with this, and retention a ticket whose record was
+    archived or whose period ended.
+    """
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (id INTEGER PRIMARY KEY)")
+    db.execute("DELETE FROM temp.doomed")
+    db.executemany("INSERT OR IGNORE INTO temp.doomed (id) VALUES (?)", [(i,) for i in ticket_ids])
+    messages = _count(
+        db, "SELECT count(*) FROM messages WHERE ticket_id IN (SELECT id FROM temp.doomed)", {}
+    )
+    attachments = _count(
+        db,
+        "SELECT count(*) FROM attachments WHERE message_id IN "
+        "(SELECT id FROM messages WHERE ticket_id IN (SELECT id FROM temp.doomed))",
+        {},
+    )
+    blobs = json.dumps(
+        [
+            row[0]
+            for row in db.execute(
+                "SELECT DISTINCT blob_id FROM attachments WHERE message_id IN "
+                "(SELECT id FROM messages WHERE ticket_id IN (SELECT id FROM temp.doomed))"
+            )
+        ]
+    )
+    raw = db.execute(
+        "DELETE FROM inbound WHERE id IN (SELECT inbound_id FROM messages "
+        "WHERE ticket_id IN (SELECT id FROM temp.doomed))"
+    ).rowcount
+    outbox = db.execute(
+        "DELETE FROM outbox WHERE ticket_id IN (SELECT id FROM temp.doomed)"
+    ).rowcount
+    db.execute("DELETE FROM messages WHERE ticket_id IN (SELECT id FROM temp.doomed)")
+    tickets = db.execute("DELETE FROM tickets WHERE id IN (SELECT id FROM temp.doomed)").rowcount
+    db.execute("DELETE FROM temp.doomed")
+    # Each blob counts its attachments again; one that none uses now goes, file and all.
+    db.execute(
+        "UPDATE blobs SET refs = (SELECT count(*) FROM attachments a WHERE a.blob_id = blobs.id) "
+        "WHERE id IN (SELECT value FROM json_each(?))",
+        (blobs,),
+    )
+    files = tuple(
+        row[0]
+        for row in db.execute(
+            "DELETE FROM blobs WHERE refs = 0 AND id IN (SELECT value FROM json_each(?)) "
+            "RETURNING name",
+            (blobs,),
+        )
+    )
+    return Deleted(
+        tickets=tickets,
+        messages=messages,
+        attachments=attachments,
+        outbox=outbox,
+        raw_messages=raw,
+        blob_files=files,
+    )
+
+
 def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id: str) -> Deleted:
     """Delete the person's tickets (with their messages, attachments, outbox rows, raw
     messages), blobs, tokens, participations and row; inside a transaction.
@@ -58,44 +121,14 @@ def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id:
     they sent is removed, and their address leaves the Cc lists of outgoing mail.
     """
     p = {"p": person_id, "k": key_id}
-    counted = Deleted(
-        tickets=_count(db, "SELECT count(*) FROM tickets WHERE requester_id = :p", p),
-        messages=_count(
-            db,
-            "SELECT count(*) FROM messages WHERE ticket_id IN "
-            "(SELECT id FROM tickets WHERE requester_id = :p)",
-            p,
-        ),
-        attachments=_count(
-            db,
-            "SELECT count(*) FROM attachments WHERE message_id IN (SELECT id FROM messages "
-            "WHERE ticket_id IN (SELECT id FROM tickets WHERE requester_id = :p))",
-            p,
-        ),
-        outbox=_count(
-            db,
-            "SELECT count(*) FROM outbox WHERE recipient_id = :p OR ticket_id IN "
-            "(SELECT id FROM tickets WHERE requester_id = :p)",
-            p,
-        ),
-        tokens=_count(db, "SELECT count(*) FROM verification_tokens WHERE person_id = :p", p),
-        participations=_count(db, "SELECT count(*) FROM participants WHERE person_id = :p", p),
-    )
-    raw = db.execute(
-        "DELETE FROM inbound WHERE owner_key = :k OR id IN (SELECT inbound_id FROM messages "
-        "WHERE ticket_id IN (SELECT id FROM tickets WHERE requester_id = :p))",
-        p,
-    ).rowcount
-    db.execute(
-        "DELETE FROM outbox WHERE recipient_id = :p OR ticket_id IN "
-        "(SELECT id FROM tickets WHERE requester_id = :p)",
-        p,
-    )
-    db.execute(
-        "DELETE FROM messages WHERE ticket_id IN (SELECT id FROM tickets WHERE requester_id = :p)",
-        p,
-    )
-    db.execute("DELETE FROM tickets WHERE requester_id = :p", p)
+    tokens = _count(db, "SELECT count(*) FROM verification_tokens WHERE person_id = :p", p)
+    participations = _count(db, "SELECT count(*) FROM participants WHERE person_id = :p", p)
+    theirs = [row[0] for row in db.execute("SELECT id FROM tickets WHERE requester_id = :p", p)]
+    tickets = delete_tickets(db, theirs)
+    # What is theirs beyond their tickets: raw messages given to them, mail to them on other
+    # tickets, any blob left.
+    raw = db.execute("DELETE FROM inbound WHERE owner_key = :k", p).rowcount
+    outbox = db.execute("DELETE FROM outbox WHERE recipient_id = :p", p).rowcount
     files = tuple(
         row[0]
         for row in db.execute("DELETE FROM blobs WHERE owner_id = ? RETURNING name", (person_id,))
@@ -107,19 +140,20 @@ def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id:
     )
     _scrub_cc(db, keys, person_id)
     # Their files are unlinked after the commit; until then (a crash) this table names them.
+    files = tickets.blob_files + files
     db.executemany("INSERT OR IGNORE INTO erased_files (name) VALUES (?)", [(f,) for f in files])
     # Their messages on other tickets keep no link to them (sender_id SET NULL); their name
     # and address there are sealed under the key that is gone.
     db.execute("DELETE FROM people WHERE id = ?", (person_id,))
     db.execute("INSERT OR IGNORE INTO erasures (key_id, at) VALUES (?, ?)", (key_id, time.time()))
     return Deleted(
-        tickets=counted.tickets,
-        messages=counted.messages,
-        attachments=counted.attachments,
-        outbox=counted.outbox,
-        tokens=counted.tokens,
-        raw_messages=raw,
-        participations=counted.participations,
+        tickets=tickets.tickets,
+        messages=tickets.messages,
+        attachments=tickets.attachments,
+        outbox=tickets.outbox + outbox,
+        tokens=tokens,
+        raw_messages=tickets.raw_messages + raw,
+        participations=participations,
         blob_files=files,
     )
 

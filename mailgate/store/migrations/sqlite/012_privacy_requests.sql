@@ -34,8 +34,8 @@ CREATE INDEX privacy_requests_unfinished ON privacy_requests (confirmed_at)
 --   one: it must outlive the person, their tickets and their key;
 -- * `held_for`: a row is not sent while the person row with this id exists (the farewell
 --   waits for its erasure to finish, a crash included: ids are never reused).
--- Rebuilding drops the table's indexes: each is made again below (as must be any that a
--- migration numbered before this one adds to `outbox`).
+-- Rebuilding drops the table's indexes: each is made again below, 009's and 010's (as must
+-- be any that a later migration numbered before this one adds to `outbox`).
 CREATE TABLE outbox_new (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     kind            TEXT NOT NULL CHECK (kind IN ('verification', 'ticket_created', 'agent_reply',
@@ -73,4 +73,6 @@ CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE state = 'queued';
 CREATE INDEX outbox_automatic ON outbox (recipient_id, created_at) WHERE automatic = 1;
 CREATE INDEX outbox_automatic_all ON outbox (created_at) WHERE automatic = 1;
 CREATE INDEX outbox_recipient ON outbox (recipient_id);
+CREATE INDEX outbox_sent ON outbox (sent_at) WHERE state = 'sent';
+CREATE INDEX outbox_failed ON outbox (next_attempt_at) WHERE state = 'failed';
 CREATE INDEX outbox_held ON outbox (held_for) WHERE held_for IS NOT NULL;
