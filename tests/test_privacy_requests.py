@@ -20,7 +20,7 @@ import sqlite3
 import time
 import zipfile
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 
@@ -580,3 +580,38 @@ async def test_a_system_row_whose_key_is_gone_is_dropped_not_sent(tmp_path: Path
         store.keys.destroy([seal_key])
         assert await store.claim_outbox(limit=10) == []
         assert await store.list_outbox() == []
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+async def test_a_used_link_goes_with_the_identification_records(
+    relay: Relay, tmp_path: Path
+) -> None:
+    """A privacy request's link is an identification record: once confirmed (or expired, or
+    revoked) it is kept `[retention] identification`, then purged; a live one is kept."""
+    config = privacy_config(
+        tmp_path, relay, 'ttl = 31536000\n[retention]\nidentification = "180d"'
+    )  # links live a year: the second is still live when the first is due
+    async with daemon_running(config) as running:
+        await ask(running, "restrict")
+        used = link(await confirmation(relay, 1))
+        assert (await browser.confirm(url(running, used))).status == 200
+        await ask(running, "export")
+        await confirmation(relay, 3)  # the restriction's answer came between
+
+    def requests() -> list[tuple[object, ...]]:
+        with sqlite3.connect(config.storage.database) as db:
+            return db.execute(
+                "SELECT action, created_at FROM privacy_requests ORDER BY id"
+            ).fetchall()
+
+    [(_, made), (_, live_made)] = requests()
+    later = datetime.fromtimestamp(float(str(live_made)), UTC) + timedelta(days=181)
+    result = run_cli(
+        "--config", str(config.path), "purge", "--json", env={"MAILGATE_NOW": later.isoformat()}
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["counts"]["privacy_requests"] == 1
+    assert [action for action, _ in requests()] == ["export"]  # live: kept
+    assert float(str(made)) <= float(str(live_made))

@@ -7,8 +7,9 @@
    completes them;
 1. rows of the simple categories, in short batches (`store/sqlite_retention.py`): raw bytes
    of ingested messages and quarantined messages (`raw_messages`), envelopes of ingested
-   messages and outbox rows sent or failed (`delivery_log`), verification tokens
-   (`identification`), audit records (`audit`);
+   messages and outbox rows sent or failed (`delivery_log`), verification tokens and
+   privacy requests' links no longer usable (`identification`; counted as `identification`
+   and `privacy_requests`), audit records (`audit`);
 2. records whose `closed_tickets` period ended: tickets closed that long ago still in the
    database (deleted by erasure's code) and archived records (key destroyed, row deleted);
 3. tickets closed for `active_after_close`: copied to the archive, then deleted;

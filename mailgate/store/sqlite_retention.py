@@ -46,6 +46,14 @@ _TOKENS_DUE = (
     "AND max(coalesce(used_at, 0), coalesce(revoked_at, 0)) < :identification "
     "AND (expires_at < :now OR used_at IS NOT NULL OR revoked_at IS NOT NULL)"
 )
+# A privacy request's link (migration 012) is one too, from its making to its last use; one
+# that can still be used, or confirmed and not yet carried out, is kept.
+_REQUESTS_DUE = (
+    "FROM privacy_requests WHERE created_at < :identification "
+    "AND max(coalesce(confirmed_at, 0), coalesce(done_at, 0), coalesce(revoked_at, 0)) "
+    "< :identification AND (done_at IS NOT NULL OR revoked_at IS NOT NULL "
+    "OR (confirmed_at IS NULL AND expires_at < :now))"
+)
 _AUDIT_DUE = "FROM audit WHERE at < :audit"
 
 
@@ -65,6 +73,10 @@ _CATEGORIES: dict[str, tuple[str, str]] = {
     "identification": (
         _TOKENS_DUE,
         _batch("DELETE FROM verification_tokens WHERE rowid IN", _TOKENS_DUE),
+    ),
+    "privacy_requests": (
+        _REQUESTS_DUE,
+        _batch("DELETE FROM privacy_requests WHERE rowid IN", _REQUESTS_DUE),
     ),
     "audit": (_AUDIT_DUE, _batch("DELETE FROM audit WHERE rowid IN", _AUDIT_DUE)),
 }
