@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from mailgate.config import Config
+from mailgate.errors import StoreError
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
@@ -158,8 +159,14 @@ async def serve(
 
 
 async def _finish_erasures(store: SqliteStore, config: Config) -> None:
-    """Erasures a crash cut short are finished before anything else reads the store."""
-    finished = await rights.finish_erasures(store, config)
+    """Erasures a crash cut short are finished before anything else reads the store. One
+    that cannot be finished now (the archive unavailable) does not stop the daemon: the
+    person's state stays 'erasing' and the scheduler's purge tries again."""
+    try:
+        finished = await rights.finish_erasures(store, config)
+    except StoreError as exc:
+        log.error("erasures_unfinished", error=f"{type(exc).__name__}: {exc}")
+        return
     if finished:
         log.info("erasures_finished", count=finished)
 
