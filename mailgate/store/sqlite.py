@@ -1112,6 +1112,37 @@ class SqliteStore:
             (_now(), outbox_id),
         )
 
+    async def rewrap_message_keys(self, *, after: str = "", limit: int = 256) -> tuple[int, str]:
+        keys = self.keys
+
+        def work(db: sqlite3.Connection) -> tuple[int, str]:
+            # By queue id, so that a whole pass reads each row once however many batches.
+            rows = db.execute(
+                "SELECT id, raw_key FROM inbound WHERE id > ? AND owner_key IS NULL "
+                "ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            moved = 0
+            for row in rows:
+                wrapped = bytes(row["raw_key"])
+                if not keys.wraps_current(wrapped):  # a re-run after a crash skips what is done
+                    db.execute(
+                        "UPDATE inbound SET raw_key = ? WHERE id = ?",
+                        (keys.rewrap_message_key(wrapped), row["id"]),
+                    )
+                    moved += 1
+            return moved, (rows[-1]["id"] if len(rows) == limit else "")
+
+        return await self._writer.transaction(work)
+
+    async def message_keys_left(self) -> int:
+        current = self.keys.current.encode()
+        rows = await self._rows(
+            "SELECT count(*) FROM inbound WHERE owner_key IS NULL AND substr(raw_key, 1, ?) != ?",
+            (len(current), current),
+        )
+        return int(rows[0][0])
+
     async def blob_names(self) -> set[str]:
         """The names of the attachment files that rows refer to (the sweep keeps only those)."""
         return {row[0] for row in await self._rows("SELECT name FROM blobs")}
