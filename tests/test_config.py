@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mailgate.config import load_config
-from tests.conftest import REPO, open_test_store, run_cli, write_config
+from mailgate.store import store_for
+from tests.conftest import REPO, run_cli, write_config
 
 EX_CONFIG = 78
 EX_USAGE = 2
@@ -216,15 +217,42 @@ def test_cli_finds_the_database_next_to_the_config(tmp_path: Path) -> None:
     )
     assert not (folder / "var").exists() and not (elsewhere / "var").exists()
 
-    asyncio.run(_create_store(database))  # as the daemon's first start does
+    asyncio.run(_create_store(folder / "config.toml"))  # as the daemon's first start does
     result = tickets_list()
     assert result.returncode == 0, result.stderr
     assert not (elsewhere / "var").exists()
 
 
-async def _create_store(path: Path) -> None:
-    async with open_test_store(path):
+async def _create_store(config: Path) -> None:
+    async with store_for(load_config(config)):  # the database, the key file, the key store
         pass
+
+
+def test_check_config_warns_of_keys_kept_with_the_data(tmp_path: Path) -> None:
+    """No [security] key_file: the generated key sits beside the data, and so does the key
+    store; check-config says so on stdout and still passes. Keys set outside: no warning."""
+    path = write_config(tmp_path / "etc")
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "warning" in line]
+    assert len(warnings) == 2, result.stdout
+    assert "[security] key_file is not set" in warnings[0]
+    assert "is inside the database's folder" in warnings[1]
+
+    keys = tmp_path / "keys"
+    with path.open("a", encoding="utf-8") as config:
+        config.write(f'\n[security]\nkey_file = "{keys / "master.key"}"\n')
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout, result.stdout  # the key store defaults beside the key
+
+    edit_config(path, "security", "keystore", '"var/keystore.sqlite"')
+    result = check(path)
+    assert [line for line in result.stdout.splitlines() if "warning" in line] == [
+        f"security: warning: the key store ({tmp_path / 'etc' / 'var' / 'keystore.sqlite'}) is"
+        f" inside the database's folder ({tmp_path / 'etc' / 'var'}): a backup of the data then"
+        " carries the keys to it; set [security] keystore to a path outside it"
+    ]
 
 
 @pytest.mark.parametrize(
