@@ -19,7 +19,6 @@ import pytest
 from mailgate.config import Config
 from mailgate.model import Ticket
 from mailgate.store import store_for
-from mailgate.store.blobs import blob_path
 from tests.bounce_formats import FORMATS, STATUS
 from tests.conftest import Received, Relay, Running, daemon_running, mail
 from tests.test_loop_protection import (
@@ -53,12 +52,16 @@ async def bounce_note(running: Running, ticket_id: int) -> Ticket:
     return ticket
 
 
-def stored_copies(config: Config, ticket: Ticket) -> list[bytes]:
+async def stored_copies(config: Config, ticket: Ticket) -> list[bytes]:
     """What the store keeps of the bounce: its note's text and HTML, and its attachments."""
     note = ticket.messages[-1]
     found = [note.body_text.encode(), (note.body_html or "").encode()]
-    for attachment in note.attachments:
-        found.append(blob_path(config.storage.attachments, attachment.sha256).read_bytes())
+    async with store_for(config) as store:
+        for attachment in note.attachments:
+            assert attachment.id is not None
+            content = await store.attachment_content(attachment.id, config.storage.attachments)
+            assert content is not None
+            found.append(content)
     return found
 
 
@@ -94,7 +97,7 @@ async def test_a_bounced_verification_link_answers_410_and_no_stored_copy_holds_
         await running.settle()
         bounced = await bounce_note(running, ticket.id)
         token = path.rsplit("/", 1)[1].encode()
-        assert not any(token in copy for copy in stored_copies(relay_config, bounced))
+        assert not any(token in copy for copy in await stored_copies(relay_config, bounced))
         status, page = await get(running, path)
         assert status == 410, page
         assert "withdrawn" in page

@@ -14,7 +14,6 @@ import pytest
 import structlog
 
 from mailgate.store import store_for
-from mailgate.store.blobs import blob_path
 from tests.conftest import MAIL_DATA, Running, eml
 
 EXPECTED: dict[str, dict[str, Any]] = json.loads((MAIL_DATA / "expected.json").read_text())
@@ -77,12 +76,14 @@ async def test_hostile_filenames_are_metadata_only(daemon: Running) -> None:
     assert names[2] is not None and len(names[2]) <= 255 and names[2].endswith(".pdf")
     assert names[3] == "cmd.exe"
     root = daemon.config.storage.attachments
-    for a in attachments:
-        stored = blob_path(root, a.sha256)
-        assert stored.is_file() and stored.stat().st_size == a.size
-    # Nothing outside the content-addressed folders, and no customer filename on disk.
+    async with store_for(daemon.config) as store:
+        for a in attachments:
+            assert a.id is not None
+            content = await store.attachment_content(a.id, root)
+            assert content is not None and len(content) == a.size
+    # Only the sealed blob files, by their random names: no customer filename on disk.
     on_disk = {p.name for p in root.rglob("*") if p.is_file()}
-    assert on_disk == {a.sha256 for a in attachments}
+    assert on_disk == {a.blob for a in attachments}
     assert not (root.parent.parent / "etc").exists()
 
 

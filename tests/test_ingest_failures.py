@@ -16,7 +16,6 @@ import pytest
 from mailgate.config import load_config
 from mailgate.ingest.prepare import ParserCrashed, ParserPool
 from mailgate.store import SqliteStore, store_for
-from mailgate.store.blobs import blob_path
 from tests.conftest import SUPPORT, Running, daemon_running, fill_disk, mail, tmpfs, write_config
 
 
@@ -103,8 +102,10 @@ async def test_a_full_attachment_disk_heals_by_itself_and_holds_up_no_other_mail
         assert sorted(tickets) == ["Logs attached", "No attachment"]
         [attachment] = tickets["Logs attached"].messages[0].attachments
         assert attachment.sha256 == hashlib.sha256(content).hexdigest()
-        assert blob_path(small_mount, attachment.sha256).read_bytes() == content
-        assert leftovers(small_mount) == [attachment.sha256]  # and nothing else
+        assert attachment.id is not None
+        async with store_for(config) as store:
+            assert await store.attachment_content(attachment.id, small_mount) == content
+        assert leftovers(small_mount) == [attachment.blob]  # its sealed file, and nothing else
         await daemon.send(mail(subject="Accepted again"))
 
 

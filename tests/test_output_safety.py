@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
+import json
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.parser import BytesParser
 from pathlib import Path
@@ -15,6 +17,9 @@ from pathlib import Path
 import aiohttp
 
 from mailgate.config import Config, load_config
+from mailgate.privacy.keyring import Keyring
+from mailgate.privacy.sealing import DataKey
+from mailgate.store import labels, open_keyring
 from tests.conftest import Relay, Running, daemon_running, mail, write_config
 
 SCRIPT = "<script>alert(1)</script>"
@@ -147,27 +152,64 @@ async def test_cli_shows_names_subjects_and_filenames_without_bidi_controls(
     assert f"Ann exe.nimda Support {PERSIAN}" in output
 
 
-def edit_store(database: Path, *statements: tuple[str, tuple[str, ...]]) -> None:
-    """Change stored rows by hand, in one transaction of the real SQLite file."""
-    db = sqlite3.connect(database)
+def edit_store(config: Config, edit: Callable[[sqlite3.Connection, Keyring], None]) -> None:
+    """Change stored rows by hand, in one transaction of the real SQLite file, sealing values
+    with the store's own keys and labels (as a version that stored them so would have)."""
+    keys = open_keyring(config, create=False)
+    db = sqlite3.connect(config.storage.database)
+    db.row_factory = sqlite3.Row
     try:
         with db:
-            for sql, params in statements:
-                db.execute(sql, params)
+            edit(db, keys)
     finally:
         db.close()
+        keys.close()
 
 
-async def stored_as_an_earlier_version_did(database: Path) -> None:
+def _key(keys: Keyring, key_id: str) -> DataKey:
+    key = keys.key(key_id)
+    assert key is not None
+    return key
+
+
+def _spoof_rows(db: sqlite3.Connection, keys: Keyring) -> None:
+    owners = "SELECT t.id, p.key_id FROM tickets t JOIN people p ON p.id = t.requester_id"
+    for ticket, key_id in db.execute(owners).fetchall():
+        owner = _key(keys, key_id)
+        db.execute(
+            "UPDATE tickets SET subject = ? WHERE id = ?",
+            (owner.seal_text(SPOOFED_SUBJECT, labels.SUBJECT), ticket),
+        )
+        messages = "SELECT id, sender_key, sender FROM messages WHERE ticket_id = ?"
+        for message, sender_key, sender in db.execute(messages, (ticket,)).fetchall():
+            by = _key(keys, sender_key)
+            address, _name = json.loads(by.open(sender, labels.SENDER))
+            db.execute(
+                "UPDATE messages SET subject = ?, sender = ? WHERE id = ?",
+                (
+                    owner.seal_text(SPOOFED_SUBJECT, labels.SUBJECT),
+                    by.seal(json.dumps([address, SPOOFED_NAME]).encode(), labels.SENDER),
+                    message,
+                ),
+            )
+            parts = "SELECT id, meta FROM attachments WHERE message_id = ?"
+            for attachment, meta in db.execute(parts, (message,)).fetchall():
+                opened = json.loads(owner.open(meta, labels.ATTACHMENT))
+                opened["filename"] = SPOOFED_FILE
+                db.execute(
+                    "UPDATE attachments SET meta = ? WHERE id = ?",
+                    (owner.seal(json.dumps(opened).encode(), labels.ATTACHMENT), attachment),
+                )
+    for person, key_id in db.execute("SELECT id, key_id FROM people").fetchall():
+        db.execute(
+            "UPDATE people SET name = ? WHERE id = ?",
+            (_key(keys, key_id).seal_text(SPOOFED_NAME, labels.NAME), person),
+        )
+
+
+async def stored_as_an_earlier_version_did(config: Config) -> None:
     """Put the characters back into the stored rows, as a version before the cleaning kept them."""
-    await asyncio.to_thread(
-        edit_store,
-        database,
-        ("UPDATE tickets SET subject = ?", (SPOOFED_SUBJECT,)),
-        ("UPDATE messages SET subject = ?, from_name = ?", (SPOOFED_SUBJECT, SPOOFED_NAME)),
-        ("UPDATE requesters SET name = ?", (SPOOFED_NAME,)),
-        ("UPDATE attachments SET filename = ?", (SPOOFED_FILE,)),
-    )
+    await asyncio.to_thread(edit_store, config, _spoof_rows)
 
 
 def read_mails(folder: Path) -> list[EmailMessage]:
@@ -202,7 +244,7 @@ async def test_stored_bidi_controls_never_reach_the_cli_or_the_customers_mail(
     await daemon.send(spoofing_mail())
     outbox = daemon.config.outbound.directory
     await outbox_files(outbox, 2)  # verification and acknowledgement
-    await stored_as_an_earlier_version_did(daemon.config.storage.database)
+    await stored_as_an_earlier_version_did(daemon.config)
 
     output = await cli_output(daemon)
     assert_visible(output)
@@ -230,11 +272,13 @@ async def test_verification_page_shows_no_bidi_controls(daemon: Running) -> None
     mails = await outbox_files(daemon.config.outbound.directory, 2)
     links = [re.search(r"/verify/[A-Za-z0-9_-]+", shown(m)) for m in mails]
     [link] = [found.group(0) for found in links if found]
-    await asyncio.to_thread(
-        edit_store,
-        daemon.config.storage.database,
-        ("UPDATE requesters SET email = ?", ("ann\u202egro.elpmaxe@example.org",)),
-    )
+
+    def spoof_address(db: sqlite3.Connection, keys: Keyring) -> None:
+        for person, key_id in db.execute("SELECT id, key_id FROM people").fetchall():
+            sealed = _key(keys, key_id).seal_text("ann\u202egro.elpmaxe@example.org", labels.EMAIL)
+            db.execute("UPDATE people SET email = ? WHERE id = ?", (sealed, person))
+
+    await asyncio.to_thread(edit_store, daemon.config, spoof_address)
     page = await fetch(daemon, link)
     assert_visible(page)
     assert "anngro.elpmaxe@example.org" in page

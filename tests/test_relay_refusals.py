@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 from mailgate.config import Config
+from mailgate.store import store_for
 from tests.conftest import Relay, Running, cli_json, daemon_running, mail
 from tests.test_loop_protection import CUSTOMER, outbox_drained, undeliverable
 
@@ -34,11 +35,11 @@ def notes(running: Running) -> list[str]:
     ]
 
 
-def marked(database: Path, email: str) -> str | None:
+async def marked(config: Config, email: str) -> str | None:
     """The undeliverable mark of an address that need not be a requester (a participant)."""
-    with sqlite3.connect(database) as db:
-        row = db.execute("SELECT status FROM undeliverable WHERE email = ?", (email,)).fetchone()
-    return str(row[0]) if row else None
+    async with store_for(config) as store:
+        person = await store.get_requester(email)
+    return person.undeliverable if person else None
 
 
 def revoked_tokens(database: Path) -> int:
@@ -122,7 +123,7 @@ async def test_a_refused_cc_is_no_silent_success(
             lines[0] == f"RCPT <{COLLEAGUE}>: 550 5.1.1 <{COLLEAGUE}>: Recipient address rejected"
         )
         assert lines[1].startswith("DATA: 250 ")
-        assert marked(relay_config.storage.database, COLLEAGUE) == "5.1.1"
+        assert await marked(relay_config, COLLEAGUE) == "5.1.1"
         assert undeliverable(running, CUSTOMER) is None
         [note] = notes(running)
         assert COLLEAGUE in note and "Recipient address rejected" in note
@@ -139,7 +140,7 @@ async def test_a_temporarily_refused_cc_is_noted_not_marked(
         assert row["state"] == "sent"
         assert row["last_error"] == f"refused 1 of 2 recipients: <{COLLEAGUE}> 450"
         assert "450 4.2.1" in row["reply"]
-        assert marked(relay_config.storage.database, COLLEAGUE) is None
+        assert await marked(relay_config, COLLEAGUE) is None
         [note] = notes(running)
         assert "mailbox busy" in note and "not tried again" in note
 

@@ -22,7 +22,6 @@ import pytest
 from mailgate.config import Config, load_config
 from mailgate.spool import SPOOL_THRESHOLD
 from mailgate.store import store_for
-from mailgate.store.blobs import blob_path
 from tests.conftest import SUPPORT, Running, cli_json, daemon_running, run_cli, write_config
 
 MIB = 1024 * 1024
@@ -109,7 +108,9 @@ async def test_a_2_mib_single_line_base64_attachment_becomes_a_ticket_intact(big
     [attachment] = ticket.messages[0].attachments
     assert (attachment.filename, attachment.size) == ("dump.bin", len(content))
     assert attachment.sha256 == hashlib.sha256(content).hexdigest()
-    stored = blob_path(big.config.storage.attachments, attachment.sha256).read_bytes()
+    assert attachment.id is not None
+    async with store_for(big.config) as store:
+        stored = await store.attachment_content(attachment.id, big.config.storage.attachments)
     assert stored == content
     assert spool_files(big.config.storage.database.parent) == []
 
