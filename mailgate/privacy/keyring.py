@@ -79,8 +79,13 @@ class _Lock:
 
     def __init__(self, keystore: Path, *, exclusive: bool) -> None:
         self.path = keystore.with_name(keystore.name + ".lock")
-        keystore.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            keystore.parent.mkdir(parents=True, exist_ok=True)
+            # Empty, and readable by all: flock needs no write access, so a lock file that
+            # another user made first never locks the daemon's user out.
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise KeyringError(f"{self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
