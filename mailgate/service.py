@@ -11,7 +11,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import structlog
 
@@ -90,6 +90,8 @@ async def serve(
     msgids = MessageIds(secret, config.smtp.hostname)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(store_for(config))
+        if store.adopted:
+            log.info("legacy_rows_adopted", **asdict(store.adopted))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
         await _finish_erasures(store, config)
 
