@@ -44,6 +44,7 @@ from mailgate.msgid import message_ids
 from mailgate.outbound.templates import Templates
 from mailgate.privacy import audit, export, rights
 from mailgate.privacy.archive import person_hash
+from mailgate.privacy.keyring import write_master_key
 from mailgate.store import IngestTx, SqliteStore, store_for
 from mailgate.store.archive import ArchivedTicket, ArchiveStore, open_archive
 from mailgate.store.labels import ERASED
@@ -347,6 +348,20 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
 
 async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
     Templates(config.outbound.templates).check()
+    security = config.security
+    if not security.key_file_given:
+        print(
+            f"security: warning: [security] key_file is not set: the master key is kept beside"
+            f" the data ({security.key_file}), so whoever copies that folder has the key too;"
+            " set key_file to a path outside it (`mailgate keygen PATH` writes one)"
+        )
+    data = config.storage.database.parent.resolve()
+    if security.keystore.resolve().is_relative_to(data):
+        print(
+            f"security: warning: the key store ({security.keystore}) is inside the database's"
+            f" folder ({data}): a backup of the data then carries the keys to it; set"
+            " [security] keystore to a path outside it"
+        )
     if config.auth.trusted_authserv_id:
         print(f"auth: the Authentication-Results of {config.auth.trusted_authserv_id} decide")
     elif config.auth.enabled:
@@ -870,6 +885,44 @@ def _retention_commands(commands: Any, add: Callable[..., argparse.ArgumentParse
     a_show.add_argument("--json", action="store_true", help="print JSON")
 
 
+async def cmd_rekey(config: Config, args: argparse.Namespace) -> int:
+    from mailgate.privacy.rekey import rekey  # the store's imports stay out of keygen
+
+    if args.batch < 1:
+        raise UsageError("--batch: at least 1")
+    done = await rekey(config, Path(args.new_key_file), batch=args.batch)
+    index = " and the index key" if done.index_key else ""
+    print(
+        f"rekey: {done.data_keys} data keys{index} and {done.message_keys} message keys"
+        f" re-wrapped under {args.new_key_file} in {done.seconds:.2f} s (batches of {args.batch})"
+    )
+    key_file = config.security.key_file
+    if done.replaced:
+        print(f"rekey: {key_file} now holds the new key; the old key is kept as {done.old_copy}")
+    else:
+        print(f"rekey: {key_file} already held the new key")
+    if done.old_copy.exists():
+        print(
+            f"rekey: delete {done.old_copy} once no backup of the key store from before this"
+            f" rekey is wanted (only it opens them); {args.new_key_file} is a copy of {key_file}"
+        )
+    return 0
+
+
+def cmd_keygen(path: Path) -> int:
+    """Write a fresh master key; never over an existing file (a lost key loses everything)."""
+    try:
+        write_master_key(path)
+    except FileExistsError:
+        print(f"mailgate: {path} exists: keygen never overwrites a key", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"mailgate: {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: new master key written (mode 0600)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
@@ -887,6 +940,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("serve", cmd_serve, "run the daemon (SMTP listener and ingest worker)")
     add("check-config", cmd_check_config, "validate the configuration and exit")
+    keygen = commands.add_parser(
+        "keygen", help="write a new master key (mode 0600)", description="write a new master key"
+    )
+    keygen.add_argument("path", metavar="PATH", help="where to write it; never overwritten")
+    rekey = add(
+        "rekey",
+        cmd_rekey,
+        "re-wrap every key under a new master key, then make it [security] key_file"
+        " (the daemon must be stopped; run it again to finish after a crash)",
+    )
+    rekey.add_argument("new_key_file", metavar="NEW_KEY_FILE", help="the new key (keygen)")
+    rekey.add_argument(
+        "--batch", type=int, default=256, metavar="N", help="keys per commit (default 256)"
+    )
     add("close", cmd_close, "close a ticket").add_argument("id", type=int, metavar="ID")
 
     tickets = commands.add_parser("tickets", help="list and show tickets")
@@ -960,6 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keygen":  # needs no config: it makes what the config will name
+        return cmd_keygen(Path(args.path))
     try:
         config = load_config(config_path(args.config))
     except ConfigError as exc:

@@ -13,8 +13,17 @@ import secrets
 from pathlib import Path
 
 
-def write_durably(path: Path, data: bytes, *, mode: int = 0o644, exclusive: bool = False) -> bool:
-    """Write `data` to `path` durably; with `exclusive`, only if `path` does not exist yet.
+def write_durably(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    exclusive: bool = False,
+    owner: tuple[int, int] | None = None,
+) -> bool:
+    """Write `data` to `path` durably; with `exclusive`, only if `path` does not exist yet;
+    with `owner` (uid, gid), the new file has that owner from the start (root replacing a
+    service user's file).
 
     Returns False when `exclusive` found `path` already there (someone else wrote it first),
     True when `data` is in place.
@@ -26,6 +35,8 @@ def write_durably(path: Path, data: bytes, *, mode: int = 0o644, exclusive: bool
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
         with os.fdopen(fd, "wb") as fh:
+            if owner is not None and owner != _owner_of(fd):
+                os.fchown(fd, *owner)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -44,3 +55,8 @@ def write_durably(path: Path, data: bytes, *, mode: int = 0o644, exclusive: bool
     finally:
         os.close(folder)
     return True
+
+
+def _owner_of(fd: int) -> tuple[int, int]:
+    stat = os.fstat(fd)
+    return stat.st_uid, stat.st_gid

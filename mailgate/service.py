@@ -11,11 +11,12 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import structlog
 
 from mailgate.config import Config
+from mailgate.errors import StoreError
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
@@ -91,6 +92,8 @@ async def serve(
     msgids = MessageIds(secret, config.smtp.hostname)
     async with AsyncExitStack() as stack:
         store = await stack.enter_async_context(store_for(config))
+        if store.adopted:
+            log.info("legacy_rows_adopted", **asdict(store.adopted))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
         await _finish_erasures(store, config)
         requests = PrivacyRequests(store, config, Tickets(config, msgids))
@@ -172,8 +175,14 @@ async def serve(
 
 
 async def _finish_erasures(store: SqliteStore, config: Config) -> None:
-    """Erasures a crash cut short are finished before anything else reads the store."""
-    finished = await rights.finish_erasures(store, config)
+    """Erasures a crash cut short are finished before anything else reads the store. One
+    that cannot be finished now (the archive unavailable) does not stop the daemon: the
+    person's state stays 'erasing' and the scheduler's purge tries again."""
+    try:
+        finished = await rights.finish_erasures(store, config)
+    except StoreError as exc:
+        log.error("erasures_unfinished", error=f"{type(exc).__name__}: {exc}")
+        return
     if finished:
         log.info("erasures_finished", count=finished)
 

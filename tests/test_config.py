@@ -228,6 +228,33 @@ async def _create_store(config: Path) -> None:
         pass
 
 
+def test_check_config_warns_of_keys_kept_with_the_data(tmp_path: Path) -> None:
+    """No [security] key_file: the generated key sits beside the data, and so does the key
+    store; check-config says so on stdout and still passes. Keys set outside: no warning."""
+    path = write_config(tmp_path / "etc")
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "warning" in line]
+    assert len(warnings) == 2, result.stdout
+    assert "[security] key_file is not set" in warnings[0]
+    assert "is inside the database's folder" in warnings[1]
+
+    keys = tmp_path / "keys"
+    with path.open("a", encoding="utf-8") as config:
+        config.write(f'\n[security]\nkey_file = "{keys / "master.key"}"\n')
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stdout, result.stdout  # the key store defaults beside the key
+
+    edit_config(path, "security", "keystore", '"var/keystore.sqlite"')
+    result = check(path)
+    assert [line for line in result.stdout.splitlines() if "warning" in line] == [
+        f"security: warning: the key store ({tmp_path / 'etc' / 'var' / 'keystore.sqlite'}) is"
+        f" inside the database's folder ({tmp_path / 'etc' / 'var'}): a backup of the data then"
+        " carries the keys to it; set [security] keystore to a path outside it"
+    ]
+
+
 @pytest.mark.parametrize(
     "command",
     [

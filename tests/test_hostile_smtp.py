@@ -546,8 +546,11 @@ async def test_reset_right_after_the_final_dot_stores_whole_or_nothing(
             conn.writer.transport.abort()
     await daemon.send(mail(subject="Still serving"))
     tickets = await daemon.tickets()
+    with sqlite3.connect(daemon.config.storage.database) as db:
+        ids = [queue_id for (queue_id,) in db.execute("SELECT id FROM inbound")]
     async with store_for(daemon.config) as store:
         rows = await store.pending_inbound(limit=100)
+        raws = [await store.read_raw(queue_id) for queue_id in ids]  # sealed: opened by the store
     assert rows == []  # everything stored was ingested
     with sqlite3.connect(daemon.config.storage.database) as db:
         ids = [queue_id for (queue_id,) in db.execute("SELECT id FROM inbound")]

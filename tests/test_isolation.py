@@ -18,6 +18,7 @@ import pytest
 from mailgate.errors import StoreError
 from mailgate.intake import Intake
 from mailgate.model import Envelope
+from mailgate.spool import Spooled
 from mailgate.store import store_for
 from tests.conftest import SUPPORT, Running, SubprocessDaemon, mail, open_test_store
 from tests.test_hostile_smtp import Raw, inbound_count, limited, message, raw
@@ -194,18 +195,27 @@ def envelope(helo: str) -> Envelope:
 
 
 async def test_a_row_the_store_refuses_costs_only_its_own_message(tmp_path: Path) -> None:
-    # A lone surrogate cannot be encoded for SQLite: the batch's one INSERT fails. Each
-    # message is then committed alone, and only the bad one is refused.
+    # A spool file that ends before its message (a read error): the batch's commit fails.
+    # Each message is then committed alone, and only the bad one is refused. A HELO with a
+    # lone surrogate, which SQLite could not store in clear, is sealed and stored like any.
     database = tmp_path / "mailgate.db"
+    short = tmp_path / "short-spool"
+    short.write_bytes(b"Subject: x\r\n")
     async with open_test_store(database) as store:
         intake = Intake(store, senders=lambda: 5)  # waits for the others to share a commit
         intake.start()
-        try:
-            helos = ["one.example", "two.example", "bad\udce9.example", "four.example", "five"]
-            receives = [intake.receive(envelope(h), b"Subject: x\r\n\r\n") for h in helos]
-            results = await asyncio.gather(*receives, return_exceptions=True)
-        finally:
-            await intake.stop()
+        with short.open("rb") as file:
+            spooled = Spooled(file, 64 * 1024)
+            try:
+                helos = ["one.example", "two.example", "three", "bad\udce9.example", "five"]
+                raws: list[bytes | Spooled] = [b"Subject: x\r\n\r\n"] * 5
+                raws[2] = spooled
+                receives = [
+                    intake.receive(envelope(h), r) for h, r in zip(helos, raws, strict=True)
+                ]
+                results = await asyncio.gather(*receives, return_exceptions=True)
+            finally:
+                await intake.stop()
         assert isinstance(results[2], StoreError)
         stored = [r for r in results if isinstance(r, str)]
         assert len(stored) == 4

@@ -33,7 +33,8 @@ async def test_migration_007_keys_the_stored_addresses_and_merges_spellings(
 ) -> None:
     """Spellings NOCASE kept apart (non-ASCII case, ß) become one requester, participant or
     mark: the oldest requester row stays, the others' tickets and links move to it, and it is
-    verified if any of them was."""
+    verified if any of them was. Adopted into the sealed store (migration 009), the spellings
+    that `address_key` makes one are one person (one blind index)."""
     path = tmp_path / "db.sqlite"
     db = _version_5(path)
     db.executescript(
@@ -65,6 +66,10 @@ async def test_migration_007_keys_the_stored_addresses_and_merges_spellings(
             )
 
         found = await store.ingest(read)
+    with sqlite3.connect(path) as db:
+        people = db.execute("SELECT count(*) FROM people").fetchone()[0]
+    # Ünal in two spellings (and as a sender), ann, STRASSE/straße (participant, marks): three.
+    assert people == 3
     assert [(r.email, r.name, r.verified) for r in requesters] == [
         ("Ünal@example.org", "Ünal", True),
         ("ann@example.org", None, False),

@@ -13,6 +13,10 @@ Lookups by address go through a blind index: HMAC-SHA256 of the address key unde
 key wrapped it (its fingerprint), so `rekey` can move them to a new master key one by one and
 resume after a crash.
 
+Every process that opens the key store holds a shared lock on `<keystore>.lock` while it has it
+open; `mailgate rekey` takes it exclusively, so it never runs beside a daemon or a command that
+would wrap new keys under the old master key (and they refuse to start while it runs).
+
 New data keys are made ahead, 64 to a commit of the key store, so that a new person inside an
 ingest transaction costs no fsync of its own: a key is durable before any value is sealed
 under it. Keys made and never used are a few dozen bytes each, wrapped, and harmless.
@@ -20,8 +24,10 @@ under it. Keys made and never used are a few dozen bytes each, wrapped, and harm
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
+import os
 import secrets
 import sqlite3
 import threading
@@ -31,7 +37,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from mailgate.addresses import address_key
-from mailgate.errors import ConfigError
+from mailgate.errors import ConfigError, MailgateError
 from mailgate.files import write_durably
 from mailgate.privacy.sealing import KEY_BYTES, DataKey, Undecryptable
 
@@ -61,6 +67,45 @@ CREATE TABLE IF NOT EXISTS destroyed (
 
 class KeyringError(ConfigError):
     """The master key or the key store cannot be used (a configuration problem: exit 78)."""
+
+
+class KeystoreBusy(MailgateError):
+    """The key store is held by a rekey (for everyone else), or in use (for a rekey)."""
+
+
+class _Lock:
+    """A lock on `<keystore>.lock` (flock: released by the kernel when the process dies, so a
+    `kill -9` leaves nothing to clean up): shared by every user, exclusive for a rekey."""
+
+    def __init__(self, keystore: Path, *, exclusive: bool) -> None:
+        self.path = keystore.with_name(keystore.name + ".lock")
+        try:
+            keystore.parent.mkdir(parents=True, exist_ok=True)
+            # Empty, and readable by all: flock needs no write access, so a lock file that
+            # another user made first never locks the daemon's user out.
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise KeyringError(f"{self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            if exclusive:
+                raise KeystoreBusy(
+                    f"{keystore}: the key store is in use: stop `mailgate serve` (and any other"
+                    " mailgate command using this config) before `mailgate rekey`"
+                ) from None
+            raise KeystoreBusy(
+                f"{keystore}: `mailgate rekey` is re-wrapping the keys: try again when it is done"
+            ) from None
+        except OSError:
+            os.close(self._fd)
+            raise
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def new_key_id() -> str:
@@ -96,6 +141,11 @@ def read_master_key(path: Path) -> bytes:
     return key
 
 
+def key_text(master: bytes) -> bytes:
+    """A master key as a key file holds it: 64 hex digits and a newline."""
+    return (master.hex() + "\n").encode()
+
+
 def write_master_key(path: Path) -> None:
     """Write a fresh master key (mode 0600), never over an existing file.
 
@@ -103,7 +153,7 @@ def write_master_key(path: Path) -> None:
         FileExistsError: there is one already.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = (secrets.token_hex(KEY_BYTES) + "\n").encode()
+    key = key_text(secrets.token_bytes(KEY_BYTES))
     if not write_durably(path, key, mode=0o600, exclusive=True):
         raise FileExistsError(path)
 
@@ -111,15 +161,36 @@ def write_master_key(path: Path) -> None:
 class Keyring:
     """The master key(s) in memory and the key store; safe to use from several threads."""
 
-    def __init__(self, masters: Sequence[bytes], keystore: Path) -> None:
+    def __init__(
+        self,
+        masters: Sequence[bytes],
+        keystore: Path,
+        *,
+        exclusive: bool = False,
+        _held: _Lock | None = None,
+    ) -> None:
+        """Open the key store with these master keys (the first wraps new keys); `exclusive`
+        (for a rekey) fails unless no other process has it open.
+
+        Raises:
+            KeystoreBusy: the lock could not be had.
+            KeyringError: the key store cannot be read, or its index key opens under none of
+                `masters`.
+        """
         self._masters = {fingerprint(m): DataKey(m) for m in masters}
         self.current = fingerprint(masters[0])
         self.path = keystore
         self._lock = threading.Lock()
         self._pool: list[DataKey] = []
         self._cache: OrderedDict[str, DataKey] = OrderedDict()
-        keystore.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(keystore, isolation_level=None, check_same_thread=False)
+        # A keyring made from another (`with_new_master`) shares its lock and leaves it be.
+        self._owned = _held is None
+        self._file_lock = _Lock(keystore, exclusive=exclusive) if _held is None else _held
+        try:
+            self._db = sqlite3.connect(keystore, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            self._release()
+            raise KeyringError(f"{keystore}: {exc}") from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -129,13 +200,21 @@ class Keyring:
             self._index = self._index_key()
         except sqlite3.Error as exc:
             self._db.close()
+            self._release()
             raise KeyringError(f"{keystore}: {exc}") from None
         except KeyringError:
             self._db.close()
+            self._release()
             raise
 
+    def _release(self) -> None:
+        if self._owned:
+            self._file_lock.release()
+
     @classmethod
-    def open(cls, key_file: Path, keystore: Path, *, create: bool = False) -> Keyring:
+    def open(
+        cls, key_file: Path, keystore: Path, *, create: bool = False, exclusive: bool = False
+    ) -> Keyring:
         """Open with the master key in `key_file`, making one first if `create` and missing."""
         if create and not key_file.exists():
             try:
@@ -149,7 +228,7 @@ class Keyring:
             raise KeyringError(
                 f"{keystore}: no key store (has `mailgate serve` run with this config?)"
             )
-        return cls([read_master_key(key_file)], keystore)
+        return cls([read_master_key(key_file)], keystore, exclusive=exclusive)
 
     @property
     def masters(self) -> tuple[bytes, ...]:
@@ -160,6 +239,7 @@ class Keyring:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._release()
 
     # -- the index key and the blind index -------------------------------------------------
 
@@ -312,10 +392,10 @@ class Keyring:
     # -- rekey -----------------------------------------------------------------------------
 
     def with_new_master(self, new_master: bytes) -> Keyring:
-        """A keyring that opens keys wrapped under either master and wraps under the new one."""
+        """A keyring that opens keys wrapped under either master and wraps under the new one.
+        It shares this one's lock: close it before this one."""
         old = [k.material for k in self._masters.values()]
-        ring = Keyring([new_master, *old], self.path)
-        return ring
+        return Keyring([new_master, *old], self.path, _held=self._file_lock)
 
     def rewrap_batch(self, limit: int = 256) -> int:
         """Re-wrap up to `limit` data keys (and the index key) under the current master key, in
@@ -329,8 +409,10 @@ class Keyring:
                         "UPDATE meta SET value = ? WHERE name = 'index_key'",
                         (self._wrap(self._unwrap(bytes(row[0]), "index-key"), "index-key"),),
                     )
+                # Two ranges of the index, not `!=` (a scan of every key for every batch).
                 rows = self._db.execute(
-                    "SELECT key_id, wrapped FROM data_keys WHERE master != ? LIMIT ?",
+                    "SELECT key_id, wrapped FROM data_keys WHERE master < ?1 OR master > ?1 "
+                    "LIMIT ?2",
                     (self.current, limit),
                 ).fetchall()
                 for key_id, wrapped in rows:
@@ -352,5 +434,24 @@ class Keyring:
             return len(rows)
 
     def masters_in_use(self) -> set[str]:
+        """The fingerprints of the master keys that wrap the data keys and the index key."""
         with self._lock:
-            return {row[0] for row in self._db.execute("SELECT DISTINCT master FROM data_keys")}
+            found = {row[0] for row in self._db.execute("SELECT DISTINCT master FROM data_keys")}
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'index_key'").fetchone()
+        if row is not None:
+            found.add(bytes(row[0])[: 2 * _FINGERPRINT].decode("ascii", "replace"))
+        return found
+
+    def left_to_rewrap(self) -> int:
+        """How many data keys (and the index key) are wrapped under another master key."""
+        with self._lock:
+            (keys,) = self._db.execute(
+                "SELECT count(*) FROM data_keys WHERE master < ?1 OR master > ?1", (self.current,)
+            ).fetchone()
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'index_key'").fetchone()
+        index = row is not None and not bytes(row[0]).startswith(self.current.encode())
+        return int(keys) + int(index)
+
+    def wraps_current(self, wrapped: bytes) -> bool:
+        """Tell whether a wrapped key (a message key) is wrapped under the current master key."""
+        return wrapped.startswith(self.current.encode())

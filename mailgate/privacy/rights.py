@@ -104,6 +104,9 @@ async def erase_marked(
 
 
 async def finish_erasures(store: SqliteStore, config: Config) -> int:
-    """Finish the erasures a crash cut short (before serving, before any privacy command)."""
+    """Finish the erasures a crash cut short (before serving, before any privacy command).
+    The archive is opened only when there is one to finish."""
+    if not await store.erasing():
+        return await erasure.resume(store, config.storage.attachments)  # leftover files only
     async with _archive_first(store, config) as archive:
         return await erasure.resume(store, config.storage.attachments, archive=archive)

@@ -24,7 +24,9 @@ async def store_for(config: Config, *, create: bool = True) -> AsyncIterator[Sql
     """The configured store with its keys, closed (keys too) on exit."""
     keys = open_keyring(config, create=create)
     try:
-        async with open_store(config.storage.database, keys) as store:
+        async with open_store(
+            config.storage.database, keys, attachments=config.storage.attachments
+        ) as store:
             yield store
     finally:
         keys.close()

@@ -302,4 +302,13 @@ class Store(Protocol):
     async def retry_outbox(self, outbox_id: int) -> bool:
         """Make a queued or failed row due now; False if there is no such row (or it was sent)."""
 
+    async def rewrap_message_keys(self, *, after: str = "", limit: int = 256) -> tuple[int, str]:
+        """Re-wrap under the keyring's current master key the keys of raw messages still
+        wrapped under a master key (not yet given to a ticket), for up to `limit` rows with
+        queue ids after `after`, in one commit (`rekey`). Return how many were re-wrapped and
+        where to go on from ("" once there are no more rows)."""
+
+    async def message_keys_left(self) -> int:
+        """How many raw messages' keys are wrapped under another master key than the current."""
+
     async def close(self) -> None: ...

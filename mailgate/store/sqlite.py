@@ -15,14 +15,14 @@ import asyncio
 import dataclasses
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import aiosqlite
 
@@ -72,9 +72,14 @@ from mailgate.store.labels import (
     SENDER,
     SUBJECT,
 )
-from mailgate.store.sqlite_adopt import adopt_legacy
 from mailgate.store.sqlite_erase import Deleted, delete_person, delete_tickets, reconcile
-from mailgate.store.sqlite_raw import RawReader, insert_spooled, message_key, raw_size
+from mailgate.store.sqlite_raw import (
+    RawReader,
+    insert_spooled,
+    insert_stream,
+    message_key,
+    raw_size,
+)
 from mailgate.store.sqlite_retention import CATEGORIES as RETENTION_CATEGORIES
 from mailgate.store.sqlite_retention import CLOSED as CLOSED_TICKETS
 from mailgate.store.sqlite_retention import (
@@ -84,6 +89,9 @@ from mailgate.store.sqlite_retention import (
     mark_unverified,
     remove_batch,
 )
+
+if TYPE_CHECKING:
+    from mailgate.store.sqlite_adopt import Adopted
 
 T = TypeVar("T")
 
@@ -144,9 +152,11 @@ def _migrate(db: sqlite3.Connection) -> None:
 class _Writer:
     """The one write connection, confined to its own thread; each call is one transaction."""
 
-    def __init__(self, path: Path, keys: Keyring) -> None:
+    def __init__(self, path: Path, keys: Keyring, attachments: Path | None) -> None:
         self.path = path
         self._keys = keys
+        self._attachments = attachments
+        self.adopted: Adopted | None = None  # what the open brought over from before 009
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
         self._db: sqlite3.Connection | None = None
 
@@ -158,7 +168,14 @@ class _Writer:
         # Migration 007 keys the stored addresses; the key is Python's (casefold, IDNA).
         db.create_function("address_key", 1, address_key, deterministic=True)
         _migrate(db)
-        adopt_legacy(db, self._keys)
+        # Imported here: adoption builds on this module's writes (the ingest unit of work).
+        from mailgate.store.sqlite_adopt import adopt_legacy
+
+        try:
+            self.adopted = adopt_legacy(db, _SqliteIngestTx(db, self._keys), self._attachments)
+        except BaseException:
+            db.close()
+            raise
         reconcile(db, self._keys)
         self._db = db
 
@@ -251,19 +268,22 @@ def _envelope_text(env: Envelope) -> str:
 def _envelope(data: bytes) -> Envelope:
     """The stored envelope; keys this version does not know are ignored."""
     stored = json.loads(data)
-    forwarded = stored.get("forwarded")
     return Envelope(
         mail_from=stored["mail_from"],
         rcpt_tos=tuple(stored["rcpt_tos"]),
         peer=stored["peer"],
         helo=stored["helo"],
         smtputf8=bool(stored["smtputf8"]),
-        forwarded=ForwardedClient(
-            **{f.name: forwarded.get(f.name) for f in dataclasses.fields(ForwardedClient)}
-        )
-        if forwarded is not None
-        else None,
+        forwarded=forwarded_client(stored.get("forwarded")),
     )
+
+
+def forwarded_client(stored: Mapping[str, Any] | None) -> ForwardedClient | None:
+    """The XFORWARD client as stored (JSON); keys this version does not know are ignored."""
+    if stored is None:
+        return None
+    names = (f.name for f in dataclasses.fields(ForwardedClient))
+    return ForwardedClient(**{name: stored.get(name) for name in names})
 
 
 def _inbound_row(keys: Keyring, row: sqlite3.Row | aiosqlite.Row) -> InboundRow:
@@ -317,8 +337,11 @@ class _People(_Opener):
         ).fetchone()
         return row
 
-    def upsert(self, person: Address, *, rename: bool = False) -> tuple[int, DataKey]:
-        """The person with this address, made if new; `rename` lets the display name change."""
+    def upsert(
+        self, person: Address, *, rename: bool = False, created_at: float | None = None
+    ) -> tuple[int, DataKey]:
+        """The person with this address, made if new (at `created_at`, default now); `rename`
+        lets the display name change."""
         row = self.find(person.email)
         if row is not None:
             key = self.key(row["key_id"])
@@ -339,7 +362,7 @@ class _People(_Opener):
                 key.key_id,
                 key.seal_text(person.email, EMAIL),
                 key.seal_text(person.name, NAME),
-                _now(),
+                _now() if created_at is None else created_at,
             ),
         ).fetchone()
         return int(new["id"]), key
@@ -378,6 +401,10 @@ class _SqliteIngestTx:
         self._db = db
         self._people = _People(db, keys)
         self._keys = keys
+
+    @property
+    def people(self) -> _People:
+        return self._people
 
     def _one(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._db.execute(sql, params).fetchone()
@@ -450,10 +477,36 @@ class _SqliteIngestTx:
         # client's settings. Otherwise a known requester keeps the name it has. The address
         # keeps the spelling it was first written with.
         person, key = self._people.upsert(requester, rename=rename)
+        return self.insert_ticket(person, key, subject, created_at=_ts(at), flags=flags)
+
+    def insert_ticket(
+        self,
+        person: int,
+        key: DataKey,
+        subject: str,
+        *,
+        created_at: float,
+        flags: Sequence[str] = (),
+        row_id: int | None = None,
+        status: TicketStatus = "open",
+        updated_at: float | None = None,
+        closed_at: float | None = None,
+    ) -> int:
+        """Insert a ticket of `person`, its subject sealed under their `key`; `row_id` and the
+        rest keep a ticket's id and state as an earlier version stored them (adoption)."""
         row = self._one(
-            "INSERT INTO tickets (subject, requester_id, created_at, updated_at, flags) "
-            "VALUES (?, ?, ?, ?, ?) RETURNING id",
-            (key.seal_text(subject, SUBJECT), person, _ts(at), _ts(at), json.dumps(list(flags))),
+            "INSERT INTO tickets (id, subject, status, requester_id, created_at, updated_at, "
+            "closed_at, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (
+                row_id,
+                key.seal_text(subject, SUBJECT),
+                status,
+                person,
+                created_at,
+                created_at if updated_at is None else updated_at,
+                closed_at,
+                json.dumps(list(flags)),
+            ),
         )
         assert row is not None
         return int(row["id"])
@@ -470,16 +523,20 @@ class _SqliteIngestTx:
         author: Author = "customer",
         auth: Mapping[str, object] | None = None,
         flags: Sequence[str] = (),
+        row_id: int | None = None,
     ) -> int:
+        """See `IngestTx`; `row_id` (and each attachment's `id`) keep the ids an earlier
+        version gave them (adoption)."""
         owner_id, owner = self._people.of_ticket(ticket_id)
         sender_id, sender_key = self._people.upsert(Address(mail.sender.email, None))
         sender = json.dumps([mail.sender.email, mail.sender.name]).encode()
         row = self._one(
-            "INSERT INTO messages (ticket_id, inbound_id, message_id, sender_id, sender_key, "
+            "INSERT INTO messages (id, ticket_id, inbound_id, message_id, sender_id, sender_key, "
             "sender, subject, body_text, body_html, body_digest, thread_reason, author, "
-            "received_at, auth, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "received_at, auth, flags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "RETURNING id",
             (
+                row_id,
                 ticket_id,
                 inbound_id,
                 mail.message_id,
@@ -503,9 +560,10 @@ class _SqliteIngestTx:
             blob = self._blob(owner_id, owner, attachment)
             meta = json.dumps({"filename": attachment.filename, "sha256": attachment.sha256})
             self._db.execute(
-                "INSERT INTO attachments (message_id, position, blob_id, meta, content_type, "
-                "size, inline) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO attachments (id, message_id, position, blob_id, meta, content_type, "
+                "size, inline) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
+                    attachment.id,
                     message_row,
                     position,
                     blob,
@@ -700,7 +758,15 @@ class _SqliteIngestTx:
         mail = json.loads(key.open(bytes(row["mail"]), OUTBOX))
         return [mail["to"][0], *mail["cc"]]
 
-    def enqueue(self, item: OutboxItem, *, at: datetime, held_for: str | None = None) -> int:
+    def enqueue(
+        self,
+        item: OutboxItem,
+        *,
+        at: datetime,
+        held_for: str | None = None,
+        row_id: int | None = None,
+    ) -> int:
+        """See `IngestTx`; `row_id` keeps the id an earlier version gave the row (adoption)."""
         recipient: int | None
         seal_key: str | None
         if item.ticket_id is None:
@@ -714,10 +780,11 @@ class _SqliteIngestTx:
             seal_key = None
         mail = {"to": [item.to.email, item.to.name], "cc": list(item.cc), "context": item.context}
         row = self._one(
-            "INSERT INTO outbox (kind, ticket_id, recipient_id, seal_key, held_for, mail, "
+            "INSERT INTO outbox (id, kind, ticket_id, recipient_id, seal_key, held_for, mail, "
             "message_id, in_reply_to, refs, automatic, created_at, next_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
+                row_id,
                 item.kind,
                 item.ticket_id,
                 recipient,
@@ -808,6 +875,20 @@ class _SqliteIngestTx:
             "UPDATE inbound SET state = ?, reason = ?, processed_at = ? WHERE id = ?",
             (state, reason, _ts(at), inbound_id),
         )
+
+    def insert_inbound(
+        self,
+        queue_id: str,
+        envelope: Envelope,
+        *,
+        received_at: float,
+        size: int,
+        pieces: Iterable[bytes],
+    ) -> None:
+        """Insert a received row as `receive` does (its envelope and raw message sealed under a
+        key of its own, wrapped under the master key), the raw message read in `pieces`."""
+        params, key = _sealed_envelope(self._keys, queue_id, received_at, envelope, size)
+        insert_stream(self._db, _INBOUND_SPOOLED, params, size, pieces, key)
 
 
 class PrivacyTx(_SqliteIngestTx):
@@ -907,10 +988,18 @@ class SqliteStore:
         self.keys = keys
 
     @classmethod
-    async def open(cls, path: Path, keys: Keyring) -> SqliteStore:
+    async def open(
+        cls, path: Path, keys: Keyring, *, attachments: Path | None = None
+    ) -> SqliteStore:
+        """Open (creating and migrating) the database at `path`. `attachments` is the folder of
+        attachment files: a database from before migration 009 needs it to adopt its files."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        writer = _Writer(path, keys)
-        await writer.open()  # creates and migrates the database before the reader looks
+        writer = _Writer(path, keys, attachments)
+        try:
+            await writer.open()  # creates and migrates the database before the reader looks
+        except BaseException:
+            await writer.close()
+            raise
         try:
             reader = await _connect_reader(path)
         except sqlite3.Error as exc:
@@ -921,6 +1010,11 @@ class SqliteStore:
     async def close(self) -> None:
         await self._reader.close()
         await self._writer.close()
+
+    @property
+    def adopted(self) -> Adopted | None:
+        """What opening brought over from a database written before migration 009, if any."""
+        return self._writer.adopted
 
     async def receive(self, batch: Sequence[tuple[str, Envelope, bytes | Spooled]]) -> None:
         # Sealed here, before the commit that the 250 waits for: no raw message or envelope
@@ -1253,6 +1347,37 @@ class SqliteStore:
         await self._writer.checkpoint()
         return deleted
 
+    async def rewrap_message_keys(self, *, after: str = "", limit: int = 256) -> tuple[int, str]:
+        keys = self.keys
+
+        def work(db: sqlite3.Connection) -> tuple[int, str]:
+            # By queue id, so that a whole pass reads each row once however many batches.
+            rows = db.execute(
+                "SELECT id, raw_key FROM inbound WHERE id > ? AND owner_key IS NULL "
+                "ORDER BY id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            moved = 0
+            for row in rows:
+                wrapped = bytes(row["raw_key"])
+                if not keys.wraps_current(wrapped):  # a re-run after a crash skips what is done
+                    db.execute(
+                        "UPDATE inbound SET raw_key = ? WHERE id = ?",
+                        (keys.rewrap_message_key(wrapped), row["id"]),
+                    )
+                    moved += 1
+            return moved, (rows[-1]["id"] if len(rows) == limit else "")
+
+        return await self._writer.transaction(work)
+
+    async def message_keys_left(self) -> int:
+        current = self.keys.current.encode()
+        rows = await self._rows(
+            "SELECT count(*) FROM inbound WHERE owner_key IS NULL AND substr(raw_key, 1, ?) != ?",
+            (len(current), current),
+        )
+        return int(rows[0][0])
+
     async def blob_names(self) -> set[str]:
         """The names of the attachment files that rows refer to (the sweep keeps only those)."""
         return {row[0] for row in await self._rows("SELECT name FROM blobs")}
@@ -1565,9 +1690,11 @@ _CLAIM = (
 
 
 @asynccontextmanager
-async def open_store(path: Path, keys: Keyring) -> AsyncIterator[SqliteStore]:
+async def open_store(
+    path: Path, keys: Keyring, *, attachments: Path | None = None
+) -> AsyncIterator[SqliteStore]:
     """Open the store at `path` with its keys, migrating it, and close it on exit."""
-    store = await SqliteStore.open(path, keys)
+    store = await SqliteStore.open(path, keys, attachments=attachments)
     try:
         yield store
     finally:

@@ -18,7 +18,7 @@ in pieces (the CLI's `quarantine show --raw`, a listing's header), opening it as
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from mailgate.privacy.keyring import Keyring
@@ -50,15 +50,34 @@ def insert_spooled(
     Raises:
         OSError: the spool file could not be read; the transaction must roll back.
     """
-    cursor = db.execute(sql, (*params, stream_size(raw.size)))
+    insert_stream(db, sql, params, raw.size, raw.chunks(), key)
+
+
+def insert_stream(
+    db: sqlite3.Connection,
+    sql: str,
+    params: Sequence[object],
+    size: int,
+    pieces: Iterable[bytes],
+    key: DataKey,
+) -> None:
+    """As `insert_spooled`, for a raw message of `size` bytes read in `pieces` from anywhere
+    (a spool file, or a legacy row's clear BLOB being adopted)."""
+    cursor = db.execute(sql, (*params, stream_size(size)))
     rowid = cursor.lastrowid
     assert rowid is not None
     sealer = key.stream_sealer(RAW)
     with db.blobopen("inbound", "raw", rowid) as blob:
         blob.write(sealer.header)
-        for piece in raw.chunks():
+        for piece in pieces:
             blob.write(sealer.update(piece))
         blob.write(sealer.finish())
+
+
+def blob_pieces(db: sqlite3.Connection, table: str, column: str, rowid: int) -> Iterator[bytes]:
+    """A BLOB read in pieces of at most WRITE_CHUNK bytes, never whole."""
+    with db.blobopen(table, column, rowid, readonly=True) as blob:
+        yield from _read_pieces(blob, len(blob))
 
 
 class RawReader:
