@@ -97,9 +97,7 @@ async def serve(
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
         await _finish_erasures(store, config)
         requests = PrivacyRequests(store, config, Tickets(config, msgids))
-        exported = await requests.finish_confirmed()  # confirmed before a crash: mailed now
-        if exported:
-            log.info("privacy_exports_finished", count=exported)
+        await _finish_exports(requests)
 
         committed, mail_queued = asyncio.Event(), asyncio.Event()
         sessions: set[MailgateSMTP] = set()
@@ -185,6 +183,18 @@ async def _finish_erasures(store: SqliteStore, config: Config) -> None:
         return
     if finished:
         log.info("erasures_finished", count=finished)
+
+
+async def _finish_exports(requests: PrivacyRequests) -> None:
+    """Exports confirmed before a crash are mailed now. One that cannot be made now does not
+    stop the daemon: it stays confirmed and the next start tries again."""
+    try:
+        exported = await requests.finish_confirmed()
+    except (StoreError, OSError) as exc:  # the store, or the attachments' disk
+        log.error("privacy_exports_unfinished", error=f"{type(exc).__name__}: {exc}")
+        return
+    if exported:
+        log.info("privacy_exports_finished", count=exported)
 
 
 async def _stop_worker(

@@ -302,6 +302,29 @@ async def test_an_export_too_large_to_mail_says_so(relay: Relay, tmp_path: Path)
         ]
 
 
+async def test_an_export_that_cannot_be_made_gives_the_link_back(
+    relay: Relay, config: Config
+) -> None:
+    """The attachments' folder cannot take the zip (here: a file stands in its place): the
+    press answers 503, the link is live again, and pressing later mails the export."""
+    async with daemon_running(config) as running:
+        await ask(running, "export")
+        path = link(await confirmation(relay, 1))
+        page = (await browser.fetch(url(running, path))).page
+        folder = config.storage.attachments
+        folder.rmdir()
+        folder.write_bytes(b"not a folder")
+        failed = await browser.press_button(url(running, path), page)
+        assert failed.status == 503 and "try again" in failed.page
+        assert (await browser.fetch(url(running, path))).status == 200  # live again
+        folder.unlink()
+        folder.mkdir()
+        done = await browser.press_button(url(running, path), page)
+        assert done.status == 200 and "on its way to you by mail" in done.page
+        *_, exported = await relay.wait_for(2)
+        assert len(list(exported.message.iter_attachments())) == 1
+
+
 async def test_an_export_confirmed_before_a_crash_is_mailed_at_start(
     relay: Relay, config: Config
 ) -> None:

@@ -21,8 +21,10 @@ makes mailgate ask the real owner and nothing more. This module is what the link
     mail (no ticket, only the address, sealed under a key of its own) held until the person's
     row is gone; the erasure (`rights.erase_marked`) then destroys their key and rows, the
     request's with them.
-- A crash after the confirmation is finished at the next start: an erasure by
-  `rights.finish_erasures` (which lets the farewell go), an export by `finish_confirmed`.
+- An export that cannot be made (the store, a full disk) gives the link back: the page says
+  to try again, and the button does it then. A crash after the confirmation is finished at
+  the next start: an erasure by `rights.finish_erasures` (which lets the farewell go), an
+  export by `finish_confirmed`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Literal
 import structlog
 
 from mailgate.config import Config
+from mailgate.errors import StoreError, StoreUnavailable
 from mailgate.model import PrivacyAction
 from mailgate.privacy import audit, export, rights
 from mailgate.store.base import TokenState
@@ -106,7 +109,11 @@ class PrivacyRequests:
             return claim
         log.info("privacy_request_confirmed", ticket_id=claim.ticket_id, action=claim.action)
         if claim.action == "export":
-            return Done("export", await self._export(claim))
+            try:
+                return Done("export", await self._export(claim))
+            except (StoreError, OSError) as exc:  # the store, or the attachments' disk
+                await self._give_back(claim)
+                raise StoreUnavailable(f"export: {type(exc).__name__}: {exc}") from exc
         if claim.action == "erase":
             await rights.erase_marked(
                 self._store,
@@ -117,6 +124,18 @@ class PrivacyRequests:
             )
             return Done("erase", "erased")
         return Done(claim.action, "applied")
+
+    async def _give_back(self, claim: Claim) -> None:
+        """The export could not be made: the link works again, so that pressing the button
+        later (the page says to try again in a few minutes) does it; if even that cannot be
+        written, the next start carries it out (`finish_confirmed`)."""
+        reopen = _reopen(claim.id)
+        try:
+            given = await self._store.privacy(reopen)
+        except StoreError as exc:
+            log.error("privacy_request_left_confirmed", ticket_id=claim.ticket_id, error=str(exc))
+            return
+        log.warning("privacy_export_failed", ticket_id=claim.ticket_id, link_live_again=given)
 
     async def finish_confirmed(self) -> int:
         """Carry out the exports confirmed before a crash (or a failure) and not yet mailed;
@@ -166,3 +185,7 @@ class PrivacyRequests:
 
 def _unfinished(request_id: int) -> Callable[[PrivacyTx], Claim | None]:
     return lambda tx: tx.unfinished_request(request_id)
+
+
+def _reopen(request_id: int) -> Callable[[PrivacyTx], bool]:
+    return lambda tx: tx.reopen_request(request_id)

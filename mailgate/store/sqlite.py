@@ -908,6 +908,10 @@ class PrivacyTx(_SqliteIngestTx):
     def finish_request(self, request_id: int, *, at: datetime) -> None:
         requests.finish(self._db, request_id, _ts(at))
 
+    def reopen_request(self, request_id: int) -> bool:
+        """Give a confirmed request's link back (carrying it out failed): it can be used again."""
+        return requests.reopen(self._db, request_id)
+
     def restrict(
         self, email: str, change: rights.Change, audit: AuditRecord
     ) -> rights.Restriction | None:

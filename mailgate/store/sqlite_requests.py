@@ -130,5 +130,16 @@ def unfinished(db: sqlite3.Connection, keys: Keyring, request_id: int) -> Claim 
     return _claim(keys, row) if row is not None else None
 
 
+def reopen(db: sqlite3.Connection, request_id: int) -> bool:
+    """Make a confirmed request's link usable again (carrying it out failed); False if it was
+    carried out meanwhile or is gone."""
+    cursor = db.execute(
+        "UPDATE privacy_requests SET confirmed_at = NULL WHERE id = ? "
+        "AND confirmed_at IS NOT NULL AND done_at IS NULL",
+        (request_id,),
+    )
+    return cursor.rowcount == 1
+
+
 def finish(db: sqlite3.Connection, request_id: int, at: float) -> None:
     db.execute("UPDATE privacy_requests SET done_at = ? WHERE id = ?", (at, request_id))
