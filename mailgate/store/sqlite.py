@@ -572,16 +572,20 @@ class _SqliteIngestTx:
                 ),
             )
         if inbound_id is not None:
-            # The raw message belongs to the ticket's requester now: erasing them shreds it.
-            raw = self._one("SELECT raw_key, owner_key FROM inbound WHERE id = ?", (inbound_id,))
-            if raw is not None and raw["owner_key"] is None:
-                message = self._keys.unwrap_message_key(bytes(raw["raw_key"]))
-                self._db.execute(
-                    "UPDATE inbound SET raw_key = ?, owner_key = ? WHERE id = ?",
-                    (owner.seal(message.material, MESSAGE_KEY), owner.key_id, inbound_id),
-                )
+            self._own_inbound(inbound_id, owner)
         self._db.execute("UPDATE tickets SET updated_at = ? WHERE id = ?", (_ts(at), ticket_id))
         return message_row
+
+    def _own_inbound(self, inbound_id: str, owner: DataKey) -> None:
+        """The raw message belongs to the ticket's requester now: erasing them shreds it (a
+        key wrapped under the master key would open it in any old backup)."""
+        raw = self._one("SELECT raw_key, owner_key FROM inbound WHERE id = ?", (inbound_id,))
+        if raw is not None and raw["owner_key"] is None:
+            message = self._keys.unwrap_message_key(bytes(raw["raw_key"]))
+            self._db.execute(
+                "UPDATE inbound SET raw_key = ?, owner_key = ? WHERE id = ?",
+                (owner.seal(message.material, MESSAGE_KEY), owner.key_id, inbound_id),
+            )
 
     def _blob(self, owner_id: int, owner: DataKey, attachment: StoredAttachment) -> int:
         """The owner's blob of this content: counted once more, or the new file recorded."""
@@ -802,8 +806,16 @@ class _SqliteIngestTx:
         )
 
     def finish_inbound(
-        self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
+        self,
+        inbound_id: str,
+        state: InboundState,
+        *,
+        reason: str | None,
+        at: datetime,
+        ticket_id: int | None = None,
     ) -> None:
+        if ticket_id is not None:
+            self._own_inbound(inbound_id, self._people.of_ticket(ticket_id)[1])
         self._db.execute(
             "UPDATE inbound SET state = ?, reason = ?, processed_at = ? WHERE id = ?",
             (state, reason, _ts(at), inbound_id),

@@ -1,0 +1,467 @@
+"""The sealed store under attack: what a copy of the data directory, a backup taken before an
+erasure, a sender and a local agent can get out of it (issue 10, security review).
+
+Every test here reads real files: a real daemon writes them, the raw bytes of every file under
+the data directory (database, WAL, shared memory, attachments) and the log are searched for
+each personal value in every form it travelled in (UTF-8, the charset it was sent in, base64,
+quoted-printable), and the store is read with the current keys after an erasure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import quopri
+import re
+import shutil
+import signal
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+
+from mailgate.config import Config, load_config
+from mailgate.model import Address, Envelope, ParsedMail
+from mailgate.privacy.erasure import erase
+from mailgate.store import IngestTx, store_for
+from mailgate.store.labels import ERASED
+from mailgate.store.sqlite_raw import RawReader
+from tests.conftest import SUPPORT, Relay, SubprocessDaemon, mail, write_config
+
+# -- the personal values and the forms they travel in -----------------------------------------
+
+
+def forms(value: str, *charsets: str) -> dict[str, bytes]:
+    """`value` as bytes in every form a file could hold it: each charset, and each of those in
+    base64 (at the three alignments, edges cut), quoted-printable (body and header) and
+    percent-encoded (RFC 2231 parameters); its first 16 characters too (a header folded or
+    split into several encoded words keeps only a start whole)."""
+    found: dict[str, bytes] = {}
+    parts = {"": value, "start/": value[:16]} if len(value) > 20 else {"": value}
+    for part, text in parts.items():
+        for charset in ("utf-8", *charsets):
+            try:
+                raw = text.encode(charset)
+            except UnicodeEncodeError:
+                continue
+            found[f"{part}{charset}"] = raw
+            for shift in range(3):
+                encoded = base64.b64encode(b"\0" * shift + raw)
+                core = encoded[4 if shift else 0 : -4]
+                if len(core) >= 8:
+                    found[f"{part}{charset}/base64+{shift}"] = core
+            if not raw.isascii():
+                found[f"{part}{charset}/qp"] = quopri.encodestring(raw).replace(b"=\n", b"")
+                found[f"{part}{charset}/q"] = quopri.encodestring(raw, header=True)
+                found[f"{part}{charset}/pct"] = urllib.parse.quote(raw).encode()
+    return found
+
+
+def scan(roots: Iterable[Path], values: dict[str, dict[str, bytes]]) -> list[str]:
+    """Every (file, value, form) where a form of a value is in a file's raw bytes, as they are
+    or with line breaks (and quoted-printable soft breaks) taken out."""
+    hits = []
+    for root in roots:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for file in files:
+            data = file.read_bytes()
+            joined = re.sub(rb"=?\r?\n", b"", data)
+            for name, variants in values.items():
+                for form, needle in variants.items():
+                    if needle in data or needle in joined:
+                        hits.append(f"{file.name}: {name} ({form})")
+    return hits
+
+
+def scan_bytes(data: bytes, values: dict[str, dict[str, bytes]]) -> set[str]:
+    """The values whose forms are in `data`."""
+    return {name for name, variants in values.items() if any(v in data for v in variants.values())}
+
+
+def found_values(hits: list[str]) -> set[str]:
+    return {hit.split(": ", 1)[1].rsplit(" (", 1)[0] for hit in hits}
+
+
+def secured_config(folder: Path) -> None:
+    """Keys outside the data directory, as deploy/README.md says to run it."""
+    path = folder / "config.toml"
+    keys = folder / "keys"
+    path.write_text(
+        path.read_text(encoding="utf-8") + f'\n[security]\nkey_file = "{keys / "master.key"}"\n',
+        encoding="utf-8",
+    )
+
+
+async def settled(config: Config, within: float = 60) -> None:
+    """Wait until ingest has finished every received row."""
+    deadline = time.monotonic() + within
+    async with store_for(config, create=False) as store:
+        while await store.list_inbound("received"):
+            assert time.monotonic() < deadline, "ingest did not finish"
+            await asyncio.sleep(0.02)
+
+
+# The requester writes in UTF-8; her Cc participant is a person of their own.
+JOERG = "Jörg Übermaß"
+JOERG_EMAIL = "joerg.uebermass@example.org"
+SUBJECT = "Rückerstattung für Bestellung Größe XL"
+BODY = "Meine Kündigungsbestätigung fehlt noch, schöne Grüße aus Köln"
+HTML_PHRASE = "Öffentliche Straßenbahn Zürich"
+FILENAME = "Überweisungsbeleg-Jörg.pdf"
+CONTENT = b"%PDF-1.4 attachment content only Joerg has " + "Überweisung".encode() * 40
+CLARA = "Clara Zweitmeinung"
+CLARA_EMAIL = "clara.zweit@example.org"
+CLARA_BODY = "Clara bestätigt: die Lieferung kam nie an"
+# The second requester writes in ISO-8859-1.
+GRETE = "Gräfin Müller"
+GRETE_EMAIL = "graefin.mueller@example.org"
+GRETE_SUBJECT = "Heizung in der Wohnküche"
+GRETE_BODY = "Die Heizung läuft nicht, schöne Grüße aus Düsseldorf"
+AGENT_TEXT = "Wir überweisen den Betrag für Jörg morgen zurück"
+
+
+def joerg_mail(message_id: str = "<joerg-1@client.example>") -> EmailMessage:
+    msg = mail(
+        sender=f"{JOERG} <{JOERG_EMAIL}>",
+        subject=SUBJECT,
+        body=BODY + "\n",
+        message_id=message_id,
+        cc=f"{CLARA} <{CLARA_EMAIL}>",
+    )
+    msg.add_alternative(f"<p>{HTML_PHRASE}</p><p>{BODY}</p>", subtype="html")
+    msg.add_attachment(CONTENT, maintype="application", subtype="pdf", filename=FILENAME)
+    return msg
+
+
+def grete_mail() -> bytes:
+    return (
+        "From: =?iso-8859-1?q?Gr=E4fin_M=FCller?= <graefin.mueller@example.org>\r\n"
+        f"To: {SUPPORT}\r\n"
+        "Subject: =?iso-8859-1?q?Heizung_in_der_Wohnk=FCche?=\r\n"
+        "Message-ID: <grete-1@client.example>\r\n"
+        "MIME-Version: 1.0\r\n"
+        "Content-Type: text/plain; charset=iso-8859-1\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n"
+        "\r\n"
+        f"{GRETE_BODY}\r\n"
+    ).encode("latin-1")
+
+
+def personal_values(**extra: str) -> dict[str, dict[str, bytes]]:
+    values = {
+        "joerg": forms(JOERG, "latin-1"),
+        "joerg email": forms(JOERG_EMAIL),
+        "subject": forms(SUBJECT, "latin-1"),
+        "body": forms(BODY, "latin-1"),
+        "html": forms(HTML_PHRASE, "latin-1"),
+        "filename": forms(FILENAME, "latin-1"),
+        "content": {"raw": CONTENT[:60], "base64": base64.b64encode(CONTENT)[8:80]},
+        "clara": forms(CLARA),
+        "clara email": forms(CLARA_EMAIL),
+        "clara body": forms(CLARA_BODY, "latin-1"),
+        "grete": forms(GRETE, "latin-1"),
+        "grete email": forms(GRETE_EMAIL),
+        "grete subject": forms(GRETE_SUBJECT, "latin-1"),
+        "grete body": forms(GRETE_BODY, "latin-1"),
+        "agent reply": forms(AGENT_TEXT, "latin-1"),
+    }
+    values.update({name: forms(value) for name, value in extra.items()})
+    return values
+
+
+# -- a real daemon, real mail -----------------------------------------------------------------
+
+
+async def send(port: int, message: EmailMessage | bytes, sender: str) -> str:
+    errors, reply = await aiosmtplib.send(
+        message, sender=sender, recipients=[SUPPORT], hostname="127.0.0.1", port=port
+    )
+    assert not errors, errors
+    return reply.rsplit(" ", 1)[1]
+
+
+async def outbox_done(config: Config, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    async with store_for(config, create=False) as store:
+        while await store.list_outbox("queued") or await store.list_outbox("sending"):
+            assert time.monotonic() < deadline, "the outbox did not finish"
+            await asyncio.sleep(0.05)
+
+
+@dataclass
+class World:
+    """What `populate` sent: queue ids by name, the raw mails, Jörg's verification token."""
+
+    ids: dict[str, str] = field(default_factory=dict)
+    sent: list[bytes] = field(default_factory=list)
+    token: str = ""
+    ticket: int = 0
+
+    async def send(self, port: int, name: str, message: EmailMessage | bytes, sender: str) -> None:
+        raw = message if isinstance(message, bytes) else message.as_bytes()
+        self.sent.append(raw)
+        self.ids[name] = await send(port, raw, sender)
+
+
+async def populate(daemon: SubprocessDaemon, relay: Relay) -> World:
+    """Jörg (UTF-8, HTML, an attachment, Clara in Cc) writes the same mail twice (an SMTP
+    retry), Grete writes in ISO-8859-1, Clara answers on Jörg's ticket, an agent answers Jörg
+    through the relay (Clara in Cc)."""
+    config, world = daemon.config, World()
+    first = joerg_mail().as_bytes()
+    await world.send(daemon.port, "joerg", first, JOERG_EMAIL)
+    await world.send(daemon.port, "joerg again", first, JOERG_EMAIL)
+    await world.send(daemon.port, "grete", grete_mail(), GRETE_EMAIL)
+    await settled(config)
+    async with store_for(config, create=False) as store:
+        [ticket] = [t for t in await store.list_tickets() if t.requester.email == JOERG_EMAIL]
+    world.ticket = ticket.id
+    clara = mail(
+        sender=f"{CLARA} <{CLARA_EMAIL}>", subject=f"Re: [#{ticket.id}] {SUBJECT}", body=CLARA_BODY
+    )
+    await world.send(daemon.port, "clara", clara.as_bytes(), CLARA_EMAIL)
+    await world.send(daemon.port, "clara again", clara.as_bytes(), CLARA_EMAIL)
+    agent = mail(
+        sender="Agent <agent@example.com>", subject=f"Re: [#{ticket.id}] x", body=AGENT_TEXT
+    )
+    # Clara's mailbox is gone: the relay says so, naming her, on Jörg's ticket.
+    relay.refuse[CLARA_EMAIL] = f"550 5.1.1 <{CLARA_EMAIL}>: mailbox unavailable"
+    await world.send(daemon.port, "agent", agent, "agent@example.com")
+    await settled(config)
+    await outbox_done(config)
+    [verification] = [
+        r for r in relay.received if JOERG_EMAIL in r.rcpt_tos and "/verify/" in r.text()
+    ]
+    found = re.search(r"/verify/([A-Za-z0-9_-]+)", verification.text())
+    assert found is not None
+    world.token = found.group(1)
+    [reply] = [r for r in relay.received if AGENT_TEXT in r.text()]
+    assert reply.rcpt_tos == [JOERG_EMAIL] and CLARA_EMAIL in reply.message["Cc"]
+    return world
+
+
+def start(folder: Path, relay: Relay) -> SubprocessDaemon:
+    daemon = SubprocessDaemon(folder, relay_port=relay.port, log_level="info")
+    secured_config(folder)
+    daemon.start()
+    return daemon
+
+
+async def test_no_personal_value_is_in_clear_in_any_file_or_log_line(
+    tmp_path: Path, relay: Relay
+) -> None:
+    daemon = start(tmp_path / "d", relay)
+    try:
+        world = await populate(daemon, relay)
+        values = personal_values(token=world.token)
+        # The search finds every value in what went over the wire (it can fail).
+        wire = tmp_path / "wire.eml"
+        wire.write_bytes(b"".join([*(r.raw for r in relay.received), *world.sent]))
+        assert found_values(scan([wire], values)) == set(values)
+        running = tmp_path / "copy"  # what a copy of the live data directory holds
+        shutil.copytree(daemon.folder / "var", running)
+        assert scan([running, daemon.folder / "daemon.log"], values) == []
+    finally:
+        daemon.kill(signal.SIGTERM)
+    assert scan([daemon.folder / "var", daemon.folder / "daemon.log"], values) == []
+
+
+# -- erasure ----------------------------------------------------------------------------------
+
+
+async def readable(config: Config, *, raw: bool = True) -> bytes:
+    """Everything the store shows with the current keys: tickets with their messages and
+    attachment files, outgoing mail, requesters, and every inbound row (with its raw message,
+    unless `raw` is false)."""
+    shown: list[object] = []
+    contents: list[bytes] = []
+    async with store_for(config, create=False) as store:
+        for summary in await store.list_tickets():
+            ticket = await store.get_ticket(summary.id)
+            shown.append(ticket)
+            for message in ticket.messages if ticket else ():
+                for attachment in message.attachments:
+                    content = await store.attachment_content(
+                        attachment.id or 0, config.storage.attachments
+                    )
+                    contents.append(content or b"")
+        shown += [*await store.list_outbox(), *await store.list_requesters()]
+        for state in ("received", "ingested", "quarantined"):
+            for row in await store.list_inbound(state):
+                shown.append(row)
+                if raw:
+                    contents.append(await store.read_raw(row.id) or b"")
+    return repr(shown).encode() + b"\n".join(contents)
+
+
+def joergs(world: World) -> dict[str, dict[str, bytes]]:
+    """What is Jörg's: who he is and everything on his ticket."""
+    values = personal_values(token=world.token)
+    return {k: v for k, v in values.items() if not k.startswith(("clara", "grete"))}
+
+
+def claras() -> dict[str, dict[str, bytes]]:
+    """Who Clara is (what she wrote on Jörg's ticket is his record, and stays)."""
+    return {"clara": forms(CLARA), "clara email": forms(CLARA_EMAIL)}
+
+
+async def erased(config: Config, email: str) -> None:
+    async with store_for(config, create=False) as store:
+        assert await erase(store, email, config.storage.attachments) is not None
+
+
+async def populated(folder: Path, relay: Relay) -> tuple[Config, World]:
+    daemon = start(folder, relay)
+    try:
+        world = await populate(daemon, relay)
+    finally:
+        daemon.kill(signal.SIGTERM)
+    return daemon.config, world
+
+
+def showing(data: bytes, values: dict[str, dict[str, bytes]], at: Path) -> set[str]:
+    at.write_bytes(data)
+    return found_values(scan([at], values))
+
+
+async def populated_store(folder: Path) -> tuple[Config, World]:
+    """Jörg's ticket with a message, written through the store (no daemon needed)."""
+    write_config(folder)
+    secured_config(folder)
+    config = load_config(folder / "config.toml")
+    now = datetime.now(UTC)
+    raw = joerg_mail().as_bytes()
+    envelope = Envelope(JOERG_EMAIL, (SUPPORT,), "127.0.0.1:2525", "client.example")
+    parsed = ParsedMail(
+        sender=Address(JOERG_EMAIL, JOERG), to=(), cc=(), subject=SUBJECT,
+        message_id="joerg-1@client.example", in_reply_to=(), references=(), body_text=BODY,
+        body_html=None,
+    )  # fmt: skip
+
+    def work(tx: IngestTx) -> int:
+        ticket = tx.create_ticket(SUBJECT, Address(JOERG_EMAIL, JOERG), at=now)
+        tx.add_message(ticket, parsed, inbound_id="Q1", reason="new", attachments=(), at=now)
+        tx.finish_inbound("Q1", "ingested", reason=None, at=now)
+        return ticket
+
+    async with store_for(config) as store:
+        await store.receive([("Q1", envelope, raw)])
+        return config, World(ids={"joerg": "Q1"}, sent=[raw], ticket=await store.ingest(work))
+
+
+async def test_after_an_erasure_no_read_of_the_store_shows_the_person(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """Jörg's repeated mail (an SMTP client that never saw the 250 sends again) is stored
+    once; its second copy's raw message and envelope must go with him too."""
+    config, world = await populated(tmp_path / "d", relay)
+    # Before, every value of his is there to read (only the token's hash is kept once sent).
+    before = showing(await readable(config), joergs(world), tmp_path / "before")
+    assert before == set(joergs(world)) - {"token"}
+    await erased(config, JOERG_EMAIL)
+    assert showing(await readable(config), joergs(world), tmp_path / "after") == set()
+    async with store_for(config, create=False) as store:
+        assert await store.get_inbound(world.ids["joerg again"]) is None
+        assert await store.get_inbound(world.ids["grete"]) is not None  # others keep theirs
+
+
+async def test_erasing_a_participant_leaves_nothing_on_other_tickets_that_names_her(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """Clara wrote on Jörg's ticket, was in Cc of the agent's answer, and the relay refused
+    her address (a note on the ticket, its reply on the outbox row)."""
+    config, world = await populated(tmp_path / "d", relay)
+    assert showing(await readable(config, raw=False), claras(), tmp_path / "before") == set(
+        claras()
+    )
+    await erased(config, CLARA_EMAIL)
+    # Jörg's own raw mail still names her in its Cc header: his record, kept as long as raw
+    # mail is; every other read shows her as erased.
+    assert showing(await readable(config, raw=False), claras(), tmp_path / "after") == set()
+    async with store_for(config, create=False) as store:
+        assert await store.get_inbound(world.ids["clara"]) is None  # her envelope too
+        assert await store.get_inbound(world.ids["clara again"]) is None  # and her repeat
+        assert await store.get_inbound(world.ids["joerg again"]) is not None  # not Jörg's
+        ticket = await store.get_ticket(world.ticket)
+        assert ticket is not None
+        assert CLARA_BODY in [m.body_text for m in ticket.messages]  # Jörg's record stays
+        notes = [m.body_text for m in ticket.messages if m.author == "system"]
+        assert notes and all(ERASED in note for note in notes)
+
+
+async def test_a_backup_from_before_an_erasure_shows_nothing_of_the_person(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """A copy of the data directory taken before Jörg's erasure, restored after it and opened
+    with the current key store (by mailgate, or read directly by anyone holding the keys)."""
+    config, world = await populated(tmp_path / "d", relay)
+    data = config.storage.database.parent
+    backup = tmp_path / "backup"
+    shutil.copytree(data, backup)
+    await erased(config, JOERG_EMAIL)
+    # Read directly, with the current keys but without mailgate's reconciliation.
+    async with store_for(config, create=False) as store:
+        ids = [row[0] for row in sqlite3.connect(backup / "mailgate.db").execute(
+            "SELECT id FROM inbound"
+        )]  # fmt: skip
+        reader = RawReader(backup / "mailgate.db", store.keys)
+        direct = b"\n".join(reader.read(i) or b"" for i in ids)
+        reader.close()
+    assert showing(direct, joergs(world), tmp_path / "direct") == set()
+    # Restored and opened by mailgate.
+    shutil.rmtree(data)
+    shutil.copytree(backup, data)
+    assert showing(await readable(config), joergs(world), tmp_path / "restored") == set()
+
+
+async def test_mail_waiting_for_ingest_at_an_erasure_does_not_bring_the_person_back(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """Mail of Jörg's accepted before his erasure and not yet ingested (its sender checks
+    deferred, the daemon stopped) is erased with him, not made into a ticket afterwards."""
+    config, world = await populated(tmp_path / "d", relay)
+    envelope = Envelope(JOERG_EMAIL, (SUPPORT,), "127.0.0.1:2525", "client.example")
+    later = mail(sender=f"{JOERG} <{JOERG_EMAIL}>", subject="Noch eine Frage", body=BODY)
+    async with store_for(config, create=False) as store:
+        await store.receive([("LATE1", envelope, later.as_bytes())])
+    await erased(config, JOERG_EMAIL)
+    daemon = start(tmp_path / "d", relay)
+    try:
+        await settled(config)
+    finally:
+        daemon.kill(signal.SIGTERM)
+    async with store_for(config, create=False) as store:
+        assert await store.get_requester(JOERG_EMAIL) is None
+        assert await store.get_inbound("LATE1") is None
+    assert showing(await readable(config), joergs(world), tmp_path / "after") == set()
+
+
+async def test_quarantined_mail_of_the_person_goes_with_them(tmp_path: Path) -> None:
+    """Mail that ingest could not use waits in quarantine for an agent, owned by no ticket;
+    its envelope sender says whose it is."""
+    write_config(tmp_path)
+    secured_config(tmp_path)
+    config = load_config(tmp_path / "config.toml")
+    envelope = Envelope(JOERG_EMAIL, (SUPPORT,), "127.0.0.1:2525", "client.example")
+    other = Envelope(GRETE_EMAIL, (SUPPORT,), "127.0.0.1:2525", "client.example")
+    broken = f"From: {JOERG} <{JOERG_EMAIL}>\r\nSubject: {SUBJECT}\r\n\r\n{BODY}".encode()
+    now = datetime.now(UTC)
+
+    def quarantine(tx: IngestTx) -> None:
+        tx.create_ticket(SUBJECT, Address(JOERG_EMAIL, JOERG), at=now)  # he is a requester
+        for queue_id in ("BAD1", "BAD2"):
+            tx.finish_inbound(queue_id, "quarantined", reason="parser failed: X", at=now)
+
+    async with store_for(config) as store:
+        await store.receive([("BAD1", envelope, broken), ("BAD2", other, b"x")])
+        await store.ingest(quarantine)
+        assert await store.read_raw("BAD1") == broken
+        assert await erase(store, JOERG_EMAIL, config.storage.attachments) is not None
+        assert await store.get_inbound("BAD1") is None
+        assert await store.get_inbound("BAD2") is not None
