@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import quopri
 import re
 import shutil
@@ -29,6 +30,7 @@ import aiosmtplib
 from mailgate.config import Config, load_config
 from mailgate.model import Address, Envelope, ParsedMail
 from mailgate.privacy.erasure import erase
+from mailgate.spool import SPOOL_THRESHOLD
 from mailgate.store import IngestTx, store_for
 from mailgate.store.labels import ERASED
 from mailgate.store.sqlite_raw import RawReader
@@ -465,3 +467,62 @@ async def test_quarantined_mail_of_the_person_goes_with_them(tmp_path: Path) -> 
         assert await erase(store, JOERG_EMAIL, config.storage.attachments) is not None
         assert await store.get_inbound("BAD1") is None
         assert await store.get_inbound("BAD2") is not None
+
+
+# -- large mail while it arrives --------------------------------------------------------------
+
+
+def spool_files(pid: int, data: Path) -> list[Path]:
+    """The unnamed files the daemon holds open in the data directory (its spool files)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(data)) and target.endswith("(deleted)"):
+            found.append(fd)
+    return found
+
+
+async def test_a_large_mail_is_not_in_clear_in_its_spool_file(tmp_path: Path) -> None:
+    """A message past the spool threshold goes to an unnamed file in the database's folder
+    as it arrives (minutes, for a slow client): what reaches the disk there is sealed too."""
+    daemon = SubprocessDaemon(tmp_path / "d", max_message_size=8 * 1024 * 1024)
+    secured_config(daemon.folder)
+    daemon.start()
+    line = f"{BODY} {JOERG} {JOERG_EMAIL}\r\n".encode()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+        await reader.readline()
+        for command in (b"EHLO client.example", f"MAIL FROM:<{JOERG_EMAIL}>".encode(),
+                        f"RCPT TO:<{SUPPORT}>".encode(), b"DATA"):  # fmt: skip
+            writer.write(command + b"\r\n")
+            while (answer := await reader.readline())[3:4] == b"-":
+                pass
+            assert answer[:1] in (b"2", b"3"), answer
+        writer.write(f"From: {JOERG} <{JOERG_EMAIL}>\r\nSubject: big\r\n\r\n".encode())
+        lines = 2 * SPOOL_THRESHOLD // len(line)
+        writer.write(line * lines)
+        await writer.drain()
+        data = (daemon.folder / "var").resolve()
+        deadline = time.monotonic() + 30
+        spooled = b""
+        while len(spooled) < SPOOL_THRESHOLD:  # the session writes it out in pieces
+            assert time.monotonic() < deadline, "no spool file"
+            assert daemon.proc is not None
+            spooled = max((p.read_bytes() for p in spool_files(daemon.proc.pid, data)), key=len,
+                          default=b"")  # fmt: skip
+            await asyncio.sleep(0.05)
+        assert scan_bytes(spooled, {"body": forms(BODY), "joerg": forms(JOERG),
+                                    "joerg email": forms(JOERG_EMAIL)}) == set()  # fmt: skip
+        writer.write(b".\r\n")
+        assert (await reader.readline()).startswith(b"250 2.0.0 Queued as ")
+        writer.close()
+        await settled(daemon.config)
+        async with store_for(daemon.config, create=False) as store:
+            [ticket] = await store.list_tickets()  # what arrived is whole
+            full = await store.get_ticket(ticket.id)
+            assert full is not None and full.messages[0].body_text.count(BODY) == lines
+    finally:
+        daemon.kill(signal.SIGTERM)
