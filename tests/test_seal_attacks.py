@@ -37,7 +37,7 @@ from mailgate.spool import SPOOL_THRESHOLD
 from mailgate.store import IngestTx, store_for
 from mailgate.store.labels import ERASED
 from mailgate.store.sqlite_raw import RawReader
-from tests.conftest import SUPPORT, Relay, SubprocessDaemon, mail, write_config
+from tests.conftest import SUPPORT, Relay, SubprocessDaemon, mail, run_cli, write_config
 
 # -- the personal values and the forms they travel in -----------------------------------------
 
@@ -601,3 +601,35 @@ def test_a_master_key_file_of_text_is_refused(tmp_path: Path, content: bytes) ->
     assert len(read_master_key(path)) == 32  # raw bytes still do
     path.write_bytes(os.urandom(32).hex().encode() + b"\n")
     assert len(read_master_key(path)) == 32  # and what keygen writes
+
+
+def test_check_config_warns_of_keys_and_clear_mail_beside_the_data(tmp_path: Path) -> None:
+    """deploy/README.md: check-config warns when the key file or the key store is in the data
+    directory (a copy of it then carries the keys, and erasure reaches no backup of it): a
+    key file set to a path in there too, not only the default. And of a key file others may
+    read, and of the file transport, which writes each outgoing mail in clear, outside the
+    store and its erasure."""
+    inside = write_config(tmp_path / "inside")
+    data = (tmp_path / "inside" / "var").resolve()
+    inside.write_text(
+        inside.read_text(encoding="utf-8") + f'\n[security]\nkey_file = "{data / "my.key"}"\n',
+        encoding="utf-8",
+    )
+    warned = run_cli("--config", str(inside), "check-config")
+    assert warned.returncode == 0, warned.stderr
+    assert f"the master key ({data / 'my.key'}) is inside the data directory" in warned.stdout
+    assert f"the key store ({data / 'keystore.sqlite'}) is inside" in warned.stdout
+    assert f"the file transport writes outgoing mail in clear to {data / 'outbox'}" in (
+        warned.stdout
+    )
+    secured = write_config(tmp_path / "secured", relay_port=2525)
+    secured_config(tmp_path / "secured")
+    keys = Keyring.open(tmp_path / "secured" / "keys" / "master.key",
+                        tmp_path / "secured" / "keys" / "keystore.sqlite", create=True)  # fmt: skip
+    keys.close()
+    quiet = run_cli("--config", str(secured), "check-config")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "warning" not in quiet.stdout, quiet.stdout
+    (tmp_path / "secured" / "keys" / "master.key").chmod(0o644)
+    loose = run_cli("--config", str(secured), "check-config")
+    assert "master.key) can be read by others than its owner (mode 0644)" in loose.stdout
