@@ -633,3 +633,38 @@ def test_check_config_warns_of_keys_and_clear_mail_beside_the_data(tmp_path: Pat
     (tmp_path / "secured" / "keys" / "master.key").chmod(0o644)
     loose = run_cli("--config", str(secured), "check-config")
     assert "master.key) can be read by others than its owner (mode 0644)" in loose.stdout
+
+
+# -- what a sender can make the daemon do -----------------------------------------------------
+
+
+async def test_one_content_attached_many_times_is_written_once(tmp_path: Path) -> None:
+    """A sender attaches the same bytes 300 times (the parser reads up to 1000 parts): each
+    copy was a file of its own, sealed and fsynced twice, the duplicates garbage that only
+    a sweep (not run by the daemon) would remove."""
+    daemon = SubprocessDaemon(tmp_path / "d")
+    secured_config(daemon.folder)
+    daemon.start()
+    message = mail(sender=f"{JOERG} <{JOERG_EMAIL}>", subject="many", body="see attached")
+    for n in range(300):
+        message.add_attachment(b"the same bytes", maintype="application", subtype="octet-stream",
+                               filename=f"copy-{n}.bin")  # fmt: skip
+    message.add_attachment(CONTENT, maintype="application", subtype="pdf", filename=FILENAME)
+    try:
+        await send(daemon.port, message, JOERG_EMAIL)
+        await settled(daemon.config)
+    finally:
+        daemon.kill(signal.SIGTERM)
+    config = daemon.config
+    files = [p for p in config.storage.attachments.rglob("*") if p.is_file()]
+    async with store_for(config, create=False) as store:
+        [ticket] = await store.list_tickets()
+        full = await store.get_ticket(ticket.id)
+        assert full is not None
+        attachments = full.messages[0].attachments
+        assert len(attachments) == 301
+        contents = {await store.attachment_content(a.id or 0, config.storage.attachments)
+                    for a in attachments}  # fmt: skip
+        assert contents == {b"the same bytes", CONTENT}
+        assert await store.blob_names() == {p.name for p in files}
+    assert len(files) == 2
