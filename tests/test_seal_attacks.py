@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import os
 import quopri
 import re
@@ -29,12 +31,15 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
+from mailgate.addresses import address_key
 from mailgate.config import Config, load_config
-from mailgate.model import Address, Envelope, ParsedMail
-from mailgate.privacy.erasure import erase
+from mailgate.model import Address, Envelope, ParsedMail, StoredAttachment
+from mailgate.privacy.erasure import erase, finish
 from mailgate.privacy.keyring import Keyring, KeyringError, read_master_key
+from mailgate.privacy.sealing import CHUNK, STREAM_HEADER, Undecryptable, stream_size
 from mailgate.spool import SPOOL_THRESHOLD
 from mailgate.store import IngestTx, store_for
+from mailgate.store.blobs import blob_path, save_blob
 from mailgate.store.labels import ERASED
 from mailgate.store.sqlite_raw import RawReader
 from tests.conftest import SUPPORT, Relay, SubprocessDaemon, mail, run_cli, write_config
@@ -668,3 +673,221 @@ async def test_one_content_attached_many_times_is_written_once(tmp_path: Path) -
         assert contents == {b"the same bytes", CONTENT}
         assert await store.blob_names() == {p.name for p in files}
     assert len(files) == 2
+
+
+async def test_mail_during_an_erasure_beside_a_running_daemon_leaves_nothing_behind(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The daemon keeps unwrapped keys in its cache; another process erases Jörg while he
+    writes again. What the daemon makes of that mail (under the key it still holds, or, the
+    key gone, nothing) goes with the erasure; mail after it makes a new person, new key."""
+    daemon = start(tmp_path / "d", relay)
+    try:
+        world = await populate(daemon, relay)
+        config = daemon.config
+        async with store_for(config, create=False) as store:
+            person = await store.begin_erasure(JOERG_EMAIL)
+            assert person is not None
+            store.keys.destroy([person.key_id])  # the daemon's cache still holds it
+            reply = mail(sender=f"{JOERG} <{JOERG_EMAIL}>", body=BODY,
+                         subject=f"Re: [#{world.ticket}] {SUBJECT}")  # fmt: skip
+            fresh = mail(sender=f"{JOERG} <{JOERG_EMAIL}>", subject=SUBJECT, body=BODY)
+            fresh.add_attachment(CONTENT, maintype="application", subtype="pdf",
+                                 filename=FILENAME)  # fmt: skip
+            await send(daemon.port, reply, JOERG_EMAIL)
+            await send(daemon.port, fresh, JOERG_EMAIL)
+            await settled(config)
+            await outbox_done(config)
+            await finish(store, person, config.storage.attachments)
+        db = sqlite3.connect(config.storage.database)
+        for sql in (
+            "SELECT count(*) FROM people WHERE key_id = ?",
+            "SELECT count(*) FROM inbound WHERE owner_key = ?",
+            "SELECT count(*) FROM messages WHERE sender_key = ?",
+        ):
+            assert db.execute(sql, (person.key_id,)).fetchone() == (0,), sql
+        assert db.execute("SELECT count(*) FROM people WHERE state = 'erasing'").fetchone() == (0,)
+        db.close()
+        assert showing(await readable(config), joergs(world), tmp_path / "after") == set()
+        db = sqlite3.connect(config.storage.database)
+        assert db.execute(
+            "SELECT count(*) FROM blobs WHERE owner_id = ?", (person.id,)
+        ).fetchone() == (0,)
+        db.close()
+        await send(daemon.port, mail(sender=f"{JOERG} <{JOERG_EMAIL}>", body="Neu"), JOERG_EMAIL)
+        await settled(config)
+        async with store_for(config, create=False) as store:
+            again = await store.get_requester(JOERG_EMAIL)
+            assert again is not None and again.email == JOERG_EMAIL
+            [key_id] = (
+                sqlite3.connect(config.storage.database)
+                .execute(
+                    "SELECT key_id FROM people WHERE blind = ?", (store.keys.blind(JOERG_EMAIL),)
+                )
+                .fetchone()
+            )
+            assert key_id != person.key_id and store.keys.key(key_id) is not None
+    finally:
+        daemon.kill(signal.SIGTERM)
+
+
+# -- the seals themselves: what an attacker who can change the files gets -----------------------
+
+
+async def test_a_raw_message_altered_chunk_by_chunk_does_not_open(tmp_path: Path) -> None:
+    """Real sealed bytes of a raw message of four 64 KiB chunks, cut at a chunk boundary,
+    with a chunk dropped, swapped or repeated, spliced onto another message's header: each
+    reads as absent (whole or by its head), never as other bytes."""
+    write_config(tmp_path)
+    secured_config(tmp_path)
+    config = load_config(tmp_path / "config.toml")
+    envelope = Envelope(JOERG_EMAIL, (SUPPORT,), "127.0.0.1:2525", "client.example")
+    raw = os.urandom(3 * CHUNK + 1000)
+    other = os.urandom(3 * CHUNK + 1000)
+    async with store_for(config) as store:
+        await store.receive([("R1", envelope, raw), ("R2", envelope, other)])
+    db = sqlite3.connect(config.storage.database, isolation_level=None)
+    sealed = bytes(db.execute("SELECT raw FROM inbound WHERE id = 'R1'").fetchone()[0])
+    foreign = bytes(db.execute("SELECT raw FROM inbound WHERE id = 'R2'").fetchone()[0])
+    step = CHUNK + 16
+    head, body = sealed[:STREAM_HEADER], sealed[STREAM_HEADER:]
+    chunks = [body[i : i + step] for i in range(0, len(body), step)]
+    assert len(sealed) == stream_size(len(raw)) and len(chunks) == 4
+    altered = {
+        "cut at a chunk boundary": head + b"".join(chunks[:3]),
+        "a middle chunk dropped": head + b"".join([chunks[0], chunks[2], chunks[3]]),
+        "two chunks swapped": head + b"".join([chunks[1], chunks[0], *chunks[2:]]),
+        "the last chunk repeated": head + b"".join([*chunks, chunks[3]]),
+        "a chunk appended": head + b"".join(chunks) + chunks[0],
+        "another header": foreign[:STREAM_HEADER] + body,
+        "a byte cut": sealed[:-1],
+        "a bit flipped": sealed[:-5] + bytes([sealed[-5] ^ 1]) + sealed[-4:],
+        "another message": foreign,
+    }
+    async with store_for(config) as store:
+        assert await store.read_raw("R1") == raw
+        for what, value in altered.items():
+            db.execute("UPDATE inbound SET raw = ? WHERE id = 'R1'", (value,))
+            assert await store.read_raw("R1") is None, what
+            head_read = await store.read_raw("R1", limit=100)
+            assert head_read is None or head_read == raw[:100], what
+        db.execute("UPDATE inbound SET raw = ? WHERE id = 'R1'", (sealed,))
+        assert await store.read_raw("R1") == raw
+    db.close()
+
+
+async def test_an_attachment_file_altered_does_not_open(tmp_path: Path) -> None:
+    config, _world = await populated_store(tmp_path)
+    content = os.urandom(2 * CHUNK + 10)
+    name, key, digest = save_blob(config.storage.attachments, content)
+    stored = StoredAttachment("a.bin", "application/octet-stream", len(content), digest, False,
+                              name, key)  # fmt: skip
+    parsed = ParsedMail(sender=Address(JOERG_EMAIL, JOERG), to=(), cc=(), subject="s",
+                        message_id="a@x", in_reply_to=(), references=(), body_text="b",
+                        body_html=None)  # fmt: skip
+    now = datetime.now(UTC)
+    async with store_for(config) as store:
+        await store.ingest(
+            lambda tx: tx.add_message(
+                1, parsed, inbound_id=None, reason="new", attachments=[stored], at=now
+            )
+        )
+        ticket = await store.get_ticket(1)
+        assert ticket is not None
+        [attachment] = ticket.messages[-1].attachments
+        root = config.storage.attachments
+        assert await store.attachment_content(attachment.id or 0, root) == content
+        path = blob_path(root, name)
+        sealed = path.read_bytes()
+        for value in (sealed[: STREAM_HEADER + CHUNK + 16], sealed + sealed[-16:], sealed[:-1]):
+            path.write_bytes(value)
+            with pytest.raises(Undecryptable):
+                await store.attachment_content(attachment.id or 0, root)
+
+
+async def test_a_sealed_value_moved_to_another_person_or_column_does_not_open(
+    tmp_path: Path,
+) -> None:
+    """Each person's values are under their own key and each column's label is the seal's
+    associated data. (Two values of one person in one column, say the subjects of two of
+    their tickets, can be swapped: only someone who can write the database can do that, and
+    they hold the CLI's keys already.)"""
+    config, _world = await populated_store(tmp_path)
+    now = datetime.now(UTC)
+    async with store_for(config) as store:
+        grete = await store.ingest(
+            lambda tx: tx.create_ticket(GRETE_SUBJECT, Address(GRETE_EMAIL, GRETE), at=now)
+        )
+    db = sqlite3.connect(config.storage.database, isolation_level=None)
+    [(subject,)] = db.execute("SELECT subject FROM tickets WHERE id = 1").fetchall()
+    [(grete_subject,)] = db.execute("SELECT subject FROM tickets WHERE id = ?", (grete,))
+    db.execute("UPDATE tickets SET subject = ? WHERE id = ?", (subject, grete))
+    async with store_for(config) as store:
+        with pytest.raises(Undecryptable):
+            await store.get_ticket(grete)  # Jörg's subject on Grete's ticket
+        db.execute("UPDATE tickets SET subject = ? WHERE id = ?", (grete_subject, grete))
+        [(name,)] = db.execute("SELECT name FROM people WHERE id = 1").fetchall()
+        db.execute("UPDATE people SET name = ? WHERE id = 1", (subject,))
+        with pytest.raises(Undecryptable):
+            await store.get_requester(JOERG_EMAIL)  # his subject as his name
+        db.execute("UPDATE people SET name = ? WHERE id = 1", (name,))
+        assert (await store.get_requester(JOERG_EMAIL)) is not None
+    db.close()
+    keystore = sqlite3.connect(config.security.keystore, isolation_level=None)
+    rows = keystore.execute("SELECT key_id, wrapped FROM data_keys LIMIT 2").fetchall()
+    (first, first_wrapped), (second, second_wrapped) = rows
+    keystore.execute("UPDATE data_keys SET wrapped = ? WHERE key_id = ?", (second_wrapped, first))
+    keystore.close()
+    keys = Keyring.open(config.security.key_file, config.security.keystore)
+    with pytest.raises(KeyringError, match="does not open"):
+        keys.key(first)  # another key's wrapping under this id
+    wrapped = keys.message_key()[1]
+    unknown = b"0" * 16 + wrapped[16:]
+    with pytest.raises(KeyringError, match="another master key"):
+        keys.unwrap_message_key(unknown)  # the fingerprint names no master key we hold
+    with pytest.raises(KeyringError, match="does not open"):
+        keys.unwrap_message_key(wrapped[:-1] + bytes([wrapped[-1] ^ 1]))  # altered
+    keys.close()
+    assert second and first_wrapped
+
+
+async def test_every_sealed_value_has_its_own_nonce_and_the_blind_index_needs_the_key_store(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """In a database a daemon wrote: no two sealed values share a nonce (or two streams a
+    prefix), and the blind index of an address is no hash anyone could compute from a guess
+    without the key store (another key store gives another one)."""
+    config, _world = await populated(tmp_path / "d", relay)
+    db = sqlite3.connect(config.storage.database)
+    columns = {
+        "people": ("email", "name"), "tickets": ("subject",),
+        "messages": ("sender", "subject", "body_text", "body_html", "auth"),
+        "attachments": ("meta",), "blobs": ("key",), "outbox": ("mail", "reply", "last_error"),
+        "inbound": ("envelope", "raw_key", "raw"),
+    }  # fmt: skip
+    nonces: list[bytes] = []
+    for table, names in columns.items():
+        for name in names:
+            for (value,) in db.execute(f"SELECT {name} FROM {table} WHERE {name} IS NOT NULL"):  # noqa: S608
+                value = bytes(value)
+                if value[:1] == b"\x02":  # a stream: its nonce prefix
+                    nonces.append(value[:STREAM_HEADER])
+                else:  # a value (under the master key: after the fingerprint)
+                    start = 16 if value[:1] != b"\x01" else 0
+                    assert value[start : start + 1] == b"\x01", (table, name)
+                    nonces.append(value[start : start + 13])
+    assert len(nonces) > 40 and len(set(nonces)) == len(nonces)
+    stored = {bytes(row[0]) for row in db.execute("SELECT blind FROM people")}
+    db.close()
+    key = address_key(JOERG_EMAIL).encode()
+    guesses = {
+        hashlib.sha256(key).digest(), hashlib.sha256(JOERG_EMAIL.encode()).digest(),
+        hmac.new(b"", key, hashlib.sha256).digest(),
+    }  # fmt: skip
+    assert not guesses & stored
+    keys = Keyring.open(config.security.key_file, config.security.keystore)
+    assert keys.blind(JOERG_EMAIL) in stored  # with the key store it is found
+    other = Keyring.open(tmp_path / "o" / "master.key", tmp_path / "o" / "ks.sqlite", create=True)
+    assert other.blind(JOERG_EMAIL) not in stored
+    keys.close()
+    other.close()
