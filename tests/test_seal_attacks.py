@@ -891,3 +891,26 @@ async def test_every_sealed_value_has_its_own_nonce_and_the_blind_index_needs_th
     assert other.blind(JOERG_EMAIL) not in stored
     keys.close()
     other.close()
+
+
+async def test_a_wrong_key_file_path_does_not_make_a_new_key_store_for_an_existing_database(
+    tmp_path: Path,
+) -> None:
+    """`[security] key_file` pointing at a folder that is not there (a typo, a volume not
+    mounted): with no key store there, mailgate made a new master key and key store at start,
+    every person read as erased and their new mail made a second person under other keys."""
+    await populated_store(tmp_path)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        path.read_text(encoding="utf-8").replace("/keys/master.key", "/keyz/master.key"),
+        encoding="utf-8",
+    )
+    result = run_cli("--config", str(path), "serve")
+    assert result.returncode == 78, (result.returncode, result.stderr)
+    assert "keystore.sqlite" in result.stderr and "people" in result.stderr
+    assert not (tmp_path / "keyz").exists()
+    fresh = tmp_path / "fresh"  # a new installation still makes its keys at first start
+    write_config(fresh)
+    async with store_for(load_config(fresh / "config.toml")) as store:
+        assert await store.list_tickets() == []
+    assert (fresh / "var" / "keystore.sqlite").exists()
