@@ -914,3 +914,38 @@ async def test_a_wrong_key_file_path_does_not_make_a_new_key_store_for_an_existi
     async with store_for(load_config(fresh / "config.toml")) as store:
         assert await store.list_tickets() == []
     assert (fresh / "var" / "keystore.sqlite").exists()
+
+
+async def test_an_answer_queued_with_an_erased_participant_in_cc_still_reaches_the_requester(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """The agent answers Jörg with Clara in Cc while the relay is down; Clara is erased before
+    it comes back. The erasure leaves `[erased]` in the queued mail's Cc: the answer must
+    still go to Jörg (it failed to compose, for good, and he never got it)."""
+    daemon = start(tmp_path / "d", relay)
+    config = daemon.config
+    try:
+        await send(daemon.port, joerg_mail(), JOERG_EMAIL)
+        await settled(config)
+        await outbox_done(config)
+        await relay.stop()
+        agent = mail(sender="Agent <agent@example.com>", subject="Re: [#1] x", body=AGENT_TEXT)
+        await send(daemon.port, agent, "agent@example.com")
+        await settled(config)
+    finally:
+        daemon.kill(signal.SIGTERM)
+    async with store_for(config, create=False) as store:
+        [queued] = [r for r in await store.list_outbox() if r.item.kind == "agent_reply"]
+        assert queued.state == "queued" and queued.item.cc == (CLARA_EMAIL,)
+    await erased(config, CLARA_EMAIL)
+    await relay.start()
+    daemon = start(tmp_path / "d", relay)
+    try:
+        await outbox_done(config)
+    finally:
+        daemon.kill(signal.SIGTERM)
+    [answer] = [r for r in relay.received if AGENT_TEXT in r.text()]
+    assert answer.rcpt_tos == [JOERG_EMAIL] and answer.message["Cc"] is None
+    async with store_for(config, create=False) as store:
+        [sent] = [r for r in await store.list_outbox() if r.item.kind == "agent_reply"]
+        assert sent.state == "sent" and sent.item.cc == (ERASED,)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -27,6 +27,7 @@ from mailgate.outbound.compose import Composer, serialise
 from mailgate.outbound.refusals import record_refusals
 from mailgate.outbound.transports import DeliveryFailed, Handover, Refusal, Transport
 from mailgate.store import IngestTx, Store
+from mailgate.store.labels import ERASED
 
 log = structlog.get_logger(__name__)
 
@@ -168,7 +169,8 @@ class OutboundWorker:
             await self._finish(row, outcome)
 
     async def _attempt(self, row: OutboxRow, handover: Handover) -> Outcome:
-        item = row.item
+        # A Cc'd participant erased since the mail was queued is no recipient any more.
+        item = replace(row.item, cc=tuple(a for a in row.item.cc if a != ERASED))
         recipients = [item.to.email, *item.cc]
         try:
             message = serialise(self._composer.compose(item), recipients)
