@@ -33,6 +33,7 @@ import pytest
 
 from mailgate.addresses import address_key
 from mailgate.config import Config, load_config
+from mailgate.errors import StoreUnavailable
 from mailgate.model import Address, Envelope, ParsedMail, StoredAttachment
 from mailgate.privacy.erasure import erase, finish
 from mailgate.privacy.keyring import Keyring, KeyringError, read_master_key
@@ -949,3 +950,49 @@ async def test_an_answer_queued_with_an_erased_participant_in_cc_still_reaches_t
     async with store_for(config, create=False) as store:
         [sent] = [r for r in await store.list_outbox() if r.item.kind == "agent_reply"]
         assert sent.state == "sent" and sent.item.cc == (ERASED,)
+
+
+def sealed_values(database: Path, sql: str, *params: object) -> list[bytes]:
+    db = sqlite3.connect(database)
+    try:
+        return [bytes(v) for (v,) in db.execute(sql, params) if v is not None]
+    finally:
+        db.close()
+
+
+def database_files(database: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in database.parent.glob(database.name + "*"))
+
+
+async def test_an_erasure_leaves_no_old_page_in_the_database_files_even_while_it_is_read(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """What Clara's erasure deletes or rewrites under keys that live on (her envelope, the
+    relay's reply naming her on Jörg's outbox row): no copy of the old bytes may stay in the
+    database, its WAL or shared memory, even while a reader (`quarantine show --raw | less`)
+    holds a snapshot; with the snapshot held the erasure is not reported done."""
+    config, world = await populated(tmp_path / "d", relay)
+    database = config.storage.database
+    old = [
+        *sealed_values(database, "SELECT envelope FROM inbound WHERE id = ?", world.ids["clara"]),
+        *sealed_values(database, "SELECT reply FROM outbox WHERE kind = 'agent_reply'"),
+    ]
+    assert len(old) == 2 and all(value in database_files(database) for value in old)
+    reader = sqlite3.connect(database, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM inbound").fetchone()  # a snapshot held
+    async with store_for(config, create=False) as store:
+        # Not the 10 s a writer waits for readers, here.
+        store._writer._db.execute("PRAGMA busy_timeout = 100")  # type: ignore[union-attr]
+        try:
+            await erase(store, CLARA_EMAIL, config.storage.attachments)
+        except StoreUnavailable:
+            pass  # not finished: erasing again finishes it
+        held = database_files(database)
+        reader.execute("COMMIT")
+        reader.close()
+        done = await store.get_requester(CLARA_EMAIL) is None
+        assert not (done and any(value in held for value in old)), "erased, old pages kept"
+        if not done:
+            assert await erase(store, CLARA_EMAIL, config.storage.attachments) is not None
+    assert not [value for value in old if value in database_files(database)]

@@ -221,13 +221,15 @@ class _Writer:
         cursor = await self.transaction(lambda db: db.execute(sql, params))
         return cursor.rowcount == 1
 
-    async def checkpoint(self) -> None:
-        """Copy the WAL into the database and truncate it (after deletes: no old pages stay)."""
+    async def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it (after deletes: no old pages stay);
+        tell whether it could (a reader's snapshot keeps the pages it reads)."""
         assert self._db is not None, "writer not open"
         db = self._db
         # Fetched to its end: a PRAGMA that returns a row and is left unfinished keeps a
         # statement in progress, and the next COMMIT on this connection fails.
-        await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        rows = await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        return not rows[0][0]
 
     async def statement(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> None:
         """Run one statement, atomic (and fsynced) on its own, on the writer thread."""
@@ -1184,12 +1186,21 @@ class SqliteStore:
 
     async def delete_person(self, person: PersonRef) -> Deleted:
         """Delete every row of the person (their key must be destroyed already), then
-        truncate the WAL so that no copy of the deleted pages stays in it."""
+        truncate the WAL so that no copy of the deleted pages stays in it, then the person.
+
+        While a reader holds a snapshot the old pages stay: the person is left marked, and
+        the result says `overwritten=False` (erasing again finishes it)."""
         deleted = await self._writer.transaction(
+            lambda db: delete_person(db, self.keys, person.id, person.key_id, forget=False)
+        )
+        if not await self._writer.checkpoint():
+            return dataclasses.replace(deleted, overwritten=False)
+        # What arrived meanwhile goes too (a concurrent ingest quarantines their new mail).
+        late = await self._writer.transaction(
             lambda db: delete_person(db, self.keys, person.id, person.key_id)
         )
         await self._writer.checkpoint()
-        return deleted
+        return deleted + late
 
     async def rewrap_message_keys(self, *, after: str = "", limit: int = 256) -> tuple[int, str]:
         keys = self.keys

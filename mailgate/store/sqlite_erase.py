@@ -38,6 +38,20 @@ class Deleted:
     raw_messages: int = 0
     participations: int = 0
     blob_files: tuple[str, ...] = field(default=(), repr=False)
+    overwritten: bool = True  # False: a reader kept old pages; the person is still marked
+
+    def __add__(self, other: Deleted) -> Deleted:
+        return Deleted(
+            tickets=self.tickets + other.tickets,
+            messages=self.messages + other.messages,
+            attachments=self.attachments + other.attachments,
+            outbox=self.outbox + other.outbox,
+            tokens=self.tokens + other.tokens,
+            raw_messages=self.raw_messages + other.raw_messages,
+            participations=self.participations + other.participations,
+            blob_files=self.blob_files + other.blob_files,
+            overwritten=self.overwritten and other.overwritten,
+        )
 
     def counts(self) -> dict[str, int]:
         return {
@@ -118,9 +132,11 @@ def delete_tickets(db: sqlite3.Connection, ticket_ids: Sequence[int]) -> Deleted
     )
 
 
-def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id: str) -> Deleted:
+def delete_person(
+    db: sqlite3.Connection, keys: Keyring, person_id: int, key_id: str, *, forget: bool = True
+) -> Deleted:
     """Delete the person's tickets (with their messages, attachments, outbox rows, raw
-    messages), blobs, tokens, participations and row; inside a transaction.
+    messages), blobs, tokens, participations and (with `forget`) row; inside a transaction.
 
     On other people's tickets, what they wrote stays (it is the other requester's record)
     but not who they were: the sender is sealed under their destroyed key, the raw messages
@@ -149,13 +165,18 @@ def delete_person(db: sqlite3.Connection, keys: Keyring, person_id: int, key_id:
     )
     if blind is not None:
         _scrub_tickets(db, keys, person_id, bytes(blind[0]))
+    db.execute("DELETE FROM participants WHERE person_id = ?", (person_id,))
+    db.execute("DELETE FROM verification_tokens WHERE person_id = ?", (person_id,))
     # Their files are unlinked after the commit; until then (a crash) this table names them.
     files = tickets.blob_files + files
     db.executemany("INSERT OR IGNORE INTO erased_files (name) VALUES (?)", [(f,) for f in files])
-    # Their messages on other tickets keep no link to them (sender_id SET NULL); their name
-    # and address there are sealed under the key that is gone.
-    db.execute("DELETE FROM people WHERE id = ?", (person_id,))
-    db.execute("INSERT OR IGNORE INTO erasures (key_id, at) VALUES (?, ?)", (key_id, time.time()))
+    if forget:
+        # Their messages on other tickets keep no link to them (sender_id SET NULL); their
+        # name and address there are sealed under the key that is gone.
+        db.execute("DELETE FROM people WHERE id = ?", (person_id,))
+        db.execute(
+            "INSERT OR IGNORE INTO erasures (key_id, at) VALUES (?, ?)", (key_id, time.time())
+        )
     return Deleted(
         tickets=tickets.tickets,
         messages=tickets.messages,
