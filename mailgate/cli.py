@@ -356,11 +356,35 @@ async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
             " set key_file to a path outside it (`mailgate keygen PATH` writes one)"
         )
     data = config.storage.database.parent.resolve()
+    folders = (data, config.storage.attachments.resolve())
+    if security.key_file_given and any(
+        security.key_file.resolve().is_relative_to(f) for f in folders
+    ):
+        print(
+            f"security: warning: the master key ({security.key_file}) is inside the data"
+            " directory: whoever copies that folder has the key too, and an erasure reaches"
+            " none of its backups; set [security] key_file to a path outside it"
+        )
     if security.keystore.resolve().is_relative_to(data):
         print(
             f"security: warning: the key store ({security.keystore}) is inside the database's"
             f" folder ({data}): a backup of the data then carries the keys to it; set"
             " [security] keystore to a path outside it"
+        )
+    try:
+        mode = security.key_file.stat().st_mode & 0o777
+    except OSError:
+        mode = 0  # not made yet: `serve` makes it, 0600
+    if mode & 0o077:
+        print(
+            f"security: warning: the master key ({security.key_file}) can be read by others"
+            f" than its owner (mode {mode:04o}): chmod 600 it"
+        )
+    if config.outbound.transport == "file":
+        print(
+            "outbound: the file transport writes outgoing mail in clear to"
+            f" {config.outbound.directory.resolve()}, outside the sealed store and its erasure"
+            ' (in production, a relay: transport = "smtp")'
         )
     if config.auth.trusted_authserv_id:
         print(f"auth: the Authentication-Results of {config.auth.trusted_authserv_id} decide")

@@ -12,6 +12,11 @@ pieces (`store/sqlite.py`); only then does the sender get its 250.
 The file lives in the database's folder: the same filesystem, which the free-space check at
 MAIL covers. Writes run in a small thread pool of their own: a write that waits for the disk
 holds up its own session, never the event loop (and with it every session).
+
+What reaches the disk is encrypted (AES-256-CTR under a key that only this process's memory
+holds, made for the one file): a message that takes minutes to arrive is written back to the
+disk meanwhile, and its blocks stay there after the file is gone. The store seals it under
+the message's own key as it copies it in.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
 T = TypeVar("T")
 
 # A message larger than this goes to a spool file as it arrives; smaller ones stay in memory
@@ -33,6 +40,8 @@ SPOOL_THRESHOLD = 1024 * 1024
 WRITE_CHUNK = 256 * 1024
 # Threads writing spool files, shared by all sessions.
 WRITERS = 4
+# What one encryption step of a write covers.
+_PIECE = 64 * 1024
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -45,6 +54,24 @@ def _writers() -> ThreadPoolExecutor:
     return _pool
 
 
+class _Veil:
+    """The spool file's own key: AES-256-CTR, so any piece en- or decrypts at its offset."""
+
+    __slots__ = ("_key", "_nonce")
+
+    def __init__(self) -> None:
+        self._key = os.urandom(32)
+        self._nonce = os.urandom(8)
+
+    def apply(self, data: bytes | memoryview, offset: int) -> bytes:
+        """`data` en- or decrypted as the bytes at `offset` of the file."""
+        block, skip = divmod(offset, 16)
+        counter = self._nonce + block.to_bytes(8, "big")
+        stream = Cipher(algorithms.AES(self._key), modes.CTR(counter)).encryptor()
+        stream.update(bytes(skip))  # into the block where `offset` is
+        return stream.update(data)
+
+
 class Spooled:
     """A finished message in an unnamed spool file, read back by offset (`os.pread`).
 
@@ -53,9 +80,10 @@ class Spooled:
     and the commit each `retain()` and `release()`, in whatever order they finish.
     """
 
-    def __init__(self, file: BinaryIO, size: int) -> None:
+    def __init__(self, file: BinaryIO, size: int, veil: _Veil | None = None) -> None:
         self._file = file
         self.size = size
+        self._veil = veil or _Veil()  # the key `Spool` wrote it under
         self._holders = 1
 
     def chunks(self, size: int = WRITE_CHUNK) -> Iterator[bytes]:
@@ -70,12 +98,12 @@ class Spooled:
             piece = os.pread(fd, min(size, self.size - offset), offset)
             if not piece:
                 raise OSError(f"spool file ends at {offset} of {self.size} bytes")
+            yield self._veil.apply(piece, offset)
             offset += len(piece)
-            yield piece
 
     def head(self, size: int) -> bytes:
         """The first `size` bytes (or the whole message, if shorter)."""
-        return os.pread(self._file.fileno(), min(size, self.size), 0)
+        return self._veil.apply(os.pread(self._file.fileno(), min(size, self.size), 0), 0)
 
     def retain(self) -> Spooled:
         self._holders += 1
@@ -96,6 +124,8 @@ class Spool:
         self._threshold = threshold
         self._buffer = bytearray()
         self._file: BinaryIO | None = None
+        self._veil = _Veil()
+        self._written = 0
         self.size = 0
 
     async def write(self, data: bytes) -> None:
@@ -117,7 +147,7 @@ class Spool:
             data, self._buffer = bytes(self._buffer), bytearray()
             return data
         await self._flush()
-        spooled = Spooled(self._file, self.size)
+        spooled = Spooled(self._file, self.size, self._veil)
         self._file = None
         return spooled
 
@@ -136,18 +166,23 @@ class Spool:
         if data:
             file = self._file
             assert file is not None
-            await self._run(_write_all, file, data)
+            await self._run(_write_all, file, self._veil, self._written, data)
+            self._written += len(data)
 
     @staticmethod
     async def _run(func: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(_writers(), func, *args)
 
 
-def _write_all(file: BinaryIO, data: bytearray) -> None:
-    """Write all of `data` (an unbuffered write may write less than asked)."""
+def _write_all(file: BinaryIO, veil: _Veil, offset: int, data: bytearray) -> None:
+    """Write all of `data`, encrypted as the bytes at `offset`, a piece at a time (a copy of
+    a piece, not of the whole, is what encrypting costs; an unbuffered write may write less
+    than asked)."""
     view = memoryview(data)
-    while view:
-        written = file.write(view)
-        if not written:
-            raise OSError("spool file write wrote nothing")
-        view = view[written:]
+    for start in range(0, len(view), _PIECE):
+        piece = memoryview(veil.apply(view[start : start + _PIECE], offset + start))
+        while piece:
+            written = file.write(piece)
+            if not written:
+                raise OSError("spool file write wrote nothing")
+            piece = piece[written:]

@@ -341,7 +341,14 @@ class SubprocessDaemon:
     test config's sections (`write_config`'s `*_extra` and `outbound_timeout`).
     """
 
-    def __init__(self, folder: Path, relay_port: int | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        relay_port: int | None = None,
+        *,
+        log_level: str = "warning",
+        **config: Any,
+    ) -> None:
         self.folder = folder
         self.port = free_port()
         self.http_port = free_port()
@@ -349,7 +356,7 @@ class SubprocessDaemon:
             folder,
             smtp_port=self.port,
             http_port=self.http_port,
-            log_level="warning",
+            log_level=log_level,
             relay_port=relay_port,
             **config,
         )

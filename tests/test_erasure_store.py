@@ -93,7 +93,7 @@ async def test_erasure_removes_rows_key_and_files_and_leaves_others(tmp_path: Pa
         assert deleted is not None
         assert deleted.counts() == {
             "tickets": 1, "messages": 1, "attachments": 1, "outbox": 0, "tokens": 0,
-            "raw_messages": 1, "participations": 1, "files": 1,
+            "raw_messages": 2, "participations": 1, "files": 1,
         }  # fmt: skip
         assert await store.get_ticket(mine) is None
         assert await store.get_requester(EMAIL) is None
@@ -103,6 +103,7 @@ async def test_erasure_removes_rows_key_and_files_and_leaves_others(tmp_path: Pa
         assert [m.sender.email for m in kept.messages] == [ERASED]
         assert kept.messages[0].body_text == "Zoë chimes in"  # the keeper's record stays
         assert await store.read_raw("Q2") is None  # but not the raw mail Zoë sent
+        assert await store.get_inbound("Q2") is None  # nor its envelope (her address)
         [outgoing] = await store.list_outbox()
         assert (outgoing.item.to.email, outgoing.item.cc) == (OTHER, (ERASED,))
         assert await erase(store, EMAIL, data / "attachments") is None

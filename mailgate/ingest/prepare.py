@@ -90,7 +90,7 @@ def prepare(raw: bytes, attachments: Path, envelope_sender: str = "") -> Prepare
     except Exception as exc:  # noqa: BLE001 - a parser failure quarantines, never kills
         return Prepared(None, failure=f"parser failed: {type(exc).__name__}")
     try:
-        stored = tuple(_stored(attachments, part) for part in mail.attachments)
+        stored = _store_all(attachments, mail.attachments)
     except OSError as exc:
         return Prepared(None, retry=f"attachments unwritable: {exc.strerror or exc}")
     mentioned = tuple(shaped_like_ours(raw.decode("latin-1"))) if mail.bounce else ()
@@ -98,17 +98,27 @@ def prepare(raw: bytes, attachments: Path, envelope_sender: str = "") -> Prepare
     return Prepared(replace(mail, attachments=()), stored, mentioned_ids=mentioned)
 
 
-def _stored(root: Path, part: AttachmentPart) -> StoredAttachment:
-    blob, key, digest = save_blob(root, part.content)
-    return StoredAttachment(
-        filename=part.filename,
-        content_type=part.content_type,
-        size=len(part.content),
-        sha256=digest,
-        inline=part.inline,
-        blob=blob,
-        key=key,
-    )
+def _store_all(root: Path, parts: Sequence[AttachmentPart]) -> tuple[StoredAttachment, ...]:
+    """Write each distinct content once: a sender who attaches the same bytes a thousand
+    times costs one sealed file (and its fsyncs), which all of those attachments name."""
+    files: dict[bytes, tuple[str, bytes, str]] = {}
+    stored = []
+    for part in parts:
+        if part.content not in files:
+            files[part.content] = save_blob(root, part.content)
+        blob, key, digest = files[part.content]
+        stored.append(
+            StoredAttachment(
+                filename=part.filename,
+                content_type=part.content_type,
+                size=len(part.content),
+                sha256=digest,
+                inline=part.inline,
+                blob=blob,
+                key=key,
+            )
+        )
+    return tuple(stored)
 
 
 @dataclass(frozen=True, slots=True)

@@ -358,7 +358,9 @@ class IngestWorker:
             return IngestOutcome(row.id, "quarantined", reason=item.failure)
         seen = self._tickets.seen(tx, mail)  # a repeat delivery needs no sender checks
         if seen.duplicate_of is not None:
-            tx.finish_inbound(row.id, "ingested", reason="duplicate", at=now)
+            tx.finish_inbound(
+                row.id, "ingested", reason="duplicate", at=now, ticket_id=seen.duplicate_of
+            )
             return IngestOutcome(row.id, "ingested", seen.duplicate_of, duplicate=True)
         if item.throttled:
             tx.defer_inbound(

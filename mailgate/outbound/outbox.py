@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
@@ -29,6 +29,7 @@ from mailgate.outbound.refusals import record_refusals
 from mailgate.outbound.transports import DeliveryFailed, Handover, Refusal, Transport
 from mailgate.store import IngestTx, Store
 from mailgate.store.blobs import remove_blobs
+from mailgate.store.labels import ERASED
 
 log = structlog.get_logger(__name__)
 
@@ -185,7 +186,8 @@ class OutboundWorker:
         return content
 
     async def _attempt(self, row: OutboxRow, handover: Handover) -> Outcome:
-        item = row.item
+        # A Cc'd participant erased since the mail was queued is no recipient any more.
+        item = replace(row.item, cc=tuple(a for a in row.item.cc if a != ERASED))
         recipients = [item.to.email, *item.cc]
         attachment = await self._attachment(row)
         if isinstance(attachment, Outcome):

@@ -6,7 +6,9 @@ requires of them is copied to the archive (`archive`, when given); (3) their dat
 destroyed in the key store: from here on every copy of their values, in the database, its WAL
 and any backup, is ciphertext without a key; (4) their rows are deleted and overwritten and
 the WAL truncated, the names of their attachment files noted (`erased_files`) in the same
-transaction; (5) those files are removed, and the note with them.
+transaction, then their own row goes; (5) those files are removed, and the note with them. A
+reader that keeps old pages in use at (3) or (4) (a backup under way) stops the erasure there,
+the person still marked (KeyringError, StoreUnavailable): erasing again finishes it.
 
 A crash after (3) leaves rows whose key is gone: the next open of the store deletes them
 (`reconcile`, which writes their audit record); one after (4) leaves noted files, which
@@ -20,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mailgate.crashpoints import crash_point
+from mailgate.errors import StoreUnavailable
 from mailgate.privacy import audit
 from mailgate.store.blobs import remove_blobs
 from mailgate.store.sqlite import PersonRef, SqliteStore
@@ -49,6 +52,11 @@ async def finish(
     deleted = await store.delete_person(person)
     remove_blobs(attachments, deleted.blob_files)
     await store.forget_erased_files(deleted.blob_files)
+    if not deleted.overwritten:
+        raise StoreUnavailable(
+            "the erased rows' old pages are still in the database's files while another"
+            " connection reads it; erase again when it is done"
+        )
     return deleted
 
 

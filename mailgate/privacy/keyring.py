@@ -121,6 +121,10 @@ def fingerprint(master: bytes) -> str:
 def read_master_key(path: Path) -> bytes:
     """Read a master key file: 32 raw bytes, or 64 hex digits (what `keygen` writes).
 
+    32 bytes that are all printable text are no random key (32 random bytes are text once in
+    10^14): a passphrase or a short hex key, which a dictionary would find offline (every
+    wrapped message key in the database carries the master key's fingerprint).
+
     Raises:
         KeyringError: unreadable, or not a 32-byte key.
     """
@@ -128,7 +132,7 @@ def read_master_key(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyringError(f"{path}: {exc.strerror or exc}") from None
-    if len(data) == KEY_BYTES:
+    if len(data) == KEY_BYTES and not _text(data):
         return data
     try:
         key = bytes.fromhex(data.decode("ascii").strip())
@@ -139,6 +143,10 @@ def read_master_key(path: Path) -> bytes:
             f"{path}: not a master key (expected {KEY_BYTES} bytes or 64 hex digits)"
         )
     return key
+
+
+def _text(data: bytes) -> bool:
+    return all(0x20 <= byte < 0x7F or byte in b"\t\r\n" for byte in data)
 
 
 def key_text(master: bytes) -> bytes:
@@ -156,6 +164,17 @@ def write_master_key(path: Path) -> None:
     key = key_text(secrets.token_bytes(KEY_BYTES))
     if not write_durably(path, key, mode=0o600, exclusive=True):
         raise FileExistsError(path)
+
+
+def _owner_only(path: Path) -> None:
+    """Make the key store file, if new, readable by its owner only; SQLite gives its WAL and
+    shared-memory files the same mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise KeyringError(f"{path}: {exc.strerror or exc}") from None
 
 
 class Keyring:
@@ -187,10 +206,14 @@ class Keyring:
         self._owned = _held is None
         self._file_lock = _Lock(keystore, exclusive=exclusive) if _held is None else _held
         try:
+            _owner_only(keystore)
             self._db = sqlite3.connect(keystore, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             self._release()
             raise KeyringError(f"{keystore}: {exc}") from None
+        except KeyringError:
+            self._release()
+            raise
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -382,8 +405,23 @@ class Keyring:
                 raise
             for key_id in ids:
                 self._cache.pop(key_id, None)
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self._overwrite()
         return gone
+
+    def _overwrite(self) -> None:
+        """Checkpoint and truncate the WAL, so the destroyed keys' old pages are overwritten.
+
+        Raises:
+            KeyringError: a reader (a backup under way) kept the old pages in use; the keys
+                are destroyed for every reader from now on, but their bytes are still in the
+                file until this runs again (an erasure says so and is finished when repeated).
+        """
+        [(busy, _pages, _moved)] = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        if busy:
+            raise KeyringError(
+                f"{self.path}: destroyed keys are still in the file while another connection"
+                " reads it (a backup?); run again when it is done"
+            )
 
     def destroyed(self) -> set[str]:
         with self._lock:

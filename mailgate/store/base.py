@@ -182,8 +182,16 @@ class IngestTx(Protocol):
         checks unless `count` is false (it waits for something else: attachment space)."""
 
     def finish_inbound(
-        self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
-    ) -> None: ...
+        self,
+        inbound_id: str,
+        state: InboundState,
+        *,
+        reason: str | None,
+        at: datetime,
+        ticket_id: int | None = None,
+    ) -> None:
+        """Set the row's final state; `ticket_id` names the ticket that holds the message
+        already (a repeat delivery), whose requester its raw message then belongs to."""
 
 
 class Store(Protocol):

@@ -223,13 +223,15 @@ class _Writer:
         cursor = await self.transaction(lambda db: db.execute(sql, params))
         return cursor.rowcount == 1
 
-    async def checkpoint(self) -> None:
-        """Copy the WAL into the database and truncate it (after deletes: no old pages stay)."""
+    async def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it (after deletes: no old pages stay);
+        tell whether it could (a reader's snapshot keeps the pages it reads)."""
         assert self._db is not None, "writer not open"
         db = self._db
         # Fetched to its end: a PRAGMA that returns a row and is left unfinished keeps a
         # statement in progress, and the next COMMIT on this connection fails.
-        await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        rows = await self._call(lambda: db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        return not rows[0][0]
 
     async def statement(self, sql: str, params: Sequence[object] | Mapping[str, object]) -> None:
         """Run one statement, atomic (and fsynced) on its own, on the writer thread."""
@@ -574,16 +576,20 @@ class _SqliteIngestTx:
                 ),
             )
         if inbound_id is not None:
-            # The raw message belongs to the ticket's requester now: erasing them shreds it.
-            raw = self._one("SELECT raw_key, owner_key FROM inbound WHERE id = ?", (inbound_id,))
-            if raw is not None and raw["owner_key"] is None:
-                message = self._keys.unwrap_message_key(bytes(raw["raw_key"]))
-                self._db.execute(
-                    "UPDATE inbound SET raw_key = ?, owner_key = ? WHERE id = ?",
-                    (owner.seal(message.material, MESSAGE_KEY), owner.key_id, inbound_id),
-                )
+            self._own_inbound(inbound_id, owner)
         self._db.execute("UPDATE tickets SET updated_at = ? WHERE id = ?", (_ts(at), ticket_id))
         return message_row
+
+    def _own_inbound(self, inbound_id: str, owner: DataKey) -> None:
+        """The raw message belongs to the ticket's requester now: erasing them shreds it (a
+        key wrapped under the master key would open it in any old backup)."""
+        raw = self._one("SELECT raw_key, owner_key FROM inbound WHERE id = ?", (inbound_id,))
+        if raw is not None and raw["owner_key"] is None:
+            message = self._keys.unwrap_message_key(bytes(raw["raw_key"]))
+            self._db.execute(
+                "UPDATE inbound SET raw_key = ?, owner_key = ? WHERE id = ?",
+                (owner.seal(message.material, MESSAGE_KEY), owner.key_id, inbound_id),
+            )
 
     def _blob(self, owner_id: int, owner: DataKey, attachment: StoredAttachment) -> int:
         """The owner's blob of this content: counted once more, or the new file recorded."""
@@ -869,8 +875,16 @@ class _SqliteIngestTx:
         )
 
     def finish_inbound(
-        self, inbound_id: str, state: InboundState, *, reason: str | None, at: datetime
+        self,
+        inbound_id: str,
+        state: InboundState,
+        *,
+        reason: str | None,
+        at: datetime,
+        ticket_id: int | None = None,
     ) -> None:
+        if ticket_id is not None:
+            self._own_inbound(inbound_id, self._people.of_ticket(ticket_id)[1])
         self._db.execute(
             "UPDATE inbound SET state = ?, reason = ?, processed_at = ? WHERE id = ?",
             (state, reason, _ts(at), inbound_id),
@@ -1344,12 +1358,21 @@ class SqliteStore:
 
     async def delete_person(self, person: PersonRef) -> Deleted:
         """Delete every row of the person (their key must be destroyed already), then
-        truncate the WAL so that no copy of the deleted pages stays in it."""
+        truncate the WAL so that no copy of the deleted pages stays in it, then the person.
+
+        While a reader holds a snapshot the old pages stay: the person is left marked, and
+        the result says `overwritten=False` (erasing again finishes it)."""
         deleted = await self._writer.transaction(
+            lambda db: delete_person(db, self.keys, person.id, person.key_id, forget=False)
+        )
+        if not await self._writer.checkpoint():
+            return dataclasses.replace(deleted, overwritten=False)
+        # What arrived meanwhile goes too (a concurrent ingest quarantines their new mail).
+        late = await self._writer.transaction(
             lambda db: delete_person(db, self.keys, person.id, person.key_id)
         )
         await self._writer.checkpoint()
-        return deleted
+        return deleted + late
 
     async def rewrap_message_keys(self, *, after: str = "", limit: int = 256) -> tuple[int, str]:
         keys = self.keys
