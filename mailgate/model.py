@@ -297,6 +297,22 @@ class OutboxRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Queue:
+    """One queue's depth by state and its oldest row still to be worked on."""
+
+    by_state: dict[str, int]
+    oldest_pending: datetime | None  # inbound 'received', outbox 'queued' or 'sending'
+
+
+@dataclass(frozen=True, slots=True)
+class Queues:
+    """What `mailgate status`, `/healthz`, `/metrics` and systemd's STATUS= report."""
+
+    inbound: Queue
+    outbox: Queue
+
+
+@dataclass(frozen=True, slots=True)
 class AuditRecord:
     """What was done to personal data: no personal data itself (`privacy/audit.py`)."""
 

@@ -192,6 +192,31 @@ async def test_finished_rows_leave_the_queue_with_their_state(open_backend: Stor
         assert await store.get_inbound("Q3") is None
 
 
+async def test_queues_count_rows_by_state_and_name_the_oldest_pending(
+    open_backend: StoreOpener,
+) -> None:
+    async with open_backend() as store:
+        empty = await store.queues()
+        assert (empty.inbound.by_state, empty.inbound.oldest_pending) == ({}, None)
+        assert (empty.outbox.by_state, empty.outbox.oldest_pending) == ({}, None)
+        before = datetime.now(UTC) - timedelta(seconds=1)
+        await store.receive([(f"Q{n}", ENVELOPE, b"x") for n in range(3)])
+        await store.ingest(lambda tx: tx.finish_inbound("Q0", "quarantined", reason="r", at=NOW))
+        ticket = await ticket_with_message(store)
+        await store.ingest(lambda tx: tx.enqueue(item(ticket_id=ticket), at=NOW - HOUR))
+        queues = await store.queues()
+        assert queues.inbound.by_state == {"received": 2, "quarantined": 1}
+        oldest = queues.inbound.oldest_pending
+        assert oldest is not None and before <= oldest <= datetime.now(UTC)
+        assert queues.outbox.by_state == {"queued": 1}
+        assert queues.outbox.oldest_pending == NOW - HOUR
+        await store.ingest(lambda tx: tx.finish_inbound("Q1", "ingested", reason=None, at=NOW))
+        await store.ingest(lambda tx: tx.finish_inbound("Q2", "ingested", reason=None, at=NOW))
+        drained = await store.queues()
+        assert drained.inbound.by_state == {"ingested": 2, "quarantined": 1}
+        assert drained.inbound.oldest_pending is None
+
+
 async def test_requeue_and_purge_take_only_quarantined_rows(open_backend: StoreOpener) -> None:
     async with open_backend() as store:
         await store.receive([(f"Q{n}", ENVELOPE, b"raw %d" % n) for n in range(3)])

@@ -26,6 +26,7 @@ from mailgate.model import (
     OutboxState,
     ParsedMail,
     PrivacyAction,
+    Queues,
     Requester,
     StoredAttachment,
     ThreadReason,
@@ -318,5 +319,9 @@ class Store(Protocol):
 
     async def message_keys_left(self) -> int:
         """How many raw messages' keys are wrapped under another master key than the current."""
+
+    async def queues(self) -> Queues:
+        """The inbound and outbox queues' depths by state and their oldest pending rows: one
+        read, cheap enough for every health check (the pending rows are indexed)."""
 
     async def close(self) -> None: ...

@@ -42,6 +42,8 @@ from mailgate.model import (
     OutboxState,
     ParsedMail,
     PrivacyAction,
+    Queue,
+    Queues,
     Requester,
     StoredAttachment,
     ThreadReason,
@@ -1330,6 +1332,28 @@ class SqliteStore:
         )
         people = _Opener(self.keys)
         return [_outbox_row(people, row) for row in rows]
+
+    async def queues(self) -> Queues:
+        rows = await self._rows(
+            "SELECT 'inbound', state, count(*), min(CASE WHEN state = 'received' "
+            "THEN received_at END) FROM inbound GROUP BY state "
+            "UNION ALL SELECT 'outbox', state, count(*), min(CASE WHEN state IN "
+            "('queued', 'sending') THEN created_at END) FROM outbox GROUP BY state"
+        )
+        found: dict[str, tuple[dict[str, int], list[float]]] = {
+            "inbound": ({}, []),
+            "outbox": ({}, []),
+        }
+        for queue, state, count, oldest in rows:
+            by_state, pending = found[queue]
+            by_state[state] = count
+            if oldest is not None:
+                pending.append(oldest)
+        inbound, outbox = (
+            Queue(by_state, _dt(min(pending)) if pending else None)
+            for by_state, pending in found.values()
+        )
+        return Queues(inbound=inbound, outbox=outbox)
 
     async def retry_outbox(self, outbox_id: int) -> bool:
         return await self._writer.changes_one(
