@@ -8,10 +8,12 @@ Relative paths are resolved against the config file's folder, not the working di
 from __future__ import annotations
 
 import calendar
+import email.utils
 import ipaddress
 import os
 import re
 import tomllib
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -97,7 +99,7 @@ class OutboundConfig:
     timeout: float
     sender: str
     sender_name: str | None
-    templates: Path
+    templates: Path | None  # an override folder; the shipped set fills in the rest
     secret_file: Path
     acknowledge: bool
     retry_initial: float
@@ -311,6 +313,22 @@ def _mailbox(value: Any, base: Path) -> str:
         raise ValueError(f"not a valid address: {exc}") from None
 
 
+def _sender(value: Any, base: Path) -> tuple[str, str | None]:
+    """`"support@example.com"` or `"Example Support <support@example.com>"` (RFC 5322
+    name-addr, read by email.utils): the address and the name, if any."""
+    text = _text(value, base)  # no CR, LF or other control characters anywhere
+    if "<" not in text:
+        return _mailbox(text, base), None
+    pairs = email.utils.getaddresses([text])
+    if len(pairs) != 1 or not pairs[0][1] or not text.rstrip().endswith(">"):
+        raise ValueError(f'expected "address" or "Name <address>", got {text!r}')
+    name, address = pairs[0]
+    # Cc: C0 and C1 controls (NEL too); Cf: bidi overrides, zero-width; Zl, Zp: line breaks.
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        raise ValueError("the name holds control, bidi or zero-width characters")
+    return _mailbox(address, base), " ".join(name.split()) or None
+
+
 def _accept_list(value: Any, base: Path) -> tuple[str, ...]:
     if not value:
         raise ValueError(
@@ -415,9 +433,9 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "username": (_optional(_text), None),
         "password": (_optional(_text), None),
         "timeout": (_seconds, 60),
-        "sender": (_mailbox, _REQUIRED),
+        "sender": (_sender, _REQUIRED),
         "sender_name": (_optional(_text), None),
-        "templates": (_path, "templates"),
+        "templates": (_optional(_path), None),
         "secret_file": (_path, "var/secret.key"),
         "acknowledge": (_bool, True),
         "retry_initial": (_seconds, 60),
@@ -524,6 +542,7 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
             "auth.trusted_authserv_id: needs smtp.trusted_proxies, the address of that MTA"
         )
     privacy = _privacy(values)
+    _sender_name(values["outbound"])
     return Config(
         path=path,
         smtp=SmtpConfig(**values["smtp"]),
@@ -539,6 +558,20 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         retention=_retention(values["retention"], values["storage"]["database"]),
         privacy=privacy,
     )
+
+
+def _sender_name(outbound: dict[str, Any]) -> None:
+    """Split `sender` into the address and the name; the name is given in one place only.
+
+    Raises:
+        ConfigError: both `sender` ("Name <address>") and `sender_name` give a name.
+    """
+    outbound["sender"], name = outbound["sender"]
+    if name is not None and outbound["sender_name"] is not None:
+        raise ConfigError(
+            "outbound.sender_name: the name is given in outbound.sender already; keep one"
+        )
+    outbound["sender_name"] = outbound["sender_name"] or name
 
 
 def _privacy(values: dict[str, dict[str, Any]]) -> PrivacyConfig:

@@ -314,3 +314,51 @@ def test_an_empty_or_short_secret_file_stops_serve_with_78_naming_it(
     for command in (["serve"], ["reply", "1", "--body-file", str(path)]):
         result = run_cli("--config", str(path), *command)
         assert_config_error(result, "outbound.secret_file", str(secret))
+
+
+@pytest.mark.parametrize(
+    ("sender", "extra", "address", "name"),
+    [
+        ('"support@example.com"', None, "support@example.com", None),
+        ('"Example Support <support@example.com>"', None, "support@example.com", "Example Support"),
+        ('"\\"Support, Team\\" <support@example.com>"', None, "support@example.com", "Support, Team"),
+        ('"<support@example.com>"', '"Old Key"', "support@example.com", "Old Key"),
+        ('"support@example.com"', '"Example Support"', "support@example.com", "Example Support"),
+    ],
+)
+def test_sender_is_an_address_or_a_name_and_an_address(
+    tmp_path: Path, sender: str, extra: str | None, address: str, name: str | None
+) -> None:
+    """`sender` takes "Name <address>" as mail writes it; `sender_name` still names it."""
+    path = edit_config(write_config(tmp_path), "outbound", "sender", sender)
+    if extra is not None:
+        edit_config(path, "outbound", "sender_name", extra)
+    outbound = load_config(path).outbound
+    assert (outbound.sender, outbound.sender_name) == (address, name)
+    assert check(path).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        '"Support <support@example.com"',  # unclosed
+        '"Support <support@example.com> trailing"',
+        '"A <a@example.com>, B <b@example.com>"',
+        '"Support <not an address>"',
+        '"Evil\\r\\nBcc: x@example.org <support@example.com>"',
+        '"Evil\\u0085 <support@example.com>"',
+        '"Evil\\u202e <support@example.com>"',
+    ],
+)
+def test_a_bad_sender_names_outbound_sender(tmp_path: Path, sender: str) -> None:
+    path = edit_config(write_config(tmp_path), "outbound", "sender", sender)
+    assert_config_error(check(path), "outbound.sender:")
+
+
+def test_a_name_in_both_sender_and_sender_name_is_refused(tmp_path: Path) -> None:
+    """Two names for one sender: which was meant? Refused, naming both keys."""
+    path = edit_config(
+        write_config(tmp_path), "outbound", "sender", '"Support <support@example.com>"'
+    )
+    edit_config(path, "outbound", "sender_name", '"Other Name"')
+    assert_config_error(check(path), "outbound.sender_name", "outbound.sender")

@@ -217,6 +217,42 @@ async def test_queues_count_rows_by_state_and_name_the_oldest_pending(
         assert drained.inbound.oldest_pending is None
 
 
+async def test_recent_problems_are_the_last_quarantined_and_failed_rows_newest_first(
+    open_backend: StoreOpener,
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    async with open_backend() as store:
+        assert await store.recent_quarantined(5) == []
+        assert await store.recent_delivery_errors(5) == []
+        await store.receive([(f"Q{n}", ENVELOPE, b"x") for n in range(4)])
+        for n, reason in enumerate(("first", "second", "third")):
+            await store.ingest(
+                lambda tx, n=n, r=reason: tx.finish_inbound(
+                    f"Q{n}", "quarantined", reason=r, at=now + n * HOUR
+                )
+            )
+        assert [r.reason for r in await store.recent_quarantined(2)] == ["third", "second"]
+        await ticket_with_message(store)
+        failed, retrying, sent, fresh = [
+            await store.ingest(enqueue(f"p{n}@example.org", now - HOUR)) for n in range(4)
+        ]
+        await store.claim_outbox(limit=10)
+
+        def attempts(tx: IngestTx) -> None:
+            tx.finish_outbox(failed, "failed", error="550 gone", retry_at=None, reply="550")
+            tx.finish_outbox(retrying, "queued", error="451 later", retry_at=now, reply="451")
+            tx.finish_outbox(sent, "sent", error=None, retry_at=None, reply="250")
+            tx.finish_outbox(fresh, "queued", error=None, retry_at=now, reply=None)
+
+        await store.ingest(attempts)
+        errors = await store.recent_delivery_errors(5)
+        assert [(r.id, r.state, r.last_error) for r in errors] == [
+            (retrying, "queued", "451 later"),
+            (failed, "failed", "550 gone"),
+        ]
+        assert [r.id for r in await store.recent_delivery_errors(1)] == [retrying]
+
+
 async def test_requeue_and_purge_take_only_quarantined_rows(open_backend: StoreOpener) -> None:
     async with open_backend() as store:
         await store.receive([(f"Q{n}", ENVELOPE, b"raw %d" % n) for n in range(3)])

@@ -1,4 +1,9 @@
-"""The jinja2 sandbox over `templates/`: data in, text out, never code (ARCHITECTURE rule 7).
+"""The jinja2 sandbox over the templates: data in, text out, never code (ARCHITECTURE rule 7).
+
+The shipped set travels inside the package (`mailgate/templates`, the checkout's top-level
+`templates/`), so an installed wheel runs from any folder. `[outbound] templates` names an
+optional override folder: a file there (`mail/x.txt`, `page/y.html`) replaces the shipped one
+of that name, and everything else still comes from the shipped set.
 
 Sandboxed, `StrictUndefined` (a misspelt variable is an error, not an empty string), and
 autoescaped for `.html` templates. Customer text only ever arrives as a variable.
@@ -9,7 +14,8 @@ report a broken template by file and line before any mail needs it.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +81,38 @@ SAMPLES: Mapping[str, Mapping[str, Any]] = {
 }
 
 
-class Templates:
-    """Render mail parts and pages from the folder ops edit."""
+def _every_template() -> Iterator[tuple[str, str]]:
+    """Every template mailgate renders ("mail/verification.txt", "page/x.html"), with the
+    name of its sample data."""
+    for kind in MAIL_KINDS:
+        for part in MAIL_PARTS:
+            yield f"mail/{kind}.{part}", kind
+    for page in PAGES:
+        yield f"page/{page}", page
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+
+def shipped_folder() -> Path:
+    """The templates installed with the package (a folder: mailgate is never run zipped)."""
+    return Path(str(resources.files("mailgate").joinpath("templates")))
+
+
+class Templates:
+    """Render mail parts and pages: the override folder's file where there is one, else the
+    shipped one."""
+
+    def __init__(self, overrides: Path | None = None) -> None:
+        """Look in `overrides` (the optional `[outbound] templates`) first, then the shipped set.
+
+        Raises:
+            ConfigError: `overrides` is given but is not a folder.
+        """
+        if overrides is not None and not overrides.is_dir():
+            raise ConfigError(f"outbound.templates: {overrides}: not a folder")
+        self.overrides = overrides
+        self.shipped = shipped_folder()
+        self._folders = (*([overrides] if overrides else []), self.shipped)
         self._env = SandboxedEnvironment(
-            loader=jinja2.FileSystemLoader(folder),
+            loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(f) for f in self._folders]),
             undefined=jinja2.StrictUndefined,
             autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
             keep_trailing_newline=False,
@@ -106,23 +137,41 @@ class Templates:
 
     def check(self) -> None:
         """Render every template with sample data; raise ConfigError at the first failure."""
-        for kind in MAIL_KINDS:
-            for part in MAIL_PARTS:
-                self.mail(kind, part, SAMPLES[kind])
-        for page in PAGES:
-            self.page(page, SAMPLES[page])
+        for name, sample in _every_template():
+            self.render(name, SAMPLES[sample])
+
+    def overridden(self) -> tuple[list[str], list[str]]:
+        """The override folder's files: those that replace a shipped template, and those that
+        replace none (a misspelt name would otherwise be ignored without a word)."""
+        if self.overrides is None:
+            return [], []
+        found = sorted(
+            p.relative_to(self.overrides).as_posix()
+            for p in self.overrides.rglob("*")
+            if p.is_file()
+        )
+        known = {name for name, _ in _every_template()}
+        return [n for n in found if n in known], [n for n in found if n not in known]
+
+    def _source(self, name: str) -> Path:
+        """The file `name` is rendered from: the override's, else the shipped one."""
+        for folder in self._folders:
+            if (folder / name).is_file():
+                return folder / name
+        return self._folders[0] / name
 
     def _locate(self, name: str, exc: jinja2.TemplateError) -> str:
         """'templates/mail/x.html:3: message', from the error or its traceback."""
         if isinstance(exc, jinja2.TemplateNotFound):
-            return f"{self.folder / name}: template not found"
-        where, line = self.folder / name, getattr(exc, "lineno", None)
+            searched = " nor ".join(str(f) for f in self._folders)
+            return f"{name}: template not found in {searched}"
+        where, line = self._source(name), getattr(exc, "lineno", None)
         if isinstance(exc, jinja2.TemplateSyntaxError) and exc.name:
-            where = self.folder / exc.name
+            where = self._source(exc.name)
         else:
             # jinja2 rewrites the traceback so that template lines appear as frames
             for frame in traceback.extract_tb(exc.__traceback__):
-                if frame.filename.startswith(str(self.folder)):
+                if frame.filename.startswith(tuple(str(f) for f in self._folders)):
                     where, line = Path(frame.filename), frame.lineno
         suffix = f":{line}" if line else ""
         return f"{where}{suffix}: {type(exc).__name__}: {exc.message or exc}"

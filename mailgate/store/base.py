@@ -226,6 +226,9 @@ class Store(Protocol):
     async def list_inbound(self, state: InboundState) -> list[InboundRow]:
         """The rows in `state`, oldest first; no raw message is read for it."""
 
+    async def recent_quarantined(self, limit: int) -> list[InboundRow]:
+        """The `limit` rows quarantined last, newest first (`mailgate status`)."""
+
     async def read_raw(self, inbound_id: str, *, limit: int | None = None) -> bytes | None:
         """The raw message (only its first `limit` bytes, reading no more), or None if there
         is no such row."""
@@ -307,6 +310,10 @@ class Store(Protocol):
     async def next_outbox_due(self) -> datetime | None: ...
 
     async def list_outbox(self, state: OutboxState | None = None) -> list[OutboxRow]: ...
+
+    async def recent_delivery_errors(self, limit: int) -> list[OutboxRow]:
+        """The `limit` rows whose last attempt failed (failed for good, or queued for a
+        retry), newest first (`mailgate status`)."""
 
     async def retry_outbox(self, outbox_id: int) -> bool:
         """Make a queued or failed row due now; False if there is no such row (or it was sent)."""

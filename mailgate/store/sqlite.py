@@ -1097,6 +1097,14 @@ class SqliteStore:
         )
         return [_inbound_row(self.keys, row) for row in rows]
 
+    async def recent_quarantined(self, limit: int) -> list[InboundRow]:
+        rows = await self._rows(
+            _SELECT_INBOUND + "WHERE state = 'quarantined' "
+            "ORDER BY processed_at DESC, received_at DESC LIMIT ?",
+            (limit,),
+        )
+        return [_inbound_row(self.keys, row) for row in rows]
+
     @property
     def path(self) -> Path:
         """The database file: the parser process reads raw messages from it itself."""
@@ -1329,6 +1337,15 @@ class SqliteStore:
     async def list_outbox(self, state: OutboxState | None = None) -> list[OutboxRow]:
         rows = await self._rows(
             _OUTBOX + "WHERE ?1 IS NULL OR o.state = ?1 ORDER BY o.id", (state,)
+        )
+        people = _Opener(self.keys)
+        return [_outbox_row(people, row) for row in rows]
+
+    async def recent_delivery_errors(self, limit: int) -> list[OutboxRow]:
+        rows = await self._rows(
+            _OUTBOX + "WHERE o.state IN ('queued', 'failed') AND o.last_error IS NOT NULL "
+            "ORDER BY o.id DESC LIMIT ?",
+            (limit,),
         )
         people = _Opener(self.keys)
         return [_outbox_row(people, row) for row in rows]
