@@ -1,5 +1,8 @@
 """The command line: argparse subcommands; the only place with asyncio.run and sys.exit.
 
+Its help (`mailgate --help`) is written for operators: DESCRIPTION and EPILOG below, and a
+help text on every subcommand and argument.
+
 Exit status: 0 done, 1 a named thing was not found or the store failed, 2 usage,
 3 the daemon could not start, 78 (EX_CONFIG) the configuration is invalid.
 """
@@ -19,9 +22,9 @@ from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
-from mailgate import __version__, stats
+from mailgate import __version__, preflight, stats
 from mailgate.addresses import EmailNotValidError, validate_address
 from mailgate.config import Config, config_path, load_config
 from mailgate.domains import u_label
@@ -30,13 +33,17 @@ from mailgate.files import write_durably
 from mailgate.ingest.auth import Authenticator
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
-from mailgate.log import configure_logging
+from mailgate.log import configure_logging, mask_address
 from mailgate.model import (
     Address,
     AuditRecord,
     InboundRow,
+    InboundState,
     Message,
     OutboxRow,
+    OutboxState,
+    Queue,
+    Queues,
     Requester,
     Ticket,
 )
@@ -281,6 +288,115 @@ async def cmd_close(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_reopen(config: Config, args: argparse.Namespace) -> int:
+    # The same status change as a customer's reply to a closed ticket, so statistics count it
+    # as reopened (the reopen rate); an open ticket stays as it is and counts nothing.
+    async with _existing_store(config) as store:
+        if (await _ticket(store, args.id)).status == "open":
+            print(f"ticket {args.id} is open already")
+            return 0
+        await store.set_ticket_status(args.id, "open")
+    print(f"ticket {args.id} reopened")
+    return 0
+
+
+# How many of the latest quarantined messages and delivery errors `status` shows.
+STATUS_RECENT = 5
+
+
+def _queue_json(queue: Queue, states: tuple[str, ...], pending: tuple[str, ...]) -> dict[str, Any]:
+    oldest = queue.oldest_pending
+    return {
+        "by_state": {state: queue.by_state.get(state, 0) for state in states},
+        "pending": sum(queue.by_state.get(state, 0) for state in pending),
+        "oldest_pending": oldest.isoformat(timespec="seconds") if oldest else None,
+    }
+
+
+def status_json(
+    queues: Queues, quarantined: list[InboundRow], errors: list[OutboxRow]
+) -> dict[str, Any]:
+    """The `status` document: every state always present, no personal data (a relay's reply
+    may quote an address: masked as in the logs)."""
+    return {
+        "inbound": _queue_json(queues.inbound, get_args(InboundState), ("received",)),
+        "outbox": _queue_json(queues.outbox, get_args(OutboxState), ("queued", "sending")),
+        "quarantined": [
+            {
+                "id": r.id,
+                "received_at": r.received_at.isoformat(timespec="seconds"),
+                "reason": r.reason,
+            }
+            for r in quarantined
+        ],
+        "delivery_errors": [
+            {
+                "id": r.id,
+                "state": r.state,
+                "kind": r.item.kind,
+                "ticket_id": r.item.ticket_id,
+                "attempts": r.attempts,
+                "next_attempt_at": (
+                    r.next_attempt_at.isoformat(timespec="seconds") if r.state == "queued" else None
+                ),
+                "last_error": mask_address(_line(r.last_error or "")),
+            }
+            for r in errors
+        ],
+    }
+
+
+async def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    # Reads only: safe beside the running daemon (SQLite in WAL mode lets readers in).
+    async with _existing_store(config) as store:
+        queues = await store.queues()
+        quarantined = await store.recent_quarantined(STATUS_RECENT)
+        errors = await store.recent_delivery_errors(STATUS_RECENT)
+    shown = status_json(queues, quarantined, errors)
+    if args.json:
+        _print_json(shown)
+        return 0
+    _table(
+        [
+            (
+                name,
+                shown[name]["pending"],
+                shown[name]["oldest_pending"] or "-",
+                " ".join(f"{k}={v}" for k, v in shown[name]["by_state"].items()),
+            )
+            for name in ("inbound", "outbox")
+        ],
+        ("QUEUE", "PENDING", "OLDEST PENDING", "BY STATE"),
+        whole_last=True,
+    )
+    print(f"\nLatest quarantined messages ({len(quarantined)}):")
+    if quarantined:
+        _table(
+            [(q["id"], q["received_at"], q["reason"]) for q in shown["quarantined"]],
+            ("ID", "RECEIVED", "REASON"),
+            whole_last=True,
+        )
+    print(f"\nLatest delivery errors ({len(errors)}):")
+    if errors:
+        _table(
+            [
+                (
+                    e["id"],
+                    e["state"],
+                    e["kind"],
+                    e["ticket_id"] or "-",
+                    e["attempts"],
+                    e["next_attempt_at"] or "-",
+                    e["last_error"],
+                )
+                for e in shown["delivery_errors"]
+            ],
+            ("ID", "STATE", "KIND", "TICKET", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR"),
+            whole_last=True,
+        )
+    return 0
+
+
 async def cmd_quarantine_list(config: Config, args: argparse.Namespace) -> int:
     # Only what is printed is read: the table needs no raw message at all, the JSON the first
     # HEAD_BYTES of each (for Subject), one at a time.
@@ -347,7 +463,22 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
 
 
 async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
-    Templates(config.outbound.templates).check()
+    templates = Templates(config.outbound.templates)
+    templates.check()
+    problems = preflight.problems(config)
+    for problem in problems:
+        print(f"mailgate: config error: {problem}", file=sys.stderr)
+    if problems:
+        return os.EX_CONFIG
+    replaced, unknown = templates.overridden()
+    if templates.overrides is not None:
+        listed = ", ".join(replaced) or "none"
+        print(f"templates: overridden from {templates.overrides}: {listed}")
+        for name in unknown:
+            print(
+                f"templates: warning: {templates.overrides / name} replaces no shipped"
+                " template (a misspelt name?); it is never used"
+            )
     security = config.security
     if not security.key_file_given:
         print(
@@ -729,44 +860,69 @@ async def cmd_stats(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_rights(add: Callable[..., argparse.ArgumentParser], commands: Any) -> None:
-    """The privacy, audit and stats commands, and `requesters update` (see `_add_requesters`)."""
-    privacy = commands.add_parser("privacy", help="the requester's rights: export, restrict, erase")
-    pv = privacy.add_subparsers(dest="privacy_command", required=True, metavar="COMMAND")
+Add = Callable[..., argparse.ArgumentParser]
+Group = Callable[[str, str], Any]
+EMAIL_HELP = "the requester's address, as `requesters list` shows it"
+SINCE_HELP = "count from this date on (YYYY-MM-DD, UTC, or an ISO 8601 time)"
+
+
+def _add_rights(add: Add, group: Group) -> None:
+    """The privacy, audit and stats commands."""
+    pv = group("privacy", "a requester's rights: export, restrict, object, erase")
     exporting = add(
-        "export", cmd_privacy_export, "write everything stored of a person to a zip", pv
+        "export",
+        cmd_privacy_export,
+        "write everything stored of a person to a zip (their tickets, messages, attachments)",
+        pv,
     )
-    exporting.add_argument("email", metavar="EMAIL")
+    exporting.add_argument("email", metavar="EMAIL", help=EMAIL_HELP)
     exporting.add_argument(
         "--out", metavar="FILE", help="the zip (default: ./mailgate-export-<hash>.zip, mode 0600)"
     )
     add(
-        "restrict", cmd_privacy_restrict, "store a person's data but process it no further", pv
-    ).add_argument("email", metavar="EMAIL")
+        "restrict",
+        cmd_privacy_restrict,
+        "keep a person's data but process it no further (no automatic mail, no statistics)",
+        pv,
+    ).add_argument("email", metavar="EMAIL", help=EMAIL_HELP)
     add(
-        "unrestrict", cmd_privacy_unrestrict, "lift a restriction (and objection)", pv
-    ).add_argument("email", metavar="EMAIL")
+        "unrestrict", cmd_privacy_unrestrict, "lift a restriction (and any objection)", pv
+    ).add_argument("email", metavar="EMAIL", help=EMAIL_HELP)
     add(
-        "object", cmd_privacy_object, "record an objection to processing (restricts)", pv
-    ).add_argument("email", metavar="EMAIL")
-    erasing = add("erase", cmd_privacy_erase, "erase a person: rows, files and their key", pv)
-    erasing.add_argument("email", metavar="EMAIL")
+        "object", cmd_privacy_object, "record an objection to processing (it restricts)", pv
+    ).add_argument("email", metavar="EMAIL", help=EMAIL_HELP)
+    erasing = add(
+        "erase",
+        cmd_privacy_erase,
+        "erase a person: their rows and files, then their key; prints what was removed",
+        pv,
+    )
+    erasing.add_argument("email", metavar="EMAIL", help=EMAIL_HELP)
     erasing.add_argument(
         "--reason",
         metavar="TEXT",
         help="request (default), under-16, or any text (kept only as the category 'other')",
     )
 
-    audit_cmd = commands.add_parser("audit", help="the audit log of privacy actions")
-    a_sub = audit_cmd.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
-    a_list = add("list", cmd_audit_list, "list audit records, oldest first", a_sub)
-    a_list.add_argument("--since", metavar="DATE", help="from this date (YYYY-MM-DD, UTC) on")
-    a_list.add_argument("--subject", metavar="EMAIL", help="only the records of this address")
-    a_list.add_argument("--json", action="store_true", help="print JSON")
+    a_sub = group("audit", "the audit log of what was done to personal data")
+    a_list = add(
+        "list",
+        cmd_audit_list,
+        "list audit records, oldest first (no personal data)",
+        a_sub,
+        json=True,
+    )
+    a_list.add_argument("--since", metavar="DATE", help=SINCE_HELP)
+    a_list.add_argument("--subject", metavar="EMAIL", help="only the records about this address")
 
-    st = add("stats", cmd_stats, "ticket statistics without personal data")
-    st.add_argument("--since", metavar="DATE", help="from this date (YYYY-MM-DD, UTC) on")
-    st.add_argument("--json", action="store_true", help="print JSON")
+    st = add(
+        "stats",
+        cmd_stats,
+        "ticket statistics without personal data: opened, closed, response and resolution"
+        " times, reopen rate, tickets per day and per domain",
+        json=True,
+    )
+    st.add_argument("--since", metavar="DATE", help=SINCE_HELP)
 
 
 # -- retention and the archive (issue 10) --
@@ -895,18 +1051,27 @@ async def cmd_archive_show(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _retention_commands(commands: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
-    purge = add("purge", cmd_purge, "apply every [retention] period now and print the counts")
+def _retention_commands(add: Add, group: Group) -> None:
+    purge = add(
+        "purge",
+        cmd_purge,
+        "apply every [retention] period now and print how many records each removed",
+        json=True,
+    )
     purge.add_argument("--dry-run", action="store_true", help="count what is due; change nothing")
-    purge.add_argument("--json", action="store_true", help="print JSON")
-    archive = commands.add_parser("archive", help="closed tickets kept for their legal period")
-    a_sub = archive.add_subparsers(dest="archive_command", required=True, metavar="COMMAND")
-    a_list = add("list", cmd_archive_list, "list archived tickets (audited)", a_sub)
-    a_list.add_argument("--requester", metavar="EMAIL", help="only this address's records")
-    a_list.add_argument("--json", action="store_true", help="print JSON")
-    a_show = add("show", cmd_archive_show, "show an archived ticket (audited)", a_sub)
-    a_show.add_argument("id", type=int, metavar="ID")
-    a_show.add_argument("--json", action="store_true", help="print JSON")
+    a_sub = group("archive", "closed tickets kept for their legal period, outside the database")
+    a_list = add(
+        "list", cmd_archive_list, "list archived tickets (each read is audited)", a_sub, json=True
+    )
+    a_list.add_argument("--requester", metavar="EMAIL", help="only this address's tickets")
+    a_show = add(
+        "show",
+        cmd_archive_show,
+        "show an archived ticket with its messages (audited)",
+        a_sub,
+        json=True,
+    )
+    a_show.add_argument("id", type=int, metavar="ID", help="the ticket's number")
 
 
 async def cmd_rekey(config: Config, args: argparse.Namespace) -> int:
@@ -947,26 +1112,83 @@ def cmd_keygen(path: Path) -> int:
     return 0
 
 
+DESCRIPTION = (
+    "mailgate turns mail to your support address into tickets. `mailgate serve` runs the"
+    " daemon (SMTP in, the HTTP links, mail out); the other commands show and change what it"
+    " stored, and may run while it does."
+)
+EPILOG = (
+    "The config file is --config PATH, else $MAILGATE_CONFIG, else ./config.toml; --config and"
+    " --json may come before or after the command. `mailgate COMMAND --help` tells more."
+    " Exit status: 0 done, 1 not found (or the store failed), 2 usage, 3 the daemon could not"
+    " start, 78 the configuration is invalid."
+)
+CONFIG_HELP = "the config file (default: $MAILGATE_CONFIG, else ./config.toml)"
+ID_HELP = "the ticket's number, as `tickets list` shows it"
+QUEUE_ID_HELP = "the message's queue id, as `quarantine list` shows it"
+
+
+def _global_options(*, json: bool) -> argparse.ArgumentParser:
+    """`--config` (and `--json`) for a subcommand, so they may follow it: SUPPRESS leaves an
+    option given before the subcommand alone unless it is given again after it."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=CONFIG_HELP)
+    if json:
+        options.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print JSON instead of text (a stable document for scripts)",
+        )
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailgate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mailgate", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     parser.add_argument(
-        "--config", metavar="PATH", help="config file (default: $MAILGATE_CONFIG or ./config.toml)"
+        "--json", action="store_true", help="print JSON, for the commands that list or show"
     )
+    parser.set_defaults(prints_json=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    plain, with_json = _global_options(json=False), _global_options(json=True)
 
     def add(
-        name: str, func: Command, help_: str, parent: Any = commands
+        name: str, func: Command | None, help_: str, parent: Any = commands, *, json: bool = False
     ) -> argparse.ArgumentParser:
-        sub: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
-        sub.set_defaults(func=func)
+        sub: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_, description=help_, parents=[with_json if json else plain]
+        )
+        sub.set_defaults(func=func, prints_json=json)
         return sub
 
-    add("serve", cmd_serve, "run the daemon (SMTP listener and ingest worker)")
-    add("check-config", cmd_check_config, "validate the configuration and exit")
-    keygen = commands.add_parser(
-        "keygen", help="write a new master key (mode 0600)", description="write a new master key"
+    def group(name: str, help_: str) -> Any:
+        """A command with subcommands (`tickets list`, ...)."""
+        sub = commands.add_parser(name, help=help_, description=help_, parents=[plain])
+        return sub.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+    add(
+        "serve",
+        cmd_serve,
+        "run the daemon: SMTP listener, ingest, outgoing mail and the HTTP links, until SIGTERM"
+        " or SIGINT; logs to stdout",
     )
+    add(
+        "check-config",
+        cmd_check_config,
+        "validate the configuration, render every template, check that the listen addresses"
+        " are free and the state folders writable; print warnings, then PATH: OK",
+    )
+    add(
+        "status",
+        cmd_status,
+        "show the queues (inbound and outbox: rows by state, the oldest still waiting), the"
+        " latest quarantined messages and the latest delivery errors; read-only, safe while"
+        " the daemon runs",
+        json=True,
+    )
+    keygen = add("keygen", None, "write a new master key (mode 0600) for [security] key_file")
     keygen.add_argument("path", metavar="PATH", help="where to write it; never overwritten")
     rekey = add(
         "rekey",
@@ -974,83 +1196,121 @@ def build_parser() -> argparse.ArgumentParser:
         "re-wrap every key under a new master key, then make it [security] key_file"
         " (the daemon must be stopped; run it again to finish after a crash)",
     )
-    rekey.add_argument("new_key_file", metavar="NEW_KEY_FILE", help="the new key (keygen)")
+    rekey.add_argument(
+        "new_key_file", metavar="NEW_KEY_FILE", help="the new key, as `mailgate keygen` wrote it"
+    )
     rekey.add_argument(
         "--batch", type=int, default=256, metavar="N", help="keys per commit (default 256)"
     )
-    add("close", cmd_close, "close a ticket").add_argument("id", type=int, metavar="ID")
-
-    tickets = commands.add_parser("tickets", help="list and show tickets")
-    tickets_sub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="COMMAND")
-    listing = add("list", cmd_tickets_list, "list tickets", tickets_sub)
-    listing.add_argument("--status", choices=("open", "closed"))
-    listing.add_argument("--json", action="store_true", help="print JSON")
-    show = add("show", cmd_tickets_show, "show one ticket with its messages", tickets_sub)
-    show.add_argument("id", type=int, metavar="ID")
-    show.add_argument("--json", action="store_true", help="print JSON")
-
-    quarantine = commands.add_parser("quarantine", help="messages that could not become tickets")
-    q_sub = quarantine.add_subparsers(dest="quarantine_command", required=True, metavar="COMMAND")
-    add("list", cmd_quarantine_list, "list quarantined messages", q_sub).add_argument(
-        "--json", action="store_true", help="print JSON"
+    add("close", cmd_close, "close a ticket").add_argument(
+        "id", type=int, metavar="ID", help=ID_HELP
     )
-    q_show = add("show", cmd_quarantine_show, "show a quarantined message", q_sub)
-    q_show.add_argument("id", metavar="ID")
+    add(
+        "reopen",
+        cmd_reopen,
+        "reopen a closed ticket (statistics count it as reopened, as when the customer"
+        " writes again)",
+    ).add_argument("id", type=int, metavar="ID", help=ID_HELP)
+
+    tickets_sub = group("tickets", "list and show tickets")
+    listing = add(
+        "list",
+        cmd_tickets_list,
+        "list tickets: number, status, messages, requester, subject",
+        tickets_sub,
+        json=True,
+    )
+    listing.add_argument("--status", choices=("open", "closed"), help="only tickets in this state")
+    show = add(
+        "show", cmd_tickets_show, "show one ticket with its messages", tickets_sub, json=True
+    )
+    show.add_argument("id", type=int, metavar="ID", help=ID_HELP)
+
+    q_sub = group("quarantine", "messages that could not become tickets, and why")
+    add(
+        "list",
+        cmd_quarantine_list,
+        "list quarantined messages: queue id, arrival, size, reason",
+        q_sub,
+        json=True,
+    )
+    q_show = add(
+        "show",
+        cmd_quarantine_show,
+        "show a quarantined message's envelope and subject as JSON",
+        q_sub,
+    )
+    q_show.add_argument("id", metavar="ID", help=QUEUE_ID_HELP)
     q_show.add_argument("--raw", action="store_true", help="print the raw message as received")
-    add("replay", cmd_quarantine_replay, "ingest a quarantined message again", q_sub).add_argument(
-        "id", metavar="ID"
-    )
-    add("purge", cmd_quarantine_purge, "delete a quarantined message for good", q_sub).add_argument(
-        "id", metavar="ID"
-    )
+    add(
+        "replay", cmd_quarantine_replay, "ingest a quarantined message again (after a fix)", q_sub
+    ).add_argument("id", metavar="ID", help=QUEUE_ID_HELP)
+    add(
+        "purge", cmd_quarantine_purge, "delete a quarantined message for good (audited)", q_sub
+    ).add_argument("id", metavar="ID", help=QUEUE_ID_HELP)
 
-    participants = commands.add_parser("participants", help="who may post on a ticket")
-    p_sub = participants.add_subparsers(
-        dest="participants_command", required=True, metavar="COMMAND"
-    )
+    p_sub = group("participants", "who may post on a ticket besides its requester")
     p_add = add("add", cmd_participants_add, "let an address post on a ticket", p_sub)
-    p_add.add_argument("id", type=int, metavar="ID")
-    p_add.add_argument("email", metavar="EMAIL")
+    p_add.add_argument("id", type=int, metavar="ID", help=ID_HELP)
+    p_add.add_argument("email", metavar="EMAIL", help="the address that may post")
 
-    reply = add("reply", cmd_reply, "answer a ticket as an agent; mails the requester")
-    reply.add_argument("id", type=int, metavar="ID")
+    reply = add(
+        "reply", cmd_reply, "answer a ticket as an agent; the answer is mailed to the requester"
+    )
+    reply.add_argument("id", type=int, metavar="ID", help=ID_HELP)
     reply.add_argument(
         "--body-file", required=True, metavar="PATH", help='the reply text (UTF-8); "-" reads stdin'
     )
 
-    outbox = commands.add_parser("outbox", help="outgoing mail and its delivery state")
-    o_sub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="COMMAND")
-    o_list = add("list", cmd_outbox_list, "list outgoing mail", o_sub)
-    o_list.add_argument("--state", choices=("queued", "sending", "sent", "failed"))
-    o_list.add_argument("--json", action="store_true", help="print JSON")
+    o_sub = group("outbox", "outgoing mail and its delivery state")
+    o_list = add(
+        "list",
+        cmd_outbox_list,
+        "list outgoing mail: state, kind, ticket, attempts, last error, the relay's reply",
+        o_sub,
+        json=True,
+    )
+    o_list.add_argument(
+        "--state", choices=("queued", "sending", "sent", "failed"), help="only mail in this state"
+    )
     add("retry", cmd_outbox_retry, "make a queued or failed mail due now", o_sub).add_argument(
-        "id", type=int, metavar="ID"
+        "id", type=int, metavar="ID", help="the mail's number, as `outbox list` shows it"
     )
 
-    requesters = commands.add_parser("requesters", help="the people who wrote in")
-    r_sub = requesters.add_subparsers(dest="requesters_command", required=True, metavar="COMMAND")
-    add("list", cmd_requesters_list, "list requesters", r_sub).add_argument(
-        "--json", action="store_true", help="print JSON"
+    r_sub = group("requesters", "the people who wrote in")
+    add(
+        "list",
+        cmd_requesters_list,
+        "list requesters: address, verified, first seen, name",
+        r_sub,
+        json=True,
     )
-    r_show = add("show", cmd_requesters_show, "show one requester", r_sub)
-    r_show.add_argument("email", metavar="EMAIL")
-    r_show.add_argument("--json", action="store_true", help="print JSON")
+    r_show = add("show", cmd_requesters_show, "show one requester", r_sub, json=True)
+    r_show.add_argument("email", metavar="EMAIL", help=EMAIL_HELP)
     add("verify", cmd_requesters_verify, "mark a requester's address verified", r_sub).add_argument(
-        "email", metavar="EMAIL"
+        "email", metavar="EMAIL", help=EMAIL_HELP
     )
-    r_update = add("update", cmd_requesters_update, "correct a requester's name or address", r_sub)
-    r_update.add_argument("email", metavar="EMAIL")
+    r_update = add(
+        "update",
+        cmd_requesters_update,
+        "correct a requester's name or address (audited; a new address is verified again)",
+        r_sub,
+    )
+    r_update.add_argument("email", metavar="EMAIL", help=EMAIL_HELP)
     r_update.add_argument("--name", metavar="NAME", help="the corrected name")
     r_update.add_argument(
         "--email", dest="email_new", metavar="NEW", help="the corrected address (verified again)"
     )
-    _add_rights(add, commands)
-    _retention_commands(commands, add)
+    _add_rights(add, group)
+    _retention_commands(add, group)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.json and not args.prints_json:
+        parser.error(f"--json: `mailgate {args.command}` prints no JSON")
     if args.command == "keygen":  # needs no config: it makes what the config will name
         return cmd_keygen(Path(args.path))
     try:

@@ -321,7 +321,12 @@ def test_an_empty_or_short_secret_file_stops_serve_with_78_naming_it(
     [
         ('"support@example.com"', None, "support@example.com", None),
         ('"Example Support <support@example.com>"', None, "support@example.com", "Example Support"),
-        ('"\\"Support, Team\\" <support@example.com>"', None, "support@example.com", "Support, Team"),
+        (
+            '"\\"Support, Team\\" <support@example.com>"',
+            None,
+            "support@example.com",
+            "Support, Team",
+        ),
         ('"<support@example.com>"', '"Old Key"', "support@example.com", "Old Key"),
         ('"support@example.com"', '"Example Support"', "support@example.com", "Example Support"),
     ],

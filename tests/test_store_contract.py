@@ -225,12 +225,12 @@ async def test_recent_problems_are_the_last_quarantined_and_failed_rows_newest_f
         assert await store.recent_quarantined(5) == []
         assert await store.recent_delivery_errors(5) == []
         await store.receive([(f"Q{n}", ENVELOPE, b"x") for n in range(4)])
-        for n, reason in enumerate(("first", "second", "third")):
-            await store.ingest(
-                lambda tx, n=n, r=reason: tx.finish_inbound(
-                    f"Q{n}", "quarantined", reason=r, at=now + n * HOUR
-                )
-            )
+
+        def quarantine(tx: IngestTx) -> None:
+            for n, reason in enumerate(("first", "second", "third")):
+                tx.finish_inbound(f"Q{n}", "quarantined", reason=reason, at=now + n * HOUR)
+
+        await store.ingest(quarantine)
         assert [r.reason for r in await store.recent_quarantined(2)] == ["third", "second"]
         await ticket_with_message(store)
         failed, retrying, sent, fresh = [
