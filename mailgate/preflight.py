@@ -29,7 +29,10 @@ def problems(config: Config) -> list[str]:
     """Every listen address that cannot be bound and every folder mailgate cannot write,
     as "key: what is wrong"."""
     found = [f"{key}: {p}" for key, address in _listeners(config) if (p := _bind(address))]
-    found += [f"{key}: {p}" for key, folder in _folders(config) if (p := _writable(folder))]
+    keys: dict[Path, list[str]] = {}  # one line per folder, naming every key that uses it
+    for key, folder in _folders(config):
+        keys.setdefault(folder, []).append(key)
+    found += [f"{', '.join(k)}: {p}" for folder, k in keys.items() if (p := _writable(folder))]
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import tomllib
 from datetime import datetime
 from typing import Any
 
+from mailgate.cli import build_parser
 from tests.conftest import REPO, Running, cli_json, mail, run_cli
 
 TICKET_KEYS = {"id", "subject", "status", "requester", "created_at", "message_count"}
@@ -254,3 +256,117 @@ async def test_replay_and_show_of_unknown_or_ingested_id_is_exit_1(daemon: Runni
     [ticket] = cli_json(daemon, "tickets", "list")
     assert ticket["message_count"] == 1
     assert cli_json(daemon, "quarantine", "list") == []
+
+
+# -- global options, help, reopen (issue 11) --
+
+
+def _leaves(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every runnable command as (its words, its parser), by walking the subparsers."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _leaves(sub, (*path, name))
+    return found or [(path, parser)]
+
+
+def _words(path: tuple[str, ...], parser: argparse.ArgumentParser) -> list[str]:
+    """The command's words and a value for each of its positional arguments."""
+    required = [a for a in parser._actions if not a.option_strings and a.required]
+    args = [*path, *("1" for _ in required)]
+    if path == ("reply",):
+        args += ["--body-file", "-"]
+    return args
+
+
+LEAVES = _leaves(build_parser())
+
+
+def test_every_command_takes_config_after_it_and_the_later_one_wins() -> None:
+    parser = build_parser()
+    for path, sub in LEAVES:
+        words = _words(path, sub)
+        assert parser.parse_args([*words, "--config", "after"]).config == "after", path
+        assert parser.parse_args(["--config", "before", *words]).config == "before", path
+        both = parser.parse_args(["--config", "before", *words, "--config", "after"])
+        assert both.config == "after", path
+
+
+def test_every_command_with_json_output_takes_json_before_or_after_it() -> None:
+    parser = build_parser()
+    with_json = [(p, s) for p, s in LEAVES if s.get_default("prints_json")]
+    assert {" ".join(p) for p, _ in with_json} >= {"status", "tickets list", "stats"}
+    for path, sub in with_json:
+        words = _words(path, sub)
+        assert parser.parse_args([*words, "--json"]).json is True, path
+        assert parser.parse_args(["--json", *words]).json is True, path
+        assert parser.parse_args(words).json is False, path
+
+
+async def test_global_options_in_either_place_reach_the_same_store(daemon: Running) -> None:
+    await daemon.send(mail())
+    await daemon.settle()
+    path = str(daemon.config.path)
+    forms = [
+        ("--config", path, "--json", "tickets", "list"),
+        ("tickets", "list", "--config", path, "--json"),
+        ("--json", "tickets", "list", "--config", path),
+        ("--config", "/nonexistent.toml", "tickets", "list", "--json", "--config", path),
+    ]
+    for form in forms:
+        result = run_cli(*form)
+        assert result.returncode == 0, (form, result.stderr)
+        assert [t["id"] for t in json.loads(result.stdout)] == [1], form
+    by_env = run_cli("tickets", "list", "--json", env={"MAILGATE_CONFIG": path})
+    assert [t["id"] for t in json.loads(by_env.stdout)] == [1], by_env.stderr
+    no_json = run_cli("--json", "close", "1", "--config", path)
+    assert no_json.returncode == 2 and "--json" in no_json.stderr
+    assert daemon.cli("tickets", "show", "1", "--json").returncode == 0
+
+
+def test_help_is_written_for_operators() -> None:
+    """`mailgate --help` opens with what mailgate does; every command and argument says what
+    it is (and its metavar shows what to write)."""
+    result = run_cli("--help")
+    assert result.returncode == 0
+    description = result.stdout.split("\n\n")[1]
+    assert description.startswith("mailgate turns mail to your support address into tickets")
+    assert "argparse" not in result.stdout and "sys.exit" not in result.stdout
+    assert "MAILGATE_CONFIG" in result.stdout and "78" in result.stdout
+
+    def check(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+        assert parser.description, path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {c.dest: c.help for c in action._choices_actions}
+                for name, sub in action.choices.items():
+                    assert helped.get(name), (*path, name)
+                    check(sub, (*path, name))
+            elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+                assert action.help, (path, action.dest)
+                if not action.option_strings:
+                    assert action.metavar and str(action.metavar).isupper(), (path, action.dest)
+
+    check(build_parser(), ())
+    shown = run_cli("status", "--help")
+    assert shown.returncode == 0 and "--json" in shown.stdout and "--config" in shown.stdout
+    assert "read-only, safe while the daemon runs" in " ".join(shown.stdout.split())
+
+
+async def test_reopen_opens_a_closed_ticket_and_stats_count_it(daemon: Running) -> None:
+    await daemon.send(mail())
+    await daemon.settle()
+    assert daemon.cli("close", "1").returncode == 0
+    reopened = daemon.cli("reopen", "1")
+    assert (reopened.returncode, reopened.stdout) == (0, "ticket 1 reopened\n"), reopened.stderr
+    assert cli_json(daemon, "tickets", "show", "1")["status"] == "open"
+    again = daemon.cli("reopen", "1")
+    assert (again.returncode, again.stdout) == (0, "ticket 1 is open already\n")
+    stats = cli_json(daemon, "stats")
+    assert stats["reopen"]["reopened"] == 1, stats["reopen"]
+    unknown = daemon.cli("reopen", "999")
+    assert_one_line_error(unknown)
+    assert "no ticket 999" in unknown.stderr and unknown.stdout == ""

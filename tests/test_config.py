@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from mailgate.config import load_config
 from mailgate.store import store_for
-from tests.conftest import REPO, run_cli, write_config
+from tests.conftest import REPO, run_cli, tmpfs, write_config
 
 EX_CONFIG = 78
 EX_USAGE = 2
@@ -367,3 +368,42 @@ def test_a_name_in_both_sender_and_sender_name_is_refused(tmp_path: Path) -> Non
     )
     edit_config(path, "outbound", "sender_name", '"Other Name"')
     assert_config_error(check(path), "outbound.sender_name", "outbound.sender")
+
+
+# -- check-config: the machine as well as the file (issue 11) --
+
+
+@pytest.mark.parametrize("key", ["smtp.listen", "http.listen"])
+def test_check_config_refuses_a_listen_address_in_use(tmp_path: Path, key: str) -> None:
+    """A port another process listens on: exit 78 naming the key (a running mailgate holds
+    its own ports, so the text asks); once it is let go, the same config is OK."""
+    section, name = key.split(".")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = edit_config(write_config(tmp_path), section, name, f'"127.0.0.1:{port}"')
+        result = check(path)
+        assert_config_error(result, key, f"127.0.0.1:{port}", "is mailgate already running?")
+    assert check(path).returncode == 0
+
+
+def test_check_config_refuses_a_state_folder_it_cannot_make(tmp_path: Path) -> None:
+    """A file where the database's folder would be: exit 78, one line naming the keys whose
+    files go there (the archive's default is beside the database)."""
+    (tmp_path / "state").write_text("not a folder\n")
+    path = edit_config(write_config(tmp_path), "storage", "database", '"state/mailgate.db"')
+    assert_config_error(check(path), "storage.database", "retention.archive", "is not a folder")
+
+
+def test_check_config_refuses_a_read_only_folder(tmp_path: Path) -> None:
+    """The outbox on a read-only filesystem (as root, whom no mode stops): exit 78 naming
+    outbound.directory; a folder that does not exist yet but can be made is fine."""
+    outbox = tmp_path / "ro"
+    with tmpfs(outbox, "1m"):
+        subprocess.run(["mount", "-o", "remount,ro", str(outbox)], check=True)
+        path = edit_config(write_config(tmp_path), "outbound", "directory", f'"{outbox}/new"')
+        assert_config_error(check(path), "outbound.directory", str(outbox), "new")
+    edit_config(path, "outbound", "directory", f'"{tmp_path}/not/yet/there"')
+    assert check(path).returncode == 0
+    assert not (tmp_path / "not").exists()
