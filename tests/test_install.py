@@ -29,6 +29,7 @@ import smtplib
 import socket
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -191,6 +192,11 @@ def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machine]:
 def test_install_and_configure_leave_a_venv_a_config_and_a_key(machine: Machine) -> None:
     venv = machine.path("/opt/mailgate")
     assert not venv.is_relative_to(REPO)
+    [wheel] = (REPO / "dist").glob("mailgate-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        held = {n for n in archive.namelist() if n.startswith("mailgate/templates/")}
+    shipped = {f"mailgate/{p.relative_to(REPO).as_posix()}" for p in REPO.glob("templates/*/*")}
+    assert held == shipped and len(held) == 26
     assert "mailgate 0." in machine.output[0]  # mailgate --version
     site = list(venv.glob("lib/python3*/site-packages/mailgate/templates/mail"))
     assert site and (site[0] / "ticket_created.txt").is_file()
