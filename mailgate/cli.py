@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from mailgate import __version__, stats
 from mailgate.addresses import EmailNotValidError, validate_address
+from mailgate.api import new_token, token_digest
 from mailgate.config import Config, config_path, load_config
 from mailgate.domains import u_label
 from mailgate.errors import ConfigError, MailgateError, NotFound, UsageError
@@ -947,6 +948,17 @@ def cmd_keygen(path: Path) -> int:
     return 0
 
 
+def cmd_api_token_new() -> int:
+    """Print a fresh intake API token and the config line that accepts it: only the digest
+    goes into the config, so the token is shown this once."""
+    token = new_token()
+    print(token)
+    print("# Give the token above to the chat-bot; mailgate keeps only its SHA-256 digest.")
+    print("# Add the digest to [http] api_tokens (beside any there), then restart mailgate:")
+    print(f'api_tokens = ["{token_digest(token)}"]')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailgate", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
@@ -979,6 +991,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=int, default=256, metavar="N", help="keys per commit (default 256)"
     )
     add("close", cmd_close, "close a ticket").add_argument("id", type=int, metavar="ID")
+    api_token = commands.add_parser(
+        "api-token", help="tokens for the chat-bot intake API (POST /api/tickets)"
+    )
+    api_token_sub = api_token.add_subparsers(
+        dest="api_token_command", required=True, metavar="COMMAND"
+    )
+    api_token_sub.add_parser(
+        "new",
+        help="print a fresh token and the [http] api_tokens line that accepts it",
+        description="Print a fresh bearer token for the intake API and the line to add to"
+        " [http] api_tokens: the config holds only its SHA-256 digest, so the token is shown"
+        " once. Needs no config.",
+    )
 
     tickets = commands.add_parser("tickets", help="list and show tickets")
     tickets_sub = tickets.add_subparsers(dest="tickets_command", required=True, metavar="COMMAND")
@@ -1053,6 +1078,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "keygen":  # needs no config: it makes what the config will name
         return cmd_keygen(Path(args.path))
+    if args.command == "api-token":  # likewise
+        return cmd_api_token_new()
     try:
         config = load_config(config_path(args.config))
     except ConfigError as exc:
