@@ -178,7 +178,9 @@ class IntakeApi:
                 )
             )
         except _Refused as refused:
-            log.info("api_request_refused", status=refused.status, field=refused.field)
+            # An unknown field's name is the client's text: logged as such, not as given.
+            field = refused.field if refused.field in (None, *_FIELDS) else "(unknown)"
+            log.info("api_request_refused", status=refused.status, field=field)
             return _error(
                 refused.status, refused.error, field=refused.field, headers=refused.headers
             )
@@ -214,17 +216,13 @@ class IntakeApi:
                 401, "a bearer token is required", headers={"WWW-Authenticate": challenge}
             )
         token = token.strip()
-        if (
-            scheme.lower() != "bearer"
-            or not _BEARER_TOKEN.fullmatch(token)
-            or token_digest(token) not in settings.tokens
-        ):
+        digest = token_digest(token) if _BEARER_TOKEN.fullmatch(token) else ""
+        if scheme.lower() != "bearer" or digest not in settings.tokens:
             raise _Refused(
                 401,
                 "the bearer token is not accepted",
                 headers={"WWW-Authenticate": f'{challenge}, error="invalid_token"'},
             )
-        digest = token_digest(token)
         wait = self._limiter.take(digest, settings.rate_limit)
         if wait:
             raise _Refused(429, "too many requests", headers={"Retry-After": str(math.ceil(wait))})
@@ -302,7 +300,9 @@ def _string(value: dict[str, Any], key: str, least: int, most: int | None) -> st
     if len(text) < least or (most is not None and len(text) > most):
         limits = f"{least} to {most}" if most is not None else f"at least {least}"
         _refuse(400, f"must be {limits} characters long", field=key)
-    if any("\ud800" <= ch <= "\udfff" for ch in text):  # JSON lets `\ud800` through alone
+    try:
+        text.encode("utf-8")  # JSON lets `\ud800` through alone; the store could not keep it
+    except UnicodeEncodeError:
         _refuse(400, "must be text (a lone surrogate is not)", field=key)
     return text
 
