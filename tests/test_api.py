@@ -24,7 +24,7 @@ import aiohttp
 import jsonschema
 import pytest
 
-from mailgate.api import MAX_NAME, MAX_SUBJECT, MAX_TICKET_ID, token_digest
+from mailgate.api import MAX_NAME, MAX_SUBJECT, MAX_TICKET_ID, RateLimiter, token_digest
 from mailgate.config import load_config
 from tests.conftest import SubprocessDaemon, daemon_running, fill_disk, run_cli, tmpfs, write_config
 
@@ -123,7 +123,7 @@ def test_a_follow_up_joins_only_a_ticket_of_the_same_requester(api: SubprocessDa
     ticket of its own, answered alike, and the first ticket is untouched."""
     first = request(api, {**VALID, "email": "dora.api@example.org"})[2]["ticket_id"]
     again = request(api, {**VALID, "email": "Dora.API@example.org", "ticket_id": first})
-    assert again[:1] == (201,) and again[2] == {"ticket_id": first}
+    assert (again[0], again[2]) == (201, {"ticket_id": first})
     other = request(api, {**VALID, "email": "eve.api@example.org", "ticket_id": first})
     nowhere = request(api, {**VALID, "email": "eve.api@example.org", "ticket_id": MAX_TICKET_ID})
     assert other[0] == nowhere[0] == 201
@@ -316,6 +316,22 @@ def test_a_token_past_its_rate_gets_429_with_retry_after(tmp_path: Path) -> None
         assert request(daemon, VALID, token=OTHER_TOKEN)[0] == 401  # no token, no bucket
     finally:
         daemon.kill()
+
+
+def test_the_bucket_refills_at_the_rate_and_says_how_long_to_wait() -> None:
+    """60 a minute: a burst of 60, then one a second; the wait named is the time to the next
+    one, and a refused request takes nothing. Each token has its own bucket."""
+    now = [1000.0]
+    limiter = RateLimiter(clock=lambda: now[0])
+    assert [limiter.take("a", 60) for _ in range(60)] == [0.0] * 60
+    assert limiter.take("a", 60) == pytest.approx(1.0)
+    assert limiter.take("b", 60) == 0.0
+    now[0] += 0.25
+    assert limiter.take("a", 60) == pytest.approx(0.75)
+    now[0] += 0.75
+    assert limiter.take("a", 60) == 0.0
+    now[0] += 3600  # an idle hour fills the bucket up to the burst, no further
+    assert sum(limiter.take("a", 60) == 0.0 for _ in range(61)) == 60
 
 
 def test_without_tokens_the_api_is_not_there(tmp_path: Path) -> None:
