@@ -26,6 +26,7 @@ from typing import Any, TypeVar, get_args
 
 from mailgate import __version__, preflight, stats
 from mailgate.addresses import EmailNotValidError, validate_address
+from mailgate.api import new_token, token_digest
 from mailgate.config import Config, config_path, load_config
 from mailgate.domains import u_label
 from mailgate.errors import ConfigError, MailgateError, NotFound, UsageError
@@ -1112,6 +1113,17 @@ def cmd_keygen(path: Path) -> int:
     return 0
 
 
+def cmd_api_token_new() -> int:
+    """Print a fresh intake API token and the config line that accepts it: only the digest
+    goes into the config, so the token is shown this once."""
+    token = new_token()
+    print(token)
+    print("# Give the token above to the chat-bot; mailgate keeps only its SHA-256 digest.")
+    print("# Add the digest to [http] api_tokens (beside any there), then restart mailgate:")
+    print(f'api_tokens = ["{token_digest(token)}"]')
+    return 0
+
+
 DESCRIPTION = (
     "mailgate turns mail to your support address into tickets. `mailgate serve` runs the"
     " daemon (SMTP in, the HTTP links, mail out); the other commands show and change what it"
@@ -1204,6 +1216,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("close", cmd_close, "close a ticket").add_argument(
         "id", type=int, metavar="ID", help=ID_HELP
+    )
+    api_token_sub = group("api-token", "tokens for the chat-bot intake API (POST /api/tickets)")
+    add(
+        "new",
+        None,
+        "print a fresh bearer token for the intake API and the [http] api_tokens line that"
+        " accepts it: the config holds only its SHA-256 digest, so the token is shown once;"
+        " needs no config",
+        api_token_sub,
     )
     add(
         "reopen",
@@ -1313,6 +1334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--json: `mailgate {args.command}` prints no JSON")
     if args.command == "keygen":  # needs no config: it makes what the config will name
         return cmd_keygen(Path(args.path))
+    if args.command == "api-token":  # likewise
+        return cmd_api_token_new()
     try:
         config = load_config(config_path(args.config))
     except ConfigError as exc:

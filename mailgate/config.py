@@ -141,6 +141,8 @@ class HttpConfig:
     max_connections: int
     keepalive_timeout: float
     header_timeout: float
+    api_tokens: frozenset[str] = frozenset()  # SHA-256 hex digests of the intake API's tokens
+    api_rate_limit: int = 60  # intake API requests per minute, per token
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +380,23 @@ def _network_list(value: Any, _base: Path) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _digest_list(value: Any, _base: Path) -> frozenset[str]:
+    """SHA-256 digests as `mailgate api-token new` prints them. An entry is never echoed in
+    the error: a token pasted in place of its digest would land in the logs."""
+    if not isinstance(value, list):
+        raise ValueError('expected a list of digests such as ["3a7bd3e2..."]')
+    for number, entry in enumerate(value, 1):
+        if not isinstance(entry, str) or not _DIGEST.fullmatch(entry):
+            raise ValueError(
+                f"entry {number} is not a SHA-256 digest (64 lowercase hex characters);"
+                " `mailgate api-token new` prints the line to add"
+            )
+    return frozenset(value)
+
+
 def _bool(value: Any, _base: Path) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -451,6 +470,8 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "max_connections": (_positive_int, 100),
         "keepalive_timeout": (_positive_seconds, 15),  # 0 would mean aiohttp's "never"
         "header_timeout": (_positive_seconds, 10),
+        "api_tokens": (_digest_list, []),
+        "api_rate_limit": (_positive_int, 60),
     },
     "tickets": {
         "tag_prefix": (_text, "#"),

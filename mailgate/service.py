@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import structlog
 
+from mailgate.api import ApiSettings, IntakeApi
 from mailgate.config import Config
 from mailgate.errors import StoreError
 from mailgate.ingest.prepare import ParserPool
@@ -96,7 +97,8 @@ async def serve(
             log.info("legacy_rows_adopted", **asdict(store.adopted))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
         await _finish_erasures(store, config)
-        requests = PrivacyRequests(store, config, Tickets(config, msgids))
+        tickets = Tickets(config, msgids)
+        requests = PrivacyRequests(store, config, tickets)
         await _finish_exports(requests)
 
         committed, mail_queued = asyncio.Event(), asyncio.Event()
@@ -152,6 +154,14 @@ async def serve(
             base_url=config.http.base_url,
             # Without a privacy address, the route knows no link (404).
             privacy_confirm=privacy_hooks(requests) if config.privacy.address else None,
+            # A reload makes `settings` return the new config's tokens and limits.
+            api=IntakeApi(
+                store,
+                tickets,
+                settings=lambda: ApiSettings.of(config),
+                base_url=config.http.base_url,
+                mail_queued=mail_queued,
+            ),
         )
         web_server = await start_web(config.http, app)
         stack.push_async_callback(web_server.close)

@@ -1,4 +1,4 @@
-"""The small HTTP surface (aiohttp): confirmation links and a health check.
+"""The small HTTP surface (aiohttp): confirmation links, a health check, the intake API.
 
 `/verify/{token}` (a requester's address) and `/privacy/confirm/{token}` (a privacy request,
 when the app is given its hooks) are confirmation routes (`confirm.py`): the GET shows a
@@ -21,6 +21,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
+from mailgate.api import IntakeApi
 from mailgate.config import HttpConfig
 from mailgate.confirm import ConfirmationRoute, Confirmed, ConfirmHooks, CsrfKey, Outcome
 from mailgate.model import HostPort
@@ -51,10 +52,11 @@ def build_app(
     secret: bytes,
     base_url: str,
     privacy_confirm: ConfirmHooks | None = None,
+    api: IntakeApi | None = None,
 ) -> web.Application:
     """The routes; `secret` keys the confirmation forms' CSRF values, `base_url` (the public
     `http.base_url`) names our origin. Without `privacy_confirm`, `/privacy/confirm/{token}`
-    knows no token (404)."""
+    knows no token (404); without `api`, there is no `/api/` (`api.py`)."""
     app = web.Application(middlewares=[_headers_received])
     app[_TEMPLATES_KEY] = templates
     csrf = CsrfKey(secret)
@@ -70,6 +72,8 @@ def build_app(
         )
         app.router.add_routes(privacy.routes("/privacy/confirm/{token}"))
     app.router.add_get("/healthz", healthz)
+    if api is not None:
+        app.router.add_routes(api.routes())
     return app
 
 

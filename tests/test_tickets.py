@@ -1,8 +1,8 @@
 """The ticket rules (`mailgate/tickets.py`) through a real store, without a daemon.
 
 Mail ingest is tested end to end elsewhere (test_threading, test_trust, test_bounces, ...);
-here are the entry points that do not come by mail, `open_or_follow_up` (the coming HTTP
-intake API) and `agent_reply` (`mailgate reply`), and who may post, on every store backend.
+here are the entry points that do not come by mail, `open_or_follow_up` (the HTTP intake
+API, `api.py`) and `agent_reply` (`mailgate reply`), and who may post, on every store backend.
 """
 
 from __future__ import annotations
