@@ -17,6 +17,7 @@ import structlog
 
 from mailgate.config import Config
 from mailgate.errors import StoreError
+from mailgate.health import Health, SmtpListener
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
@@ -152,6 +153,12 @@ async def serve(
             base_url=config.http.base_url,
             # Without a privacy address, the route knows no link (404).
             privacy_confirm=privacy_hooks(requests) if config.privacy.address else None,
+            health=Health(
+                store,
+                smtp=SmtpListener(listener.address, listener.server.is_serving),
+                max_backlog_age=config.http.health_max_backlog_age,
+            ),
+            http=config.http,
         )
         web_server = await start_web(config.http, app)
         stack.push_async_callback(web_server.close)
