@@ -94,6 +94,7 @@ class Health:
         self._smtp = smtp
         self._max_backlog_age = max_backlog_age
         self._failing: tuple[str, ...] | None = None  # the failing checks last time
+        self._under_way: asyncio.Future[Report] | None = None
 
     async def queues(self) -> Queues | None:
         """The store's queues, or None if it did not answer in time."""
@@ -103,6 +104,14 @@ class Health:
             return None
 
     async def check(self) -> Report:
+        """Run the checks; callers that come while they run share them. /healthz answers
+        anyone, so many requests at once must not open as many SMTP sessions (each taking
+        one of `max_connections`) or write transactions: there is one of each at a time."""
+        if self._under_way is None or self._under_way.done():
+            self._under_way = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._under_way)
+
+    async def _run(self) -> Report:
         read, write, smtp = await asyncio.gather(
             _outcome(self._read.result()), _outcome(self._write.result()), _outcome(self._probe())
         )
@@ -124,15 +133,18 @@ class Health:
         if queues is None:
             return {"ok": False, "reason": "the store did not answer"}
         inbound = queues.inbound
-        waited = _age(inbound.oldest_due, now)
+        behind = inbound.oldest_due is not None and (
+            (now - inbound.oldest_due).total_seconds() > self._max_backlog_age
+        )
         found: dict[str, Any] = {
-            "ok": waited <= self._max_backlog_age,
+            "ok": not behind,
             "messages": inbound.by_state.get("received", 0),
-            "waited_seconds": waited,  # the longest a message due for ingest has waited
+            # The longest a message due for ingest has waited.
+            "waited_seconds": _age(inbound.oldest_due, now),
             "oldest_seconds": _age(inbound.oldest_pending, now),  # deferred ones included
             "max_seconds": self._max_backlog_age,
         }
-        if not found["ok"]:
+        if behind:
             found["reason"] = "ingest is behind"
         return found
 
@@ -202,6 +214,9 @@ async def _outcome(check: Awaitable[T]) -> T | CheckFailed:
         return await check
     except CheckFailed as exc:
         return exc
+    except Exception as exc:  # noqa: BLE001 - a check that breaks fails it: a 503, never a 500
+        log.warning("health_check_broke", error=f"{type(exc).__name__}: {exc}")
+        return CheckFailed(type(exc).__name__)
 
 
 def _failed(outcome: object) -> dict[str, Any]:
