@@ -139,7 +139,7 @@ def _page(request: web.Request, name: str, status: int, /, **variables: Any) -> 
 async def healthz(request: web.Request) -> web.Response:
     report = await request.app[_HEALTH_KEY].check()
     return web.Response(
-        text=json.dumps(report.body, indent=1) + "\n",
+        text=json.dumps(report.body) + "\n",  # one line: the newline ends the body
         status=200 if report.ok else 503,
         content_type="application/json",
         headers=_SECURITY_HEADERS,
