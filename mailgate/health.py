@@ -67,18 +67,24 @@ class _OneAtATime(Generic[T]):
     def __init__(self, call: Callable[[], Awaitable[T]]) -> None:
         self._call = call
         self._task: asyncio.Future[T] | None = None
+        self._error: str | None = None  # the last error, logged once
 
     async def result(self) -> T:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._call())
         try:
-            return await asyncio.wait_for(asyncio.shield(self._task), CHECK_SECONDS)
+            found = await asyncio.wait_for(asyncio.shield(self._task), CHECK_SECONDS)
         except TimeoutError:
             raise CheckFailed(f"no answer within {CHECK_SECONDS:g} s") from None
         except Exception as exc:  # noqa: BLE001 - any failure is a 503, never a 500
-            # The body names the error only: its text may hold a path.
-            log.warning("health_store_error", error=f"{type(exc).__name__}: {exc}")
+            # The body names the error only: its text may hold a path. The log has it.
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self._error:
+                log.warning("health_store_error", error=error)
+            self._error = error
             raise CheckFailed(type(exc).__name__) from None
+        self._error = None
+        return found
 
 
 async def _nothing_written(store: Store) -> None:

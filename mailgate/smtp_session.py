@@ -570,8 +570,9 @@ class MailgateSMTP(SMTP):
             if isinstance(content, Spooled):
                 content.release()  # the commit holds it for as long as it needs it
             self.envelope = self._create_envelope()
-        metrics.data_answered("250 OK" if status is MISSING else status)
-        await self.push("250 OK" if status is MISSING else status)
+        reply = "250 OK" if status is MISSING else status
+        metrics.data_answered(reply)
+        await self.push(reply)
 
     async def _read_data(self) -> bytes | Spooled | str:
         """Read up to the final dot: the content, or the refusal if it was over a limit."""
