@@ -52,17 +52,20 @@ class SmtpConfig:
         return _listed(address, self.accept)
 
     def trusts(self, ip: str) -> bool:
-        """Tell whether the peer at `ip` is a proxy whose XFORWARD is believed.
+        """Tell whether the peer at `ip` is a proxy whose XFORWARD is believed."""
+        return in_networks(ip, self.trusted_proxies)
 
-        An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d and is judged as a.b.c.d.
-        """
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.trusted_proxies)
+
+def in_networks(ip: str, networks: tuple[Network, ...]) -> bool:
+    """Tell whether `ip` is in one of `networks`; an IPv4 peer on a dual-stack socket shows
+    as ::ffff:a.b.c.d and is judged as a.b.c.d."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def _listed(address: str, entries: tuple[str, ...]) -> bool:
@@ -143,6 +146,16 @@ class HttpConfig:
     header_timeout: float
     api_tokens: frozenset[str] = frozenset()  # SHA-256 hex digests of the intake API's tokens
     api_rate_limit: int = 60  # intake API requests per minute, per token
+    # /healthz fails while a message due for ingest has waited longer than this (seconds).
+    health_max_backlog_age: float = 300.0
+    # The client networks /metrics answers; everyone else gets 403 (web.py says why).
+    metrics_from: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+    def metrics_allowed(self, ip: str) -> bool:
+        return in_networks(ip, self.metrics_from)
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +485,8 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "header_timeout": (_positive_seconds, 10),
         "api_tokens": (_digest_list, []),
         "api_rate_limit": (_positive_int, 60),
+        "health_max_backlog_age": (_seconds, 300),
+        "metrics_from": (_network_list, ["127.0.0.0/8", "::1"]),
     },
     "tickets": {
         "tag_prefix": (_text, "#"),

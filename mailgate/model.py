@@ -296,12 +296,20 @@ class OutboxRow:
     reply: str | None = None  # the relay's whole reply to the last attempt
 
 
+# Why ingest left a row alone: something else (a replay) finished it meanwhile.
+ALREADY_PROCESSED = "already processed"
+
+
 @dataclass(frozen=True, slots=True)
 class Queue:
     """One queue's depth by state and its oldest row still to be worked on."""
 
     by_state: dict[str, int]
     oldest_pending: datetime | None  # inbound 'received', outbox 'queued' or 'sending'
+    # Since when the row that has waited longest for its turn has been due: a row deferred
+    # to a later retry (DNS trouble, the relay's 4xx) is not due, and counts from its retry
+    # time once it is. How far behind the worker is, where `oldest_pending` is how old.
+    oldest_due: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

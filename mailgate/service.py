@@ -18,6 +18,7 @@ import structlog
 from mailgate.api import ApiSettings, IntakeApi
 from mailgate.config import Config
 from mailgate.errors import StoreError
+from mailgate.health import Health, SmtpListener
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
@@ -162,6 +163,12 @@ async def serve(
                 base_url=config.http.base_url,
                 mail_queued=mail_queued,
             ),
+            health=Health(
+                store,
+                smtp=SmtpListener(listener.address, listener.server.is_serving),
+                max_backlog_age=config.http.health_max_backlog_age,
+            ),
+            http=config.http,
         )
         web_server = await start_web(config.http, app)
         stack.push_async_callback(web_server.close)

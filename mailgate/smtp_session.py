@@ -30,6 +30,7 @@ import structlog
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
+from mailgate import metrics
 from mailgate.config import SmtpConfig
 from mailgate.model import ForwardedClient, HostPort
 from mailgate.smtp_data import DataReader
@@ -325,6 +326,7 @@ class MailgateSMTP(SMTP):
         self.peer_ip = ""
         self.xforward_allowed = False  # a trusted proxy: XFORWARD advertised and honoured
         self._refusal: str | None = None
+        self._metered = False  # counted in the metrics: not /healthz's probe
         self._hung_up = False
         self._errors = 0
         self._excess_rcpts = 0
@@ -336,6 +338,7 @@ class MailgateSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.peer_ip = peer_ip_of(transport.get_extra_info("peername"))
+        self._metered = metrics.smtp_session_opened(transport.get_extra_info("peername"))
         self.xforward_allowed = self._limits.trusts(self.peer_ip)
         self._refusal = self._admission()
         if self._refusal is None:
@@ -357,6 +360,7 @@ class MailgateSMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.discard(self)
+        metrics.smtp_session_closed(self._metered)
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
@@ -387,6 +391,7 @@ class MailgateSMTP(SMTP):
         if self.transport is not None:
             if reply is not None:
                 self._writer.write(reply.encode("ascii") + b"\r\n")
+                metrics.smtp_replied(reply, metered=self._metered)
             self.transport.close()  # sends what is buffered first
             self.loop.call_later(HANG_UP_LINGER, self._abort)
 
@@ -407,6 +412,7 @@ class MailgateSMTP(SMTP):
             log.warning("smtp_too_many_unrecognized")
             await self._hang_up(TOO_MANY_UNKNOWN)
         await super().push(reply)
+        metrics.smtp_replied(reply, metered=self._metered)
         if reply.startswith("452 4.5.3 "):
             # As Postfix's smtpd_recipient_overshoot_limit: a client may pipeline a list
             # longer than max_recipients and send the rest later; only a flood counts.
@@ -550,6 +556,7 @@ class MailgateSMTP(SMTP):
             self._end_data()  # the final dot is in: the commit is not the client's time
         if isinstance(content, str):
             self.envelope = self._create_envelope()
+            metrics.data_answered(content)
             await self.push(content)
             return
         envelope = self.envelope
@@ -563,7 +570,9 @@ class MailgateSMTP(SMTP):
             if isinstance(content, Spooled):
                 content.release()  # the commit holds it for as long as it needs it
             self.envelope = self._create_envelope()
-        await self.push("250 OK" if status is MISSING else status)
+        reply = "250 OK" if status is MISSING else status
+        metrics.data_answered(reply)
+        await self.push(reply)
 
     async def _read_data(self) -> bytes | Spooled | str:
         """Read up to the final dot: the content, or the refusal if it was over a limit."""

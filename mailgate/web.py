@@ -1,4 +1,5 @@
-"""The small HTTP surface (aiohttp): confirmation links, a health check, the intake API.
+"""The small HTTP surface (aiohttp): confirmation links, a health check, metrics and the
+intake API.
 
 `/verify/{token}` (a requester's address) and `/privacy/confirm/{token}` (a privacy request,
 when the app is given its hooks) are confirmation routes (`confirm.py`): the GET shows a
@@ -7,12 +8,20 @@ button and uses nothing, the POST it sends confirms. Pages come from `templates/
 Referer onwards, since the path holds a token; tokens are never logged. The listener limits
 what clients can hold: `http.max_connections` at once, `header_timeout` to send a request's
 headers, `keepalive_timeout` idle, so HTTP cannot use up the descriptors SMTP needs.
+
+`/healthz` answers 200 or 503 with the checks of `health.py` as JSON, to anyone (a load
+balancer, a monitor). `/metrics` (Prometheus text, `metrics.py`) answers only clients in
+`[http] metrics_from`, judged by the connection's address alone, and never a request that
+came through a proxy (it carries Forwarded or X-Forwarded-For): a reverse proxy on this
+host connects from loopback, and would otherwise hand the metrics to the Internet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
 import structlog
@@ -20,10 +29,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from mailgate import metrics
 from mailgate.api import IntakeApi
 from mailgate.config import HttpConfig
 from mailgate.confirm import ConfirmationRoute, Confirmed, ConfirmHooks, CsrfKey, Outcome
+from mailgate.health import Health
 from mailgate.model import HostPort
 from mailgate.outbound.templates import Templates
 from mailgate.privacy.requests import Done, PrivacyRequests
@@ -43,6 +55,10 @@ _SECURITY_HEADERS = {
     ),
 }
 _TEMPLATES_KEY = web.AppKey("templates", Templates)
+_HEALTH_KEY = web.AppKey("health", Health)
+_HTTP_KEY = web.AppKey("http", HttpConfig)
+# Headers a proxy adds: a request with one came through a proxy, whatever its address.
+_PROXIED = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 def build_app(
@@ -53,10 +69,13 @@ def build_app(
     base_url: str,
     privacy_confirm: ConfirmHooks | None = None,
     api: IntakeApi | None = None,
+    health: Health | None = None,
+    http: HttpConfig | None = None,
 ) -> web.Application:
     """The routes; `secret` keys the confirmation forms' CSRF values, `base_url` (the public
     `http.base_url`) names our origin. Without `privacy_confirm`, `/privacy/confirm/{token}`
-    knows no token (404); without `api`, there is no `/api/` (`api.py`)."""
+    knows no token (404); without `api`, there is no `/api/` (`api.py`); without `health`
+    and `http` (its `metrics_from`), there is no `/healthz` or `/metrics`."""
     app = web.Application(middlewares=[_headers_received])
     app[_TEMPLATES_KEY] = templates
     csrf = CsrfKey(secret)
@@ -71,7 +90,11 @@ def build_app(
             "privacy", privacy_confirm, csrf=csrf, base_url=base_url, page=_page
         )
         app.router.add_routes(privacy.routes("/privacy/confirm/{token}"))
-    app.router.add_get("/healthz", healthz)
+    if health is not None and http is not None:
+        app[_HEALTH_KEY] = health
+        app[_HTTP_KEY] = http
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", prometheus)
     if api is not None:
         app.router.add_routes(api.routes())
     return app
@@ -118,8 +141,28 @@ def _page(request: web.Request, name: str, status: int, /, **variables: Any) -> 
     )
 
 
-async def healthz(_request: web.Request) -> web.Response:
-    return web.Response(text="ok\n", headers=_SECURITY_HEADERS)
+async def healthz(request: web.Request) -> web.Response:
+    report = await request.app[_HEALTH_KEY].check()
+    return web.Response(
+        text=json.dumps(report.body) + "\n",  # one line: the newline ends the body
+        status=200 if report.ok else 503,
+        content_type="application/json",
+        headers=_SECURITY_HEADERS,
+    )
+
+
+async def prometheus(request: web.Request) -> web.Response:
+    """The metrics, to `[http] metrics_from` only (see the module's docstring)."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+    allowed = request.app[_HTTP_KEY].metrics_allowed(ip)
+    if not allowed or any(name in request.headers for name in _PROXIED):
+        return web.Response(text="forbidden\n", status=403, headers=_SECURITY_HEADERS)
+    queues = await request.app[_HEALTH_KEY].queues()
+    return web.Response(
+        body=metrics.exposition(queues, now=datetime.now(UTC)),
+        headers={**_SECURITY_HEADERS, "Content-Type": CONTENT_TYPE_LATEST},
+    )
 
 
 @web.middleware

@@ -253,6 +253,29 @@ async def test_recent_problems_are_the_last_quarantined_and_failed_rows_newest_f
         assert [r.id for r in await store.recent_delivery_errors(1)] == [retrying]
 
 
+async def test_queues_name_when_the_longest_waiting_due_row_became_due(
+    open_backend: StoreOpener,
+) -> None:
+    # A row deferred to a later retry is not behind: /healthz judges ingest by `oldest_due`.
+    async with open_backend() as store:
+        await store.receive([("Q0", ENVELOPE, b"x")])
+        [row] = await store.list_inbound("received")
+        assert (await store.queues()).inbound.oldest_due == row.received_at
+        await store.ingest(lambda tx: tx.defer_inbound("Q0", retry_at=NOW + HOUR))
+        deferred = (await store.queues()).inbound
+        assert (deferred.oldest_pending, deferred.oldest_due) == (row.received_at, None)
+        await store.ingest(lambda tx: tx.defer_inbound("Q0", retry_at=NOW - HOUR))
+        assert (await store.queues()).inbound.oldest_due == NOW - HOUR  # due since its retry
+        ticket = await ticket_with_message(store)
+        await store.ingest(lambda tx: tx.enqueue(item(ticket_id=ticket), at=NOW - HOUR))
+        outbox = (await store.queues()).outbox
+        assert outbox.oldest_due is not None and outbox.oldest_due <= datetime.now(UTC)
+        [claimed] = await store.claim_outbox(limit=1)
+        await store.finish_outbox(claimed.id, "queued", error="4xx", retry_at=NOW + HOUR)
+        outbox = (await store.queues()).outbox
+        assert (outbox.oldest_pending, outbox.oldest_due) == (NOW - HOUR, None)
+
+
 async def test_requeue_and_purge_take_only_quarantined_rows(open_backend: StoreOpener) -> None:
     async with open_backend() as store:
         await store.receive([(f"Q{n}", ENVELOPE, b"raw %d" % n) for n in range(3)])

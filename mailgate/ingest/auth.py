@@ -39,6 +39,7 @@ import structlog
 from dkim.util import parse_tag_value
 from publicsuffixlist import PublicSuffixList
 
+from mailgate import metrics
 from mailgate.config import AuthConfig
 from mailgate.domains import a_label, in_dns
 from mailgate.ingest.mime import read_header
@@ -347,12 +348,15 @@ class Authenticator:
         spf_domain = a_label(spf_sender.rpartition("@")[2])
         check_spf = org is not None and self._org(spf_domain) == org and bool(envelope.client_ip)
 
-        async with asyncio.TaskGroup() as group:
-            policy = group.create_task(self._within(self._dmarc_policy(from_domain)))
-            keys = {ref.index: group.create_task(self._within(self._key(ref))) for ref in checked}
-            spf_result = group.create_task(
-                self._within(self._spf(envelope, spf_sender, spf_domain)) if check_spf else _none()
-            )
+        with metrics.AUTH_DNS_SECONDS.time():
+            async with asyncio.TaskGroup() as group:
+                policy = group.create_task(self._within(self._dmarc_policy(from_domain)))
+                keys = {r.index: group.create_task(self._within(self._key(r))) for r in checked}
+                spf_result = group.create_task(
+                    self._within(self._spf(envelope, spf_sender, spf_domain))
+                    if check_spf
+                    else _none()
+                )
         return Lookup(
             from_domain,
             forged_results=claims_trusted_results(

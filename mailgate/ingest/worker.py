@@ -27,12 +27,19 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from mailgate import metrics
 from mailgate.config import Config
 from mailgate.errors import StoreUnavailable
 from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
 from mailgate.ingest.prepare import ParserCrashed, ParserPool, Source, prepare_all, verify_all
 from mailgate.ingest.trust import UNCHECKED, Verdict, decide
-from mailgate.model import InboundRow, IngestOutcome, ParsedMail, StoredAttachment
+from mailgate.model import (
+    ALREADY_PROCESSED,
+    InboundRow,
+    IngestOutcome,
+    ParsedMail,
+    StoredAttachment,
+)
 from mailgate.msgid import MessageIds
 from mailgate.store import IngestTx, Store
 from mailgate.tickets import Arrival, Proof, Tickets
@@ -256,8 +263,9 @@ class IngestWorker:
             raise
         except Exception:  # noqa: BLE001 - one bad message must not hold up the batch
             outcomes = [await self._apply_alone(item) for item in items]
-        for outcome in outcomes:
+        for item, outcome in zip(items, outcomes, strict=True):
             _log_outcome(outcome)
+            metrics.ingest_finished(outcome, received_at=item.row.received_at)
         if any(outcome.mails_queued for outcome in outcomes):
             self._mail_queued.set()
         return outcomes
@@ -353,7 +361,7 @@ class IngestWorker:
         row, mail, now = item.row, item.mail, datetime.now(UTC)
         state = tx.inbound_state(row.id)
         if state != "received":  # done meanwhile (a replay racing the daemon): nothing to do
-            return IngestOutcome(row.id, state or "ingested", reason="already processed")
+            return IngestOutcome(row.id, state or "ingested", reason=ALREADY_PROCESSED)
         if item.retry is not None:
             return self._wait(tx, row, item.retry, now)
         if mail is None:

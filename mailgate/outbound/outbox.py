@@ -20,6 +20,7 @@ from typing import Literal
 
 import structlog
 
+from mailgate import metrics
 from mailgate.config import OutboundConfig
 from mailgate.errors import ConfigError, StoreUnavailable
 from mailgate.log import mask_address
@@ -167,6 +168,7 @@ class OutboundWorker:
             await self._record_cut(row, handover)
             raise
         handover.done = True  # only the outcome is left to write: a stop lets it be
+        metrics.outbound_attempted()
         if outcome.state == "retry":
             await self._retry_or_fail(row, outcome)
         else:
@@ -250,6 +252,7 @@ class OutboundWorker:
         await self._store.finish_outbox(
             row.id, "queued", error=error, retry_at=retry_at, reply=outcome.reply
         )
+        metrics.outbound_finished(row.item.kind, "queued")
         log.warning(
             "outbox_deferred", outbox_id=row.id, attempts=row.attempts, delay=delay, error=error
         )
@@ -269,6 +272,7 @@ class OutboundWorker:
             # Its row went in the transaction above; a crash before this leaves a sealed file
             # whose key went with the row, which the blob sweep removes.
             remove_blobs(self._attachments, [blob])
+        metrics.outbound_finished(row.item.kind, state)
         event = "outbox_sent" if state == "sent" else "outbox_failed"
         log.info(
             event,

@@ -1353,22 +1353,32 @@ class SqliteStore:
     async def queues(self) -> Queues:
         rows = await self._rows(
             "SELECT 'inbound', state, count(*), min(CASE WHEN state = 'received' "
-            "THEN received_at END) FROM inbound GROUP BY state "
+            "THEN received_at END), min(CASE WHEN state = 'received' AND (retry_at IS NULL "
+            "OR retry_at <= :now) THEN coalesce(retry_at, received_at) END) "
+            "FROM inbound GROUP BY state "
             "UNION ALL SELECT 'outbox', state, count(*), min(CASE WHEN state IN "
-            "('queued', 'sending') THEN created_at END) FROM outbox GROUP BY state"
+            "('queued', 'sending') THEN created_at END), min(CASE WHEN state = 'queued' "
+            "AND next_attempt_at <= :now THEN next_attempt_at END) FROM outbox GROUP BY state",
+            {"now": _now()},
         )
-        found: dict[str, tuple[dict[str, int], list[float]]] = {
-            "inbound": ({}, []),
-            "outbox": ({}, []),
+        found: dict[str, tuple[dict[str, int], list[float], list[float]]] = {
+            "inbound": ({}, [], []),
+            "outbox": ({}, [], []),
         }
-        for queue, state, count, oldest in rows:
-            by_state, pending = found[queue]
+        for queue, state, count, oldest, due in rows:
+            by_state, pending, due_since = found[queue]
             by_state[state] = count
             if oldest is not None:
                 pending.append(oldest)
+            if due is not None:
+                due_since.append(due)
         inbound, outbox = (
-            Queue(by_state, _dt(min(pending)) if pending else None)
-            for by_state, pending in found.values()
+            Queue(
+                by_state,
+                _dt(min(pending)) if pending else None,
+                _dt(min(due_since)) if due_since else None,
+            )
+            for by_state, pending, due_since in found.values()
         )
         return Queues(inbound=inbound, outbox=outbox)
 
