@@ -112,6 +112,11 @@ class Templates:
         for page in PAGES:
             self.page(page, SAMPLES[page])
 
+    def adopt(self, other: Templates) -> None:
+        """Render from now on what `other` renders (a reload, once `other.check()` passed):
+        every holder of this object (the composer, the web pages) sees the new set."""
+        self.folder, self._env = other.folder, other._env
+
     def _locate(self, name: str, exc: jinja2.TemplateError) -> str:
         """'templates/mail/x.html:3: message', from the error or its traceback."""
         if isinstance(exc, jinja2.TemplateNotFound):
