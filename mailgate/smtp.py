@@ -229,6 +229,7 @@ class Listener:
         the end of `grace` never got its 250, so its sender retries: nothing is lost.
         """
         self.server.close()
+        log.info("smtp_draining", receiving=sum(1 for s in self.sessions if s.receiving))
         progress = asyncio.Event()  # set as a commit ends or a session leaves DATA
         self.handler.shut_down(progress)
         for session in self.sessions:
