@@ -29,9 +29,14 @@ WAIT = 30  # seconds: an upper bound for what comes at once
 
 
 def events(daemon: SubprocessDaemon) -> list[dict[str, Any]]:
-    """The daemon's JSON log lines so far (a line being written is left for the next look)."""
+    """The daemon's JSON log lines so far (a line being written is left for the next look).
+
+    Lines that are not JSON are stderr: after a forced exit, multiprocessing's resource
+    tracker warns that it cleans up the parser pool's semaphores.
+    """
     text = (daemon.folder / "daemon.log").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    lines = text.splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.startswith("{") and line.endswith("\n")]
 
 
 def wait_for_event(daemon: SubprocessDaemon, name: str, *, after: int = 0) -> dict[str, Any]:
