@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import fields, replace
-from typing import Any
 
 import structlog
 
@@ -55,33 +54,27 @@ RELOADABLE = frozenset(
 def merge(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config to apply: `new`'s reloadable keys and `old`'s others; and the keys that
     changed but need a restart ("http.listen")."""
-    sections: dict[str, Any] = {}
-    restart: list[str] = []
-    for section in fields(Config):
-        if section.name == "path":
-            continue
-        before, after = getattr(old, section.name), getattr(new, section.name)
-        kept = {}
-        for key in fields(before):
-            name = f"{section.name}.{key.name}"
-            value = getattr(before, key.name)
-            if value != getattr(after, key.name) and name not in RELOADABLE:
-                restart.append(name)
-                kept[key.name] = value
-        sections[section.name] = replace(after, **kept)
+    restart = [name for name in changed_keys(old, new) if name not in RELOADABLE]
+    kept: dict[str, dict[str, object]] = {section: {} for section in _sections()}
+    for name in restart:
+        section, _, key = name.partition(".")
+        kept[section][key] = getattr(getattr(old, section), key)
+    sections = {section: replace(getattr(new, section), **keys) for section, keys in kept.items()}
     return replace(old, **sections), restart
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
     """The "section.key" names whose values differ."""
     return [
-        f"{section.name}.{key.name}"
-        for section in fields(Config)
-        if section.name != "path"
-        for key in fields(getattr(old, section.name))
-        if getattr(getattr(old, section.name), key.name)
-        != getattr(getattr(new, section.name), key.name)
+        f"{section}.{key.name}"
+        for section in _sections()
+        for key in fields(getattr(old, section))
+        if getattr(getattr(old, section), key.name) != getattr(getattr(new, section), key.name)
     ]
+
+
+def _sections() -> list[str]:
+    return [section.name for section in fields(Config) if section.name != "path"]
 
 
 def _load(old: Config) -> tuple[Config, Templates]:

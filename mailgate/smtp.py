@@ -42,7 +42,6 @@ from mailgate.spool import Spooled
 
 log = structlog.get_logger(__name__)
 
-
 # Received fields are counted in this much of the message at most: the parser reads no more
 # of a header block either (ingest/mime.py), and a loop's fields are at the top.
 RECEIVED_SCAN = 1024 * 1024
