@@ -115,7 +115,7 @@ class Templates:
     def adopt(self, other: Templates) -> None:
         """Render from now on what `other` renders (a reload, once `other.check()` passed):
         every holder of this object (the composer, the web pages) sees the new set."""
-        self.folder, self._env = other.folder, other._env
+        vars(self).update(vars(other))  # its folders and its jinja2 environment, whole
 
     def _locate(self, name: str, exc: jinja2.TemplateError) -> str:
         """'templates/mail/x.html:3: message', from the error or its traceback."""
