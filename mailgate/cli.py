@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -22,7 +23,9 @@ from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, NoReturn, TypeVar, get_args
+
+import structlog
 
 from mailgate import __version__, preflight, stats
 from mailgate.addresses import EmailNotValidError, validate_address
@@ -61,6 +64,8 @@ from mailgate.text import clean_body, clean_line, decode_header_text
 from mailgate.tickets import Tickets
 
 EX_STARTUP = 3
+
+log = structlog.get_logger(__name__)
 # What of a raw message a listing reads for its Subject: the header, as far as it matters.
 HEAD_BYTES = 65536
 Command = Callable[[Config, argparse.Namespace], Awaitable[int]]
@@ -209,18 +214,37 @@ def _existing_store(config: Config) -> AbstractAsyncContextManager[SqliteStore]:
 
 
 async def cmd_serve(config: Config, _args: argparse.Namespace) -> int:
+    """SIGTERM or SIGINT stops cleanly (a second one exits at once), SIGHUP reloads."""
     from mailgate import service  # the daemon's imports stay out of the quick commands
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stopping: asyncio.Future[str] = loop.create_future()
+    reloads = asyncio.Event()
+
+    def on_stop(sig: signal.Signals) -> None:
+        if stopping.done():
+            _exit_now(sig)
+        stopping.set_result(sig.name)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, reloads.set)
     try:
-        await service.serve(config, shutdown=stop.wait)
+        await service.serve(config, shutdown=lambda: stopping, reloads=reloads)
     except OSError as exc:  # the port is taken, the state folder unwritable
         print(f"mailgate: cannot start: {exc}", file=sys.stderr)
         return EX_STARTUP
     return 0
+
+
+def _exit_now(sig: signal.Signals) -> NoReturn:
+    """A second stop signal: exit now, with the parser process. Nothing acknowledged is lost:
+    a 250 was sent only after its commit; a message cut off in DATA got none, so its sender
+    sends it again, and rows under way are taken up again at the next start."""
+    log.warning("daemon_exit_forced", signal=sig.name)
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(128 + sig)
 
 
 async def cmd_tickets_list(config: Config, args: argparse.Namespace) -> int:

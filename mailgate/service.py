@@ -7,8 +7,6 @@ hypercorn's `serve(..., shutdown_trigger=...)`.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass
@@ -22,7 +20,8 @@ from mailgate.health import Health, SmtpListener
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
 from mailgate.intake import Intake
-from mailgate.model import HostPort
+from mailgate.live import Live
+from mailgate.model import HostPort, Queues
 from mailgate.msgid import MessageIds, daemon_secret
 from mailgate.outbound.compose import Composer
 from mailgate.outbound.outbox import OutboundWorker, stop_seconds
@@ -30,9 +29,11 @@ from mailgate.outbound.templates import Templates
 from mailgate.outbound.transports import transport_for
 from mailgate.privacy import retention, rights
 from mailgate.privacy.requests import PrivacyRequests
+from mailgate.reload import reload
 from mailgate.smtp import start_smtp
 from mailgate.smtp_session import MailgateSMTP
 from mailgate.store import SqliteStore, store_for
+from mailgate.systemd import notify, reloading, under_systemd, watchdog_interval
 from mailgate.tickets import Tickets
 from mailgate.web import HTTP_STOP_SECONDS, build_app, privacy_hooks, start_web
 
@@ -40,6 +41,7 @@ log = structlog.get_logger(__name__)
 
 INGEST_STOP_SECONDS = 30.0  # past it the batch is cancelled; it rolls back and is redone
 STOP_MARGIN = 10.0  # intake's last commit, the parser process's exit, closing the store
+STATUS_SECONDS = 5.0  # how often systemd's STATUS= line is refreshed (one cheap query)
 
 
 def stop_budget(config: Config) -> float:
@@ -69,25 +71,16 @@ class Listening:
     http: HostPort
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd our state (Type=notify); a no-op outside systemd."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if not target:
-        return
-    if target.startswith("@"):
-        target = "\0" + target[1:]  # abstract socket namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(target)
-        sock.sendall(state.encode())
-
-
 async def serve(
     config: Config,
     *,
     shutdown: Callable[[], Awaitable[object]],
     on_ready: Callable[[Listening], None] = lambda _: None,
+    reloads: asyncio.Event | None = None,
 ) -> None:
-    """Run the daemon until `shutdown()` returns."""
+    """Run the daemon until `shutdown()` returns (what it returns, a signal's name, is
+    logged); each time `reloads` is set, reload the config file and the templates."""
+    live = Live(config)
     templates = Templates(config.outbound.templates)
     templates.check()  # a broken template stops the start (exit 78), naming file and line
     secret = daemon_secret(config)
@@ -106,6 +99,13 @@ async def serve(
         sessions: set[MailgateSMTP] = set()
         intake = Intake(store, on_committed=committed, senders=lambda: len(sessions))
 
+        async def status() -> str:
+            return await _status(store, sessions)
+
+        # Pings from here to the end of the stop (the drain included), while the store is open.
+        pulse = asyncio.create_task(_keep_alive(status), name="systemd-watchdog")
+        stack.push_async_callback(_cancel, pulse)
+
         outbound = OutboundWorker(
             store,
             Composer(config, templates),
@@ -115,6 +115,7 @@ async def serve(
             intake_busy=intake.busy,
             attachments=config.storage.attachments,
         )
+        await outbound.recover()  # before READY=1: no row stays 'sending' from a crash
         outbound_task = asyncio.create_task(outbound.run(), name="outbound-worker")
         stack.push_async_callback(
             _stop_worker, outbound, outbound_task, stop_seconds(config.outbound)
@@ -125,14 +126,15 @@ async def serve(
         await parser.start()
         worker = IngestWorker(
             store,
-            config,
+            live,
             parser=parser,
             msgids=msgids,
             wake=committed,
             mail_queued=mail_queued,
             intake_busy=intake.busy,
         )
-        # Started before listening: it first ingests what a crash left 'received'.
+        # Started before listening: it first ingests what a crash left 'received' (those rows
+        # are its queue: READY=1 does not wait for them, however many there are).
         worker_task = asyncio.create_task(worker.run(), name="ingest-worker")
         stack.push_async_callback(_stop_worker, worker, worker_task, INGEST_STOP_SECONDS)
 
@@ -140,13 +142,13 @@ async def serve(
         stack.push_async_callback(intake.stop)
 
         listener = await start_smtp(
-            config.smtp,
+            live,
             intake,
             sessions=sessions,
             spool=config.storage.database.parent,
             attachments=config.storage.attachments,
         )
-        stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
+        stack.push_async_callback(lambda: listener.drain(live.current.smtp.drain_timeout))
 
         app = build_app(
             store,
@@ -176,17 +178,83 @@ async def serve(
 
         # Retention, daily; stopped first (its step under way finishes or is cut: each is
         # safe to cut).
-        purger = retention.Scheduler(config, store)
+        purger = retention.Scheduler(live, store)
         purge_task = asyncio.create_task(purger.run(), name="retention")
         stack.push_async_callback(_stop_worker, purger, purge_task, retention.STOP_SECONDS)
 
         on_ready(Listening(listener.address, http_address))
-        sd_notify("READY=1")
+        notify("READY=1", f"STATUS={await status()}")
         log.info("daemon_started", smtp=str(listener.address), http=str(http_address))
-        await shutdown()
-        sd_notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(stop_budget(config) * 1e6)}")
-        log.info("daemon_stopping")
+        reloader = asyncio.create_task(_reload_on(reloads, live, templates, status), name="reload")
+        reason = await shutdown()
+        await _cancel(reloader)  # a reload under way is cut before it applies: the old stays
+        notify("STOPPING=1", f"EXTEND_TIMEOUT_USEC={int(stop_budget(live.current) * 1e6)}")
+        log.info("daemon_stopping", **({"signal": reason} if isinstance(reason, str) else {}))
     log.info("daemon_stopped")
+
+
+def status_line(queues: Queues, sessions: int) -> str:
+    """systemd's STATUS=: the work waiting, as `systemctl status` shows it."""
+    inbound, outbox = queues.inbound.by_state, queues.outbox.by_state
+    return (
+        f"{sessions} SMTP sessions; inbound {inbound.get('received', 0)} to ingest; "
+        f"outbox {outbox.get('queued', 0)} queued, {outbox.get('sending', 0)} sending, "
+        f"{outbox.get('failed', 0)} failed"
+    )
+
+
+async def _status(store: SqliteStore, sessions: set[MailgateSMTP]) -> str:
+    try:
+        return status_line(await store.queues(), len(sessions))
+    except StoreError as exc:
+        return f"{len(sessions)} SMTP sessions; store unavailable ({type(exc).__name__})"
+
+
+async def _keep_alive(status: Callable[[], Awaitable[str]]) -> None:
+    """WATCHDOG=1 at half of WATCHDOG_USEC and a fresh STATUS= every STATUS_SECONDS, sent
+    from the event loop: a loop that is stuck sends no ping and systemd restarts the daemon.
+    A status query slower than the ping interval is given up (the pings must go on)."""
+    if not under_systemd():
+        return
+    ping = watchdog_interval()
+    tick = min(ping, STATUS_SECONDS) if ping else STATUS_SECONDS
+    loop = asyncio.get_running_loop()
+    next_status = loop.time() + STATUS_SECONDS
+    while True:
+        await asyncio.sleep(tick)
+        if ping:
+            notify("WATCHDOG=1")
+        if loop.time() >= next_status:
+            next_status = loop.time() + STATUS_SECONDS
+            try:
+                notify(f"STATUS={await asyncio.wait_for(status(), tick)}")
+            except TimeoutError:
+                pass
+
+
+async def _reload_on(
+    reloads: asyncio.Event | None,
+    live: Live[Config],
+    templates: Templates,
+    status: Callable[[], Awaitable[str]],
+) -> None:
+    """Reload each time `reloads` is set (SIGHUPs that come during a reload make one more)."""
+    if reloads is None:
+        return
+    while True:
+        await reloads.wait()
+        reloads.clear()
+        notify(reloading())
+        try:
+            await reload(live, templates)
+        except Exception:  # a reload's own fault must not stop the daemon
+            log.exception("reload_failed")
+        notify("READY=1", f"STATUS={await status()}")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _finish_erasures(store: SqliteStore, config: Config) -> None:

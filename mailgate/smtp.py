@@ -21,9 +21,10 @@ import structlog
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from mailgate.config import SmtpConfig
+from mailgate.config import Config, SmtpConfig
 from mailgate.errors import StoreUnavailable
 from mailgate.intake import Intake
+from mailgate.live import Live
 from mailgate.log import mask_address
 from mailgate.model import Envelope, HostPort
 from mailgate.smtp_session import (
@@ -61,20 +62,27 @@ def count_received(raw: bytes) -> int:
 
 
 class Handler:
-    """aiosmtpd hooks: storage check, RCPT policy, loop check, DATA to intake, errors to 451."""
+    """aiosmtpd hooks: storage check, RCPT policy, loop check, DATA to intake, errors to 451.
+
+    The `[smtp]` settings are read where they are used, from the live config, so a reload
+    (the accept list, the limits) holds from the next command on.
+    """
 
     def __init__(
-        self, config: SmtpConfig, intake: Intake, *, spool: Path, attachments: Path
+        self, config: Live[Config], intake: Intake, *, spool: Path, attachments: Path
     ) -> None:
-        self._config = config
+        self._live = config
         self._intake = intake
         # Where mail is written before ingest is done with it: the database's folder (and
         # the spool files in it) and the attachment files.
         self._disks = (spool, attachments)
         self._commits: set[asyncio.Task[str | None]] = set()
         self.in_flight = 0  # DATA commits under way; the drain waits for them
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self._drain: asyncio.Event | None = None
+
+    @property
+    def _config(self) -> SmtpConfig:
+        return self._live.current.smtp
 
     async def handle_EHLO(
         self,
@@ -165,7 +173,6 @@ class Handler:
     async def _commit(self, stored: Envelope, raw: bytes | Spooled) -> str | None:
         """Commit one message; its queue id, or None if it was not stored."""
         self.in_flight += 1
-        self.idle.clear()
         size = raw.size if isinstance(raw, Spooled) else len(raw)
         try:
             queue_id = await self._intake.receive(stored, raw)
@@ -179,8 +186,8 @@ class Handler:
             if isinstance(raw, Spooled):
                 raw.release()
             self.in_flight -= 1
-            if not self.in_flight:
-                self.idle.set()
+            if self._drain is not None:
+                self._drain.set()
         client = {"client": stored.client_ip} if stored.forwarded is not None else {}
         log.info(
             "message_queued",
@@ -190,6 +197,10 @@ class Handler:
             **client,
         )
         return queue_id
+
+    def shut_down(self, progress: asyncio.Event) -> None:
+        """The daemon stops: set `progress` as each commit ends, for the drain."""
+        self._drain = progress
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("smtp_session_failed", error=type(error).__name__, exc_info=error)
@@ -210,21 +221,33 @@ class Listener:
         return HostPort(sock[0], sock[1])
 
     async def drain(self, grace: float) -> None:
-        """Stop accepting, let DATA commits under way finish, then close every session.
+        """Stop accepting; let the messages in DATA arrive, commit and get their 250 for up to
+        `grace` seconds, answering 421 4.3.2 to any other command; then close every session.
 
-        A session cut off here never got its 250, so its sender retries: nothing is lost.
+        A new connection is refused (the listening socket is closed). A session cut off at
+        the end of `grace` never got its 250, so its sender retries: nothing is lost.
         """
         self.server.close()
+        log.info("smtp_draining", receiving=sum(1 for s in self.sessions if s.receiving))
+        progress = asyncio.Event()  # set as a commit ends or a session leaves DATA
+        self.handler.shut_down(progress)
+        for session in self.sessions:
+            session.shut_down(progress)
         try:
             async with asyncio.timeout(grace):
-                await self.handler.idle.wait()
+                while self.handler.in_flight or any(s.receiving for s in self.sessions):
+                    progress.clear()
+                    await progress.wait()
         except TimeoutError:
-            log.warning("smtp_drain_timed_out", in_flight=self.handler.in_flight)
-        transports = [s.transport for s in self.sessions if s.transport is not None]
-        for transport in transports:
-            transport.close()
+            receiving = sum(1 for s in self.sessions if s.receiving)
+            log.warning(
+                "smtp_drain_timed_out", in_flight=self.handler.in_flight, receiving=receiving
+            )
+        open_sessions = [s for s in self.sessions if s.transport is not None]
+        for session in open_sessions:
+            session.close_for_shutdown()
         await asyncio.sleep(0)  # let connection_lost run before the store closes
-        log.info("smtp_drained", closed_sessions=len(transports))
+        log.info("smtp_drained", closed_sessions=len(open_sessions))
 
 
 def raise_descriptor_limit() -> None:
@@ -246,33 +269,35 @@ def raise_descriptor_limit() -> None:
 
 
 async def start_smtp(
-    config: SmtpConfig,
+    live: Live[Config],
     intake: Intake,
     *,
     sessions: set[MailgateSMTP],
     spool: Path,
     attachments: Path,
 ) -> Listener:
-    """Listen on `config.listen` with `loop.create_server` (no threaded Controller).
+    """Listen on `[smtp] listen` with `loop.create_server` (no threaded Controller).
 
-    `sessions` is kept up to date with the open sessions; intake reads its size. `spool` is
+    Each session takes the `[smtp]` limits current when it connects (`live`). `sessions` is
+    kept up to date with the open sessions; intake reads its size. `spool` is
     the folder of the database, where large messages are spooled as they arrive; its free
     space and that of `attachments` MAIL checks. The descriptor limit is raised first (see
     `raise_descriptor_limit`).
     """
     raise_descriptor_limit()
-    handler = Handler(config, intake, spool=spool, attachments=attachments)
+    handler = Handler(live, intake, spool=spool, attachments=attachments)
     factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
         handler,
         sessions=sessions,
-        limits=config,
+        limits=live.current.smtp,
         spool=spool,
         enable_SMTPUTF8=True,
         decode_data=False,
-        hostname=config.hostname,
+        hostname=live.current.smtp.hostname,
         ident="ESMTP mailgate",
     )
+    listen = live.current.smtp.listen
     server = await asyncio.get_running_loop().create_server(
-        factory, host=config.listen.host, port=config.listen.port
+        factory, host=listen.host, port=listen.port
     )
     return Listener(server, handler, sessions)

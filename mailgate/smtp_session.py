@@ -46,6 +46,7 @@ TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 TOO_MANY_UNKNOWN = "421 4.7.0 Too many unrecognized commands, closing connection"
 IDLE_TIMEOUT = "421 4.4.2 Timeout, closing connection"
 DATA_TOO_SLOW = "421 4.4.2 Data transfer too slow, closing connection"
+SHUTTING_DOWN = "421 4.3.2 Service shutting down"
 TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 LOW_STORAGE = "452 4.3.1 Insufficient system storage, try again later"
 MAIL_LOOP = "554 5.4.6 Too many Received headers: mail loop detected"
@@ -331,6 +332,10 @@ class MailgateSMTP(SMTP):
         self._errors = 0
         self._excess_rcpts = 0
         self._data_start: float | None = None  # loop time of DATA, while the data comes in
+        # From the 354 to the reply after the final dot: a stop lets this finish (`shut_down`).
+        self.receiving = False
+        self._stopping = False
+        self._drain: asyncio.Event | None = None
         self._data_bytes = 0
         self._data_last = 0.0
 
@@ -395,6 +400,18 @@ class MailgateSMTP(SMTP):
             self.transport.close()  # sends what is buffered first
             self.loop.call_later(HANG_UP_LINGER, self._abort)
 
+    def shut_down(self, progress: asyncio.Event) -> None:
+        """The daemon stops: from now on the session's next reply is `SHUTTING_DOWN`, and it
+        hangs up. A message in DATA is received, committed and answered first (its 250);
+        `progress` is set when it is done."""
+        self._stopping = True
+        self._drain = progress
+
+    def close_for_shutdown(self) -> None:
+        """The drain is over: answer `SHUTTING_DOWN` now (a message still in DATA is cut off
+        without its 250, so its sender sends it again) and close."""
+        self._hang_up_now(SHUTTING_DOWN)
+
     def _abort(self) -> None:
         if isinstance(self.transport, asyncio.WriteTransport):  # still flushing: not reading
             self.transport.abort()
@@ -407,6 +424,11 @@ class MailgateSMTP(SMTP):
         if isinstance(status, bytes):
             await super().push(status)
             return
+        if self._stopping and not self.receiving:
+            # Whatever the command was (one the daemon knows or not), RFC 5321 3.8: a server
+            # shutting down answers 421 and closes. A 220 greeting is answered so too.
+            log.info("smtp_session_closed_for_stop")
+            await self._hang_up(SHUTTING_DOWN)
         reply = enhance(status)
         if reply.startswith(_BOGUS_GOODBYE):
             log.warning("smtp_too_many_unrecognized")
@@ -550,10 +572,20 @@ class MailgateSMTP(SMTP):
         self._data_bytes = 0
         self._arm(self._data_deadline()[0])
         try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            content = await self._read_data()
+            try:
+                await self.push("354 End data with <CR><LF>.<CR><LF>")
+                self.receiving = True
+                content = await self._read_data()
+            finally:
+                self._end_data()  # the final dot is in: the commit is not the client's time
+            await self._finish_data(content)
         finally:
-            self._end_data()  # the final dot is in: the commit is not the client's time
+            self.receiving = False
+            if self._drain is not None:
+                self._drain.set()
+
+    async def _finish_data(self, content: bytes | Spooled | str) -> None:
+        """Commit the message read (or answer its refusal) and reply."""
         if isinstance(content, str):
             self.envelope = self._create_envelope()
             metrics.data_answered(content)

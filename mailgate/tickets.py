@@ -44,7 +44,8 @@ from datetime import datetime
 import structlog
 
 from mailgate.addresses import address_key, same_address
-from mailgate.config import Config
+from mailgate.config import AgentsConfig, Config
+from mailgate.live import Live
 from mailgate.model import (
     Address,
     ParsedMail,
@@ -181,15 +182,24 @@ class ThreadMatch:
 class Tickets:
     """The rules, with the configuration they read; every method runs inside a unit of work."""
 
-    def __init__(self, config: Config, msgids: MessageIds) -> None:
+    def __init__(self, config: Config | Live[Config], msgids: MessageIds) -> None:
+        # In the daemon the config is live: the accept list and the agents a reload changes
+        # are read at each use (the other keys read here need a restart).
+        self._live = Live.of(config)
+        config = self._live.current
         self._config = config
         self._msgids = msgids
         self._reactions = Reactions(config, msgids)
         self._tag_prefix = config.tickets.tag_prefix
-        self._is_support = config.smtp.accepts
-        self._agents = config.agents
         self._own_sender = address_key(config.outbound.sender)
         self._privacy = config.privacy
+
+    def _is_support(self, address: str) -> bool:
+        return self._live.current.smtp.accepts(address)
+
+    @property
+    def _agents(self) -> AgentsConfig:
+        return self._live.current.agents
 
     # The ways in.
 

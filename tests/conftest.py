@@ -362,9 +362,12 @@ class SubprocessDaemon:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *, nofile: tuple[int, int] | None = None) -> None:
+    def start(
+        self, *, nofile: tuple[int, int] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         """Start and wait for the SMTP greeting; `nofile` (soft, hard) sets its RLIMIT_NOFILE
-        (systemd gives services 1024), whatever this process has."""
+        (systemd gives services 1024), whatever this process has; `env` adds to the
+        environment (NOTIFY_SOCKET, as systemd sets it)."""
         self.log = open(self.folder / "daemon.log", "ab")
         launcher = ["-m", "mailgate"]
         if nofile is not None:
@@ -373,6 +376,7 @@ class SubprocessDaemon:
             [sys.executable, *launcher, "--config", str(self.config_path), "serve"],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -462,15 +462,17 @@ async def restart(daemon: SubprocessDaemon) -> list[Row]:
 ONE_MAIL = "acknowledge = false\n"  # the verification mail only
 
 
-async def test_sigterm_waits_for_a_relay_that_answers_the_final_dot_after_40_s(
+async def test_sigterm_waits_for_a_relay_that_answers_the_final_dot_late(
     tmp_path: Path,
 ) -> None:
-    """The relay takes 40 s to answer the final dot, within `outbound.timeout = 60` and past
-    the old 30 s worker budget: the stop waits for the answer, the mail is marked sent, the
-    relay has it once, and the restart does not send it again."""
-    async with slow_relay(dot=40) as relay:
+    """The relay takes 6 s to answer the final dot, within `outbound.timeout = 8` and past the
+    SMTP drain (5 s here): the stop waits for the answer, the mail is marked sent, the relay
+    has it once, and the restart does not send it again. (That the wait is the relay's
+    timeout, not a fixed budget, the next-but-one test shows from the other side: at 8 s a
+    delivery is cut, where the old fixed 30 s would have waited.)"""
+    async with slow_relay(dot=6) as relay:
         daemon = SubprocessDaemon(
-            tmp_path / "daemon", relay_port=relay.port, outbound_timeout=60, outbound_extra=ONE_MAIL
+            tmp_path / "daemon", relay_port=relay.port, outbound_timeout=8, outbound_extra=ONE_MAIL
         )
         try:
             await asyncio.to_thread(daemon.start)
@@ -587,7 +589,8 @@ async def test_the_stop_tells_systemd_its_budget(
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     try:
         await asyncio.to_thread(daemon.start)
-        assert await asyncio.to_thread(notify.recv, 4096) == b"READY=1"
+        ready = (await asyncio.to_thread(notify.recv, 4096)).decode()
+        assert ready.splitlines()[0] == "READY=1", ready
         await asyncio.to_thread(daemon.kill, signal.SIGTERM)
         stopping = (await asyncio.to_thread(notify.recv, 4096)).decode()
     finally:

@@ -33,6 +33,7 @@ from mailgate.errors import StoreUnavailable
 from mailgate.ingest.auth import Authenticator, AuthResults, Lookup, VerifyJob
 from mailgate.ingest.prepare import ParserCrashed, ParserPool, Source, prepare_all, verify_all
 from mailgate.ingest.trust import UNCHECKED, Verdict, decide
+from mailgate.live import Live
 from mailgate.model import (
     ALREADY_PROCESSED,
     InboundRow,
@@ -105,7 +106,7 @@ class IngestWorker:
     def __init__(
         self,
         store: Store,
-        config: Config,
+        config: Config | Live[Config],
         *,
         parser: ParserPool,
         msgids: MessageIds,
@@ -115,14 +116,16 @@ class IngestWorker:
     ) -> None:
         self._store = store
         self._parser = parser
-        self._tickets = Tickets(config, msgids)
+        live = Live.of(config)
+        config = live.current
+        self._tickets = Tickets(live, msgids)  # reads the accept list and agents live
         self._attachments = config.storage.attachments
         # Where the parser process reads raw mail, and the keys that open it.
         self._database = Source(store.path, store.keys.masters, store.keys.path)
         self._wake = wake or asyncio.Event()
         self._mail_queued = mail_queued or asyncio.Event()
         self._authenticator = (
-            Authenticator(config.auth, trusted_peer=config.smtp.trusts)
+            Authenticator(config.auth, trusted_peer=lambda ip: live.current.smtp.trusts(ip))
             if config.auth.enabled
             else None
         )

@@ -113,10 +113,14 @@ class OutboundWorker:
             if not handover.done:
                 task.cancel()
 
-    async def run(self) -> None:
+    async def recover(self) -> None:
+        """Queue again what a crash left 'sending' (the daemon does this before it is ready,
+        and before `run()`)."""
         requeued = await self._store.requeue_sending()
         if requeued:
             log.warning("outbox_requeued_after_crash", rows=requeued)
+
+    async def run(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:

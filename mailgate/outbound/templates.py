@@ -160,6 +160,11 @@ class Templates:
                 return folder / name
         return self._folders[0] / name
 
+    def adopt(self, other: Templates) -> None:
+        """Render from now on what `other` renders (a reload, once `other.check()` passed):
+        every holder of this object (the composer, the web pages) sees the new set."""
+        vars(self).update(vars(other))  # its folders and its jinja2 environment, whole
+
     def _locate(self, name: str, exc: jinja2.TemplateError) -> str:
         """'templates/mail/x.html:3: message', from the error or its traceback."""
         if isinstance(exc, jinja2.TemplateNotFound):

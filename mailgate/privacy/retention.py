@@ -34,6 +34,7 @@ import structlog
 from mailgate.addresses import address_key
 from mailgate.config import Config
 from mailgate.errors import ConfigError
+from mailgate.live import Live
 from mailgate.privacy import audit, erasure
 from mailgate.privacy.archive import archive_ticket, archiver
 from mailgate.store.archive import ArchiveStore, open_archive
@@ -204,8 +205,11 @@ class Scheduler:
     under way stops after its current step).
     """
 
-    def __init__(self, config: Config, store: SqliteStore, *, interval: float = DAY) -> None:
-        self._config = config
+    def __init__(
+        self, config: Config | Live[Config], store: SqliteStore, *, interval: float = DAY
+    ) -> None:
+        # The periods, agents and accept list of each run are those current then (a reload).
+        self._live = Live.of(config)
         self._store = store
         self._interval = interval
         self._stop = asyncio.Event()
@@ -219,7 +223,7 @@ class Scheduler:
             delay = self._interval
             try:
                 counts = await purge_now(
-                    self._config,
+                    self._live.current,
                     self._store,
                     now=clock(),
                     via="scheduler",
