@@ -1143,7 +1143,7 @@ def cmd_api_token_new() -> int:
     token = new_token()
     print(token)
     print("# Give the token above to the chat-bot; mailgate keeps only its SHA-256 digest.")
-    print("# Add the digest to [http] api_tokens (beside any there), then restart mailgate:")
+    print("# Add the digest to [http] api_tokens (beside any there), then reload mailgate:")
     print(f'api_tokens = ["{token_digest(token)}"]')
     return 0
 

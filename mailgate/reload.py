@@ -38,6 +38,8 @@ RELOADABLE = frozenset(
         "smtp.max_received_headers",
         "smtp.trusted_proxies",
         "outbound.templates",
+        "http.api_tokens",
+        "http.api_rate_limit",
         "agents.addresses",
         "agents.expose_address",
         "retention.raw_messages",

@@ -91,7 +91,7 @@ async def serve(
             log.info("legacy_rows_adopted", **asdict(store.adopted))
         config.storage.attachments.mkdir(parents=True, exist_ok=True)
         await _finish_erasures(store, config)
-        tickets = Tickets(config, msgids)
+        tickets = Tickets(live, msgids)
         requests = PrivacyRequests(store, config, tickets)
         await _finish_exports(requests)
 
@@ -157,11 +157,11 @@ async def serve(
             base_url=config.http.base_url,
             # Without a privacy address, the route knows no link (404).
             privacy_confirm=privacy_hooks(requests) if config.privacy.address else None,
-            # A reload makes `settings` return the new config's tokens and limits.
+            # Read at each request: a reload's tokens and limits hold for the next one.
             api=IntakeApi(
                 store,
                 tickets,
-                settings=lambda: ApiSettings.of(config),
+                settings=lambda: ApiSettings.of(live.current),
                 base_url=config.http.base_url,
                 mail_queued=mail_queued,
             ),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -314,6 +315,18 @@ def test_a_token_past_its_rate_gets_429_with_retry_after(tmp_path: Path) -> None
         assert 1 <= int(headers["Retry-After"]) <= 30
         assert len(cli_json(daemon, "tickets", "list")) == 2
         assert request(daemon, VALID, token=OTHER_TOKEN)[0] == 401  # no token, no bucket
+        # A SIGHUP swaps the tokens: the new one is let in at once, the old one no more.
+        config = daemon.config_path.read_text(encoding="utf-8")
+        swapped = config.replace(token_digest(TOKEN), token_digest(OTHER_TOKEN))
+        daemon.config_path.write_text(swapped, encoding="utf-8")
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while (status := request(daemon, VALID, token=OTHER_TOKEN)[0]) == 401:
+            assert time.monotonic() < deadline, "the reload never let the new token in"
+            time.sleep(0.05)
+        assert status == 201
+        assert request(daemon, VALID)[0] == 401
     finally:
         daemon.kill()
 
