@@ -21,7 +21,7 @@ from email.policy import compat32
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mailgate import __version__, stats
+from mailgate import __version__, stats, tls
 from mailgate.addresses import EmailNotValidError, validate_address
 from mailgate.config import Config, config_path, load_config
 from mailgate.domains import u_label
@@ -348,6 +348,9 @@ async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int
 
 async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
     Templates(config.outbound.templates).check()
+    for warning in config.warnings:
+        print(f"config: warning: {warning}")
+    _check_tls(config)
     security = config.security
     if not security.key_file_given:
         print(
@@ -398,6 +401,18 @@ async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
         print(f"privacy: requests by mail to {config.privacy.address} (accepted by SMTP)")
     print(f"{config.path}: OK")
     return 0
+
+
+def _check_tls(config: Config) -> None:
+    """Load the certificates as `serve` does (ConfigError, exit 78, if one cannot be)."""
+    smtp, outbound = config.smtp, config.outbound
+    if smtp.tls_cert is not None and smtp.tls_key is not None:
+        tls.server_context(smtp.tls_cert, smtp.tls_key)
+        required = ", required before MAIL" if smtp.require_tls else ""
+        implicit = f"; TLS from the first byte on {smtp.tls_listen}" if smtp.tls_listen else ""
+        print(f"smtp: STARTTLS offered with {smtp.tls_cert}{required}{implicit}")
+    if outbound.transport == "smtp" and outbound.tls != "none":
+        tls.client_context(outbound.tls_ca_file)
 
 
 async def cmd_participants_add(config: Config, args: argparse.Namespace) -> int:

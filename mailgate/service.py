@@ -32,6 +32,7 @@ from mailgate.smtp import start_smtp
 from mailgate.smtp_session import MailgateSMTP
 from mailgate.store import SqliteStore, store_for
 from mailgate.tickets import Tickets
+from mailgate.tls import ServerTls
 from mailgate.web import HTTP_STOP_SECONDS, build_app, privacy_hooks, start_web
 
 log = structlog.get_logger(__name__)
@@ -65,6 +66,7 @@ class Listening:
 
     smtp: HostPort
     http: HostPort
+    smtp_tls: HostPort | None = None  # [smtp] tls_listen
 
 
 def sd_notify(state: str) -> None:
@@ -88,6 +90,12 @@ async def serve(
     """Run the daemon until `shutdown()` returns."""
     templates = Templates(config.outbound.templates)
     templates.check()  # a broken template stops the start (exit 78), naming file and line
+    for warning in config.warnings:
+        log.warning("config_deprecated", detail=warning)
+    # An unreadable or invalid certificate stops the start (exit 78), naming the key. A
+    # reload swaps it with `server_tls.load(cert, key)`.
+    smtp = config.smtp
+    server_tls = ServerTls(smtp.tls_cert, smtp.tls_key) if smtp.tls_cert and smtp.tls_key else None
     secret = daemon_secret(config)
     msgids = MessageIds(secret, config.smtp.hostname)
     async with AsyncExitStack() as stack:
@@ -142,6 +150,7 @@ async def serve(
             sessions=sessions,
             spool=config.storage.database.parent,
             attachments=config.storage.attachments,
+            tls=server_tls,
         )
         stack.push_async_callback(listener.drain, config.smtp.drain_timeout)
 
@@ -163,9 +172,12 @@ async def serve(
         purge_task = asyncio.create_task(purger.run(), name="retention")
         stack.push_async_callback(_stop_worker, purger, purge_task, retention.STOP_SECONDS)
 
-        on_ready(Listening(listener.address, http_address))
+        on_ready(Listening(listener.address, http_address, listener.tls_address))
         sd_notify("READY=1")
-        log.info("daemon_started", smtp=str(listener.address), http=str(http_address))
+        tls_address = {"smtp_tls": str(listener.tls_address)} if listener.tls_address else {}
+        log.info(
+            "daemon_started", smtp=str(listener.address), http=str(http_address), **tls_address
+        )
         await shutdown()
         sd_notify(f"STOPPING=1\nEXTEND_TIMEOUT_USEC={int(stop_budget(config) * 1e6)}")
         log.info("daemon_stopping")

@@ -177,6 +177,7 @@ class Running:
     host: str
     port: int
     http: HostPort
+    smtps: HostPort | None = None  # the implicit-TLS listener ([smtp] tls_listen)
 
     async def send(
         self,
@@ -284,7 +285,9 @@ async def daemon_running(config: Config) -> AsyncIterator[Running]:
     assert ready in done, task.exception() if task.done() else "daemon did not start"
     listening = ready.result()
     try:
-        yield Running(config, listening.smtp.host, listening.smtp.port, listening.http)
+        yield Running(
+            config, listening.smtp.host, listening.smtp.port, listening.http, listening.smtp_tls
+        )
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
