@@ -6,6 +6,7 @@ import asyncio
 import email.policy
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -167,6 +168,15 @@ async def attachment_bytes(config: Config, attachment: StoredAttachment) -> byte
         content = await store.attachment_content(attachment.id, config.storage.attachments)
     assert content is not None
     return content
+
+
+def as_sent(stored: bytes | None) -> bytes:
+    """A stored message less the Received field mailgate put at its top (trace.py): the
+    bytes the client sent."""
+    assert stored is not None and stored.startswith(b"Received: from "), stored[:80]
+    end = re.search(rb"\r\n(?![ \t])", stored)
+    assert end is not None and b"(mailgate) with " in stored[: end.start()], stored[:300]
+    return stored[end.end() :]
 
 
 @dataclass
