@@ -406,13 +406,13 @@ async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
 def _check_tls(config: Config) -> None:
     """Load the certificates as `serve` does (ConfigError, exit 78, if one cannot be)."""
     smtp, outbound = config.smtp, config.outbound
+    if outbound.transport == "smtp" and outbound.tls != "none":
+        tls.client_context(outbound.tls_ca_file)
     if smtp.tls_cert is not None and smtp.tls_key is not None:
         tls.server_context(smtp.tls_cert, smtp.tls_key)
         required = ", required before MAIL" if smtp.require_tls else ""
         implicit = f"; TLS from the first byte on {smtp.tls_listen}" if smtp.tls_listen else ""
         print(f"smtp: STARTTLS offered with {smtp.tls_cert}{required}{implicit}")
-    if outbound.transport == "smtp" and outbound.tls != "none":
-        tls.client_context(outbound.tls_ca_file)
 
 
 async def cmd_participants_add(config: Config, args: argparse.Namespace) -> int:
