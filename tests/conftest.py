@@ -173,7 +173,8 @@ async def attachment_bytes(config: Config, attachment: StoredAttachment) -> byte
 def as_sent(stored: bytes | None) -> bytes:
     """A stored message less the Received field mailgate put at its top (trace.py): the
     bytes the client sent."""
-    assert stored is not None and stored.startswith(b"Received: from "), stored[:80]
+    assert stored is not None
+    assert stored.startswith(b"Received: from "), stored[:80]
     end = re.search(rb"\r\n(?![ \t])", stored)
     assert end is not None and b"(mailgate) with " in stored[: end.start()], stored[:300]
     return stored[end.end() :]
