@@ -399,7 +399,11 @@ class MailgateSMTP(SMTP):
             return
         self._hung_up = True
         if self.transport is not None:
-            if reply is not None:
+            # In a STARTTLS handshake the writer still writes in clear: say nothing then.
+            handshaking = (
+                self._tls_protocol is not None and self._writer.transport is not self.transport
+            )
+            if reply is not None and not handshaking:
                 self._writer.write(reply.encode("ascii") + b"\r\n")
             self.transport.close()  # sends what is buffered first
             self.loop.call_later(HANG_UP_LINGER, self._abort)

@@ -188,7 +188,7 @@ class Running:
     host: str
     port: int
     http: HostPort
-    smtps: HostPort | None = None  # the implicit-TLS listener ([smtp] tls_listen)
+    smtp_tls: HostPort | None = None  # the implicit-TLS listener ([smtp] tls_listen)
 
     async def send(
         self,

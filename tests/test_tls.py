@@ -35,6 +35,7 @@ from tests.conftest import SUPPORT, daemon_running, free_port, mail, write_confi
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 HELO = "client.example"
+IDLE_TIMEOUT = 4  # [smtp] timeout of the inbound daemon: a stalled handshake is cut then
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Inbound:
 
     config: Config
     smtp: HostPort
-    smtps: HostPort
+    smtp_tls: HostPort
 
     async def raw(self, queue_id: str) -> bytes:
         async with store_for(self.config) as store:
@@ -94,12 +95,13 @@ class Inbound:
 async def inbound(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Inbound]:
     smtp_extra = (
         f'tls_cert = "{pki.cert}"\ntls_key = "{pki.key}"\nrequire_tls = true\n'
-        'tls_listen = "127.0.0.1:0"'
+        'tls_listen = "127.0.0.1:0"\n'
+        f"timeout = {IDLE_TIMEOUT}"
     )
     config = load_config(write_config(tmp_path_factory.mktemp("inbound"), smtp_extra=smtp_extra))
     async with daemon_running(config) as running:
-        assert running.smtps is not None and running.smtps.port not in (0, running.port)
-        yield Inbound(config, HostPort(running.host, running.port), running.smtps)
+        assert running.smtp_tls is not None and running.smtp_tls.port not in (0, running.port)
+        yield Inbound(config, HostPort(running.host, running.port), running.smtp_tls)
 
 
 # -- inbound ------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ async def test_the_implicit_tls_listener_takes_mail_without_starttls(
 ) -> None:
     """tls_listen speaks TLS from the first byte (require_tls is met by it), offers no
     STARTTLS; two recipients: the Received field names neither."""
-    address = inbound.smtps
+    address = inbound.smtp_tls
     client = aiosmtplib.SMTP(
         hostname=address.host, port=address.port, use_tls=True, tls_context=pki.client(),
         local_hostname=HELO,
@@ -416,3 +418,20 @@ async def test_auth_is_never_sent_in_clear(pki: Pki, tmp_path: Path) -> None:
         assert [tls for tls, _ in await received(careful, 2, within=30)] == [True, True]
         assert careful.logins and all(tls for _, tls in careful.logins)
         await careful.stop()
+
+
+async def test_a_client_that_stalls_in_the_handshake_is_cut_off_saying_nothing_in_clear(
+    inbound: Inbound,
+) -> None:
+    """STARTTLS, then no ClientHello: the idle timeout closes the connection, and its 421
+    is not written in clear into what should have been a TLS stream."""
+    reader, writer = await asyncio.open_connection(inbound.smtp.host, inbound.smtp.port)
+    try:
+        await _lines(reader)
+        writer.write(f"EHLO {HELO}\r\nSTARTTLS\r\n".encode())
+        await _lines(reader)
+        assert await _lines(reader) == ["220 Ready to start TLS"]
+        async with asyncio.timeout(IDLE_TIMEOUT + 20):
+            assert await reader.read() == b""
+    finally:
+        writer.close()
