@@ -256,25 +256,26 @@ async def test_a_failed_handshake_closes_that_session_only(inbound: Inbound) -> 
 
 @dataclass
 class TlsRelay:
-    """A real relay (aiosmtpd) on loopback: STARTTLS with `tls`, AUTH (also in clear, as a
-    careless relay offers it) with `auth`; records each mail and each login with whether
-    TLS carried it."""
+    """A real relay (aiosmtpd) on loopback: STARTTLS with `tls` (TLS from the first byte
+    with `implicit`), AUTH (also in clear, as a careless relay offers it) with `auth`;
+    records each mail and each login with whether TLS carried it."""
 
     tls: ssl.SSLContext | None
     auth: bool = False
+    implicit: bool = False
     port: int = field(default_factory=free_port)
     received: list[tuple[bool, bytes]] = field(default_factory=list)
     logins: list[tuple[str, bool]] = field(default_factory=list)
     _server: asyncio.AbstractServer | None = None
 
-    async def handle_DATA(self, _server: Any, session: Any, envelope: Any) -> str:
-        self.received.append((session.ssl is not None, envelope.original_content))
+    async def handle_DATA(self, server: Any, _session: Any, envelope: Any) -> str:
+        self.received.append((_encrypted(server), envelope.original_content))
         return "250 2.0.0 OK"
 
     def _authenticate(
         self, _server: Any, session: Any, _envelope: Any, mechanism: str, _data: Any
     ) -> AuthResult:
-        self.logins.append((mechanism, session.ssl is not None))
+        self.logins.append((mechanism, _encrypted(_server)))
         return AuthResult(success=True)
 
     async def start(self) -> TlsRelay:
@@ -282,12 +283,13 @@ class TlsRelay:
             lambda: SMTP(
                 self,
                 hostname="relay.test",
-                tls_context=self.tls,
+                tls_context=None if self.implicit else self.tls,
                 authenticator=self._authenticate if self.auth else None,
                 auth_require_tls=False,
             ),
             "127.0.0.1",
             self.port,
+            ssl=self.tls if self.implicit else None,
         )
         return self
 
@@ -295,6 +297,10 @@ class TlsRelay:
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
+
+
+def _encrypted(server: Any) -> bool:
+    return server.transport.get_extra_info("ssl_object") is not None
 
 
 @dataclass
@@ -395,6 +401,20 @@ async def test_opportunistic_tls_delivers_in_clear_to_a_relay_without_starttls(
     async with relayed(tmp_path, relay, "") as daemon:
         await daemon.new_ticket("Hello")
         assert [tls for tls, _ in await received(relay, 2)] == [False, False]
+    await relay.stop()
+
+
+async def test_implicit_tls_delivers_to_a_port_465_relay(pki: Pki, tmp_path: Path) -> None:
+    """tls = "implicit": TLS from the first byte, verified, then AUTH over it."""
+    relay = await TlsRelay(pki.server(), auth=True, implicit=True).start()
+    outbound = (
+        f'tls = "implicit"\ntls_ca_file = "{pki.ca_file}"\n'
+        'username = "mailgate"\npassword = "s3cret"'
+    )
+    async with relayed(tmp_path, relay, outbound) as daemon:
+        await daemon.new_ticket("Hello")
+        assert [tls for tls, _ in await received(relay, 2)] == [True, True]
+    assert relay.logins and all(tls for _, tls in relay.logins)
     await relay.stop()
 
 
