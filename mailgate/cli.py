@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TypeVar, get_args
 
 import structlog
 
-from mailgate import __version__, preflight, stats
+from mailgate import __version__, preflight, stats, tls
 from mailgate.addresses import EmailNotValidError, validate_address
 from mailgate.api import new_token, token_digest
 from mailgate.config import Config, config_path, load_config
@@ -495,6 +495,9 @@ async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
         print(f"mailgate: config error: {problem}", file=sys.stderr)
     if problems:
         return os.EX_CONFIG
+    for warning in config.warnings:
+        print(f"config: warning: {warning}")
+    _check_tls(config)
     replaced, unknown = templates.overridden()
     if templates.overrides is not None:
         listed = ", ".join(replaced) or "none"
@@ -554,6 +557,18 @@ async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
         print(f"privacy: requests by mail to {config.privacy.address} (accepted by SMTP)")
     print(f"{config.path}: OK")
     return 0
+
+
+def _check_tls(config: Config) -> None:
+    """Load the certificates as `serve` does (ConfigError, exit 78, if one cannot be)."""
+    smtp, outbound = config.smtp, config.outbound
+    if outbound.transport == "smtp" and outbound.tls != "none":
+        tls.client_context(outbound.tls_ca_file)
+    if smtp.tls_cert is not None and smtp.tls_key is not None:
+        tls.server_context(smtp.tls_cert, smtp.tls_key)
+        required = ", required before MAIL" if smtp.require_tls else ""
+        implicit = f"; TLS from the first byte on {smtp.tls_listen}" if smtp.tls_listen else ""
+        print(f"smtp: STARTTLS offered with {smtp.tls_cert}{required}{implicit}")
 
 
 async def cmd_participants_add(config: Config, args: argparse.Namespace) -> int:

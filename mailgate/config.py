@@ -46,6 +46,10 @@ class SmtpConfig:
     min_data_rate: int
     max_received_headers: int
     trusted_proxies: tuple[Network, ...] = ()
+    tls_cert: Path | None = None  # with tls_key: STARTTLS offered (tls.py)
+    tls_key: Path | None = None
+    require_tls: bool = False  # no MAIL before STARTTLS (530 5.7.0)
+    tls_listen: HostPort | None = None  # a second listener, TLS from the first byte
 
     def accepts(self, address: str) -> bool:
         """Tell whether `address` is one of ours: an exact entry or an `@domain` entry."""
@@ -96,7 +100,7 @@ class OutboundConfig:
     transport: str
     directory: Path
     relay: HostPort
-    tls: str
+    tls: str  # "required" | "opportunistic" | "implicit" | "none" (transports.py)
     username: str | None
     password: str | None
     timeout: float
@@ -111,6 +115,7 @@ class OutboundConfig:
     auto_reply_limit: int
     auto_reply_window: float
     auto_reply_global_limit: int
+    tls_ca_file: Path | None = None  # verify the relay against this CA only
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +275,8 @@ class Config:
     security: SecurityConfig
     retention: RetentionConfig
     privacy: PrivacyConfig = PrivacyConfig()
+    # What still works but should change: check-config prints these, serve logs them.
+    warnings: tuple[str, ...] = ()
 
 
 # -- value parsers: each takes (value, base folder) and raises ValueError with a short reason --
@@ -452,6 +459,10 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "min_data_rate": (_positive_int, 500),
         "max_received_headers": (_positive_int, 100),
         "trusted_proxies": (_network_list, []),
+        "tls_cert": (_optional(_path), None),
+        "tls_key": (_optional(_path), None),
+        "require_tls": (_bool, False),
+        "tls_listen": (_optional(_host_port), None),
     },
     "storage": {
         "database": (_path, "var/mailgate.db"),
@@ -461,7 +472,12 @@ _SCHEMA: Mapping[str, Mapping[str, tuple[Parser, Any]]] = {
         "transport": (_one_of("file", "smtp"), "file"),
         "directory": (_path, "var/outbox"),
         "relay": (_host_port, "127.0.0.1:25"),
-        "tls": (_one_of("starttls", "implicit", "none"), "starttls"),
+        # "starttls" is the old name of "opportunistic" (see _outbound_tls).
+        "tls": (
+            _one_of("required", "opportunistic", "implicit", "none", "starttls"),
+            "opportunistic",
+        ),
+        "tls_ca_file": (_optional(_path), None),
         "username": (_optional(_text), None),
         "password": (_optional(_text), None),
         "timeout": (_seconds, 60),
@@ -577,6 +593,8 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         raise ConfigError(
             "auth.trusted_authserv_id: needs smtp.trusted_proxies, the address of that MTA"
         )
+    _smtp_tls(values["smtp"])
+    warnings = _outbound_tls(values["outbound"])
     privacy = _privacy(values)
     _sender_name(values["outbound"])
     return Config(
@@ -593,6 +611,7 @@ def parse_config(raw: Mapping[str, Any], *, path: Path) -> Config:
         security=_security(values["security"], base),
         retention=_retention(values["retention"], values["storage"]["database"]),
         privacy=privacy,
+        warnings=warnings,
     )
 
 
@@ -608,6 +627,45 @@ def _sender_name(outbound: dict[str, Any]) -> None:
             "outbound.sender_name: the name is given in outbound.sender already; keep one"
         )
     outbound["sender_name"] = outbound["sender_name"] or name
+
+
+def _smtp_tls(smtp: Mapping[str, Any]) -> None:
+    """Certificate and key come together; what needs TLS needs them.
+
+    Raises:
+        ConfigError: naming the key that is missing or that cannot work without them.
+    """
+    if (smtp["tls_cert"] is None) != (smtp["tls_key"] is None):
+        missing = "tls_key" if smtp["tls_key"] is None else "tls_cert"
+        raise ConfigError(f"smtp.{missing}: needed with smtp.tls_cert and smtp.tls_key: set both")
+    for key in ("require_tls", "tls_listen"):
+        if smtp[key] and smtp["tls_cert"] is None:
+            raise ConfigError(f"smtp.{key}: needs smtp.tls_cert and smtp.tls_key")
+    listen, tls_listen = smtp["listen"], smtp["tls_listen"]
+    if tls_listen is not None and tls_listen == listen and listen.port:
+        raise ConfigError("smtp.tls_listen: must differ from smtp.listen")
+
+
+def _outbound_tls(outbound: dict[str, Any]) -> tuple[str, ...]:
+    """The relay's TLS: the old value "starttls" still works (a warning); the password is
+    never sent over a connection mailgate does not encrypt.
+
+    Raises:
+        ConfigError: `tls = "none"` with a username.
+    """
+    warnings: tuple[str, ...] = ()
+    if outbound["tls"] == "starttls":
+        outbound["tls"] = "opportunistic"
+        warnings = (
+            'outbound.tls: "starttls" is now called "opportunistic" (the same: STARTTLS when'
+            ' the relay offers it, verified); write that, or "required" to never send in clear',
+        )
+    if outbound["tls"] == "none" and outbound["username"] is not None:
+        raise ConfigError(
+            'outbound.tls: "none" with outbound.username would send the password in clear;'
+            ' use "required" (STARTTLS) or "implicit" (port 465)'
+        )
+    return warnings
 
 
 def _privacy(values: dict[str, dict[str, Any]]) -> PrivacyConfig:

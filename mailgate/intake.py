@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from mailgate.errors import StoreError, StoreUnavailable
 from mailgate.model import Envelope
 from mailgate.spool import Spooled
 from mailgate.store import Store
+from mailgate.trace import new_queue_id
 
 log = structlog.get_logger(__name__)
 
@@ -44,10 +44,6 @@ class _Pending:
     @property
     def size(self) -> int:
         return self.raw.size if isinstance(self.raw, Spooled) else len(self.raw)
-
-
-def new_queue_id() -> str:
-    return uuid.uuid4().hex[:20].upper()
 
 
 class Intake:
@@ -78,8 +74,11 @@ class Intake:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
 
-    async def receive(self, envelope: Envelope, raw: bytes | Spooled) -> str:
-        """Commit one message durably and return its queue id.
+    async def receive(
+        self, envelope: Envelope, raw: bytes | Spooled, *, queue_id: str | None = None
+    ) -> str:
+        """Commit one message durably and return its queue id (`queue_id`, if the caller
+        named one already: the SMTP session's Received field does).
 
         A spooled `raw` must stay open until this returns (the caller holds it).
 
@@ -88,7 +87,7 @@ class Intake:
             StoreError: the store refused this message's data; answer 451.
         """
         pending = _Pending(
-            new_queue_id(), envelope, raw, asyncio.get_running_loop().create_future()
+            queue_id or new_queue_id(), envelope, raw, asyncio.get_running_loop().create_future()
         )
         self._queue.put_nowait(pending)
         # A session cancelled here cancels only its own future; the batch commits regardless

@@ -19,6 +19,7 @@ from mailgate.config import Config, load_config
 from mailgate.errors import ConfigError
 from mailgate.live import Live
 from mailgate.outbound.templates import Templates
+from mailgate.tls import server_context
 
 log = structlog.get_logger(__name__)
 
@@ -53,10 +54,19 @@ RELOADABLE = frozenset(
 )
 
 
+# The certificate and its key change live while TLS stays on (the listeners hold one
+# context whose handshakes take the certificate loaded last); switching TLS on or off needs
+# a restart, since it changes what the listeners offer.
+CERTIFICATE = frozenset({"smtp.tls_cert", "smtp.tls_key"})
+
+
 def merge(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config to apply: `new`'s reloadable keys and `old`'s others; and the keys that
     changed but need a restart ("http.listen")."""
-    restart = [name for name in changed_keys(old, new) if name not in RELOADABLE]
+    reloadable = RELOADABLE
+    if old.smtp.tls_cert is not None and new.smtp.tls_cert is not None:
+        reloadable |= CERTIFICATE
+    restart = [name for name in changed_keys(old, new) if name not in reloadable]
     kept: dict[str, dict[str, object]] = {section: {} for section in _sections()}
     for name in restart:
         section, _, key = name.partition(".")
@@ -83,6 +93,9 @@ def _load(old: Config) -> tuple[Config, Templates]:
     config = load_config(old.path)
     templates = Templates(config.outbound.templates)
     templates.check()
+    smtp = config.smtp
+    if smtp.tls_cert is not None and smtp.tls_key is not None:
+        server_context(smtp.tls_cert, smtp.tls_key)  # a ConfigError refuses the reload
     return config, templates
 
 

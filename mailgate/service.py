@@ -15,7 +15,7 @@ import structlog
 
 from mailgate.api import ApiSettings, IntakeApi
 from mailgate.config import Config
-from mailgate.errors import StoreError
+from mailgate.errors import ConfigError, StoreError
 from mailgate.health import Health, SmtpListener
 from mailgate.ingest.prepare import ParserPool
 from mailgate.ingest.worker import IngestWorker
@@ -35,6 +35,7 @@ from mailgate.smtp_session import MailgateSMTP
 from mailgate.store import SqliteStore, store_for
 from mailgate.systemd import notify, reloading, under_systemd, watchdog_interval
 from mailgate.tickets import Tickets
+from mailgate.tls import ServerTls
 from mailgate.web import HTTP_STOP_SECONDS, build_app, privacy_hooks, start_web
 
 log = structlog.get_logger(__name__)
@@ -69,6 +70,7 @@ class Listening:
 
     smtp: HostPort
     http: HostPort
+    smtp_tls: HostPort | None = None  # [smtp] tls_listen
 
 
 async def serve(
@@ -83,6 +85,14 @@ async def serve(
     live = Live(config)
     templates = Templates(config.outbound.templates)
     templates.check()  # a broken template stops the start (exit 78), naming file and line
+    for warning in config.warnings:
+        log.warning("config_deprecated", detail=warning)
+    # An unreadable or invalid certificate stops the start (exit 78), naming the key; a
+    # reload that keeps TLS on swaps it for the next handshakes.
+    smtp = config.smtp
+    server_tls = ServerTls(smtp.tls_cert, smtp.tls_key) if smtp.tls_cert and smtp.tls_key else None
+    if server_tls is not None:
+        live.on_change(lambda new: _swap_certificate(server_tls, new))
     secret = daemon_secret(config)
     msgids = MessageIds(secret, config.smtp.hostname)
     async with AsyncExitStack() as stack:
@@ -147,6 +157,7 @@ async def serve(
             sessions=sessions,
             spool=config.storage.database.parent,
             attachments=config.storage.attachments,
+            tls=server_tls,
         )
         stack.push_async_callback(lambda: listener.drain(live.current.smtp.drain_timeout))
 
@@ -182,9 +193,12 @@ async def serve(
         purge_task = asyncio.create_task(purger.run(), name="retention")
         stack.push_async_callback(_stop_worker, purger, purge_task, retention.STOP_SECONDS)
 
-        on_ready(Listening(listener.address, http_address))
+        on_ready(Listening(listener.address, http_address, listener.tls_address))
         notify("READY=1", f"STATUS={await status()}")
-        log.info("daemon_started", smtp=str(listener.address), http=str(http_address))
+        tls_address = {"smtp_tls": str(listener.tls_address)} if listener.tls_address else {}
+        log.info(
+            "daemon_started", smtp=str(listener.address), http=str(http_address), **tls_address
+        )
         reloader = asyncio.create_task(_reload_on(reloads, live, templates, status), name="reload")
         reason = await shutdown()
         await _cancel(reloader)  # a reload under way is cut before it applies: the old stays
@@ -250,6 +264,20 @@ async def _reload_on(
         except Exception:  # a reload's own fault must not stop the daemon
             log.exception("reload_failed")
         notify("READY=1", f"STATUS={await status()}")
+
+
+def _swap_certificate(server_tls: ServerTls, config: Config) -> None:
+    """A reload's callback: the new config's certificate from the next handshake on.
+    `reload` loaded it once already, so only a file changed in between can fail here:
+    logged, and the certificate in use stays. (TLS is not switched on or off live:
+    `reload.merge` keeps such a change for a restart.)"""
+    smtp = config.smtp
+    if smtp.tls_cert is None or smtp.tls_key is None:
+        return
+    try:
+        server_tls.load(smtp.tls_cert, smtp.tls_key)
+    except ConfigError as exc:
+        log.error("tls_certificate_kept", error=str(exc))
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -4,7 +4,8 @@
 the disk of the store or of the attachments is nearly full and mail that has looped, hands
 DATA to intake and maps the outcome to a reply. The session itself and its limits are in
 `smtp_session.py`; a large message reaches the handler as a spool file (`spool.py`), which
-the commit copies into the store.
+the commit copies into the store. `start_smtp` listens in clear (STARTTLS offered when there
+is a certificate) and, with `[smtp] tls_listen`, with TLS from the first byte as well.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from mailgate.smtp_session import (
     peer_of,
 )
 from mailgate.spool import Spooled
+from mailgate.tls import ServerTls
 
 log = structlog.get_logger(__name__)
 
@@ -94,6 +96,8 @@ class Handler:
     ) -> list[str]:
         session.host_name = hostname
         last = responses.pop()  # "250 HELP" closes the list; keep it last
+        # aiosmtpd lists AUTH once TLS is up; mailgate takes no logins.
+        responses = [line for line in responses if not line.startswith("250-AUTH")]
         extensions = ["250-ENHANCEDSTATUSCODES"]
         if isinstance(server, MailgateSMTP) and server.xforward_allowed:
             extensions.append(XFORWARD_EHLO)  # to [smtp] trusted_proxies only
@@ -160,7 +164,9 @@ class Handler:
         # ingest stores a retried duplicate once.
         if isinstance(raw, Spooled):
             raw.retain()  # the session lets go when it is done; the commit when it is
-        commit = asyncio.create_task(self._commit(stored, raw))
+        # The id our Received field names (the session made it at DATA).
+        queue_id = envelope.queue_id if isinstance(envelope, TransactionEnvelope) else None
+        commit = asyncio.create_task(self._commit(stored, raw, queue_id))
         self._commits.add(commit)
         commit.add_done_callback(self._commits.discard)
         try:
@@ -170,12 +176,14 @@ class Handler:
             raise
         return TEMPFAIL if queue_id is None else f"250 2.0.0 Queued as {queue_id}"
 
-    async def _commit(self, stored: Envelope, raw: bytes | Spooled) -> str | None:
+    async def _commit(
+        self, stored: Envelope, raw: bytes | Spooled, queue_id: str | None
+    ) -> str | None:
         """Commit one message; its queue id, or None if it was not stored."""
         self.in_flight += 1
         size = raw.size if isinstance(raw, Spooled) else len(raw)
         try:
-            queue_id = await self._intake.receive(stored, raw)
+            queue_id = await self._intake.receive(stored, raw, queue_id=queue_id)
         except StoreUnavailable:
             log.warning("message_deferred", size=size)
             return None
@@ -209,16 +217,25 @@ class Handler:
 
 @dataclass
 class Listener:
-    """A started SMTP server and what its drain needs."""
+    """The started SMTP servers (in clear, and with implicit TLS if configured) and what
+    their drain needs."""
 
     server: asyncio.Server
     handler: Handler
     sessions: set[MailgateSMTP]
+    tls_server: asyncio.Server | None = None  # [smtp] tls_listen
 
     @property
     def address(self) -> HostPort:
-        sock = self.server.sockets[0].getsockname()
-        return HostPort(sock[0], sock[1])
+        return _address(self.server)
+
+    @property
+    def tls_address(self) -> HostPort | None:
+        return None if self.tls_server is None else _address(self.tls_server)
+
+    @property
+    def servers(self) -> tuple[asyncio.Server, ...]:
+        return (self.server,) if self.tls_server is None else (self.server, self.tls_server)
 
     async def drain(self, grace: float) -> None:
         """Stop accepting; let the messages in DATA arrive, commit and get their 250 for up to
@@ -227,7 +244,8 @@ class Listener:
         A new connection is refused (the listening socket is closed). A session cut off at
         the end of `grace` never got its 250, so its sender retries: nothing is lost.
         """
-        self.server.close()
+        for server in self.servers:
+            server.close()
         log.info("smtp_draining", receiving=sum(1 for s in self.sessions if s.receiving))
         progress = asyncio.Event()  # set as a commit ends or a session leaves DATA
         self.handler.shut_down(progress)
@@ -248,6 +266,11 @@ class Listener:
             session.close_for_shutdown()
         await asyncio.sleep(0)  # let connection_lost run before the store closes
         log.info("smtp_drained", closed_sessions=len(open_sessions))
+
+
+def _address(server: asyncio.Server) -> HostPort:
+    sock = server.sockets[0].getsockname()
+    return HostPort(sock[0], sock[1])
 
 
 def raise_descriptor_limit() -> None:
@@ -275,29 +298,52 @@ async def start_smtp(
     sessions: set[MailgateSMTP],
     spool: Path,
     attachments: Path,
+    tls: ServerTls | None = None,
 ) -> Listener:
-    """Listen on `[smtp] listen` with `loop.create_server` (no threaded Controller).
+    """Listen on `[smtp] listen` with `loop.create_server` (no threaded Controller), and on
+    `[smtp] tls_listen` with TLS from the first byte.
 
     Each session takes the `[smtp]` limits current when it connects (`live`). `sessions` is
-    kept up to date with the open sessions; intake reads its size. `spool` is
-    the folder of the database, where large messages are spooled as they arrive; its free
-    space and that of `attachments` MAIL checks. The descriptor limit is raised first (see
-    `raise_descriptor_limit`).
+    kept up to date with the open sessions of both listeners; intake reads its size. `spool`
+    is the folder of the database, where large messages are spooled as they arrive; its free
+    space and that of `attachments` MAIL checks. `tls` (given with a certificate in the
+    config) is the server's TLS: STARTTLS on the plain listener, required before MAIL with
+    `require_tls`; each handshake takes its current certificate (`ServerTls.load`). The
+    descriptor limit is raised first (see `raise_descriptor_limit`).
     """
     raise_descriptor_limit()
     handler = Handler(live, intake, spool=spool, attachments=attachments)
-    factory: Callable[[], MailgateSMTP] = lambda: MailgateSMTP(  # noqa: E731
-        handler,
-        sessions=sessions,
-        limits=live.current.smtp,
-        spool=spool,
-        enable_SMTPUTF8=True,
-        decode_data=False,
-        hostname=live.current.smtp.hostname,
-        ident="ESMTP mailgate",
+    loop = asyncio.get_running_loop()
+    config = live.current.smtp  # what is bound at start: listen addresses, require_tls
+
+    def session(*, starttls: bool) -> Callable[[], MailgateSMTP]:
+        return lambda: MailgateSMTP(
+            handler,
+            sessions=sessions,
+            limits=live.current.smtp,
+            spool=spool,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname,
+            ident="ESMTP mailgate",
+            tls_context=tls.context if starttls and tls is not None else None,
+            require_starttls=starttls and tls is not None and config.require_tls,
+        )
+
+    server = await loop.create_server(
+        session(starttls=True), host=config.listen.host, port=config.listen.port
     )
-    listen = live.current.smtp.listen
-    server = await asyncio.get_running_loop().create_server(
-        factory, host=listen.host, port=listen.port
-    )
-    return Listener(server, handler, sessions)
+    listener = Listener(server, handler, sessions)
+    if config.tls_listen is not None:
+        assert tls is not None, "config.py refuses tls_listen without a certificate"
+        try:
+            listener.tls_server = await loop.create_server(
+                session(starttls=False),
+                host=config.tls_listen.host,
+                port=config.tls_listen.port,
+                ssl=tls.context,
+            )
+        except BaseException:
+            server.close()
+            raise
+    return listener

@@ -21,13 +21,14 @@ import os
 import re
 import resource
 import uuid
+from datetime import datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from pathlib import Path
 from typing import Any, NoReturn
 
 import structlog
-from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mailgate import metrics
@@ -35,6 +36,7 @@ from mailgate.config import SmtpConfig
 from mailgate.model import ForwardedClient, HostPort
 from mailgate.smtp_data import DataReader
 from mailgate.spool import Spool, Spooled
+from mailgate.trace import Hop, new_queue_id, received_field
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +60,8 @@ XFORWARD_EHLO = "250-XFORWARD NAME ADDR PROTO HELO IDENT"
 XFORWARD_OK = "250 2.0.0 Ok"
 XFORWARD_NOT_PERMITTED = "550 5.7.0 XFORWARD not permitted from your address"
 XFORWARD_IN_TRANSACTION = "503 5.5.1 Error: MAIL transaction in progress"
+STARTTLS_NOT_OFFERED = "502 5.5.1 STARTTLS not offered"
+TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"
 
 # The minimum DATA rate is enforced from this many seconds after DATA (or timeout/10 if
 # smaller): a client gets time to open its window before its average is judged.
@@ -85,6 +89,8 @@ _ENHANCED = {
         "552 5.3.4 Message size exceeds fixed maximum message size"
     ),
     "500 Command line too long": "500 5.5.2 Command line too long",
+    # [smtp] require_tls (RFC 3207 section 4): aiosmtpd's refusal before STARTTLS.
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
     "500 Error: bad syntax": "500 5.5.2 Syntax error",
     "503 Error: need MAIL command": "503 5.5.1 Need MAIL command",
     "503 Error: need RCPT command": "503 5.5.1 Need RCPT command",
@@ -224,6 +230,7 @@ class TransactionEnvelope(SmtpEnvelope):
         self.xforward: dict[str, str | None] | None = None  # None: no XFORWARD yet
         # The message after DATA: bytes (also in `content`), or a spool file if it was large.
         self.message: bytes | Spooled | None = None
+        self.queue_id: str | None = None  # named by our Received field, made at DATA
 
     def forward(self, attributes: dict[str, str | None]) -> None:
         """Apply one XFORWARD: the first makes every attribute unknown, then each overwrites."""
@@ -342,6 +349,12 @@ class MailgateSMTP(SMTP):
     # -- connections ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is not None:
+            # STARTTLS's handshake is done: the same session, now over TLS. aiosmtpd resets
+            # it and drops what the client sent in clear behind STARTTLS (RFC 3207 section
+            # 4.2: a command injected there must never run as if it came encrypted).
+            super().connection_made(transport)
+            return
         self.peer_ip = peer_ip_of(transport.get_extra_info("peername"))
         self._metered = metrics.smtp_session_opened(transport.get_extra_info("peername"))
         self.xforward_allowed = self._limits.trusts(self.peer_ip)
@@ -375,7 +388,8 @@ class MailgateSMTP(SMTP):
         dot still waits for the 250, and its message must be committed and answered, not cut
         off halfway. Reading past the EOF raises IncompleteReadError (see handle_exception).
         """
-        return asyncio.StreamReaderProtocol.eof_received(self)
+        keep_open = asyncio.StreamReaderProtocol.eof_received(self)
+        return False if self._tls_protocol is not None else keep_open  # TLS closes it anyway
 
     async def _handle_client(self) -> None:
         bind_session(self.session)
@@ -394,7 +408,11 @@ class MailgateSMTP(SMTP):
             return
         self._hung_up = True
         if self.transport is not None:
-            if reply is not None:
+            # In a STARTTLS handshake the writer still writes in clear: say nothing then.
+            handshaking = (
+                self._tls_protocol is not None and self._writer.transport is not self.transport
+            )
+            if reply is not None and not handshaking:
                 self._writer.write(reply.encode("ascii") + b"\r\n")
                 metrics.smtp_replied(reply, metered=self._metered)
             self.transport.close()  # sends what is buffered first
@@ -451,7 +469,14 @@ class MailgateSMTP(SMTP):
             await self._hang_up(TOO_MANY_ERRORS)
 
     async def handle_exception(self, error: Exception) -> str:
-        """Hang up on a client that is gone; anything else is answered 451, never raised."""
+        """Hang up on a client that is gone; anything else is answered 451, never raised.
+
+        A failed STARTTLS handshake is the client's (a bad or old TLS stack, a scanner): one
+        line at info, and aiosmtpd closes the connection (nothing is answered in clear).
+        """
+        if isinstance(error, TLSSetupException):
+            log.info("smtp_starttls_failed", error=str(error.__cause__ or error))
+            return TEMPFAIL
         if isinstance(error, asyncio.IncompleteReadError | ConnectionError):
             await self._hang_up(None)
         try:
@@ -464,9 +489,24 @@ class MailgateSMTP(SMTP):
             raise asyncio.CancelledError
         return await super()._call_handler_hook(command, *args)
 
+    @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
-        """Not offered (the EHLO does not list it): a plain refusal, the session goes on."""
-        await self.push("502 5.5.1 STARTTLS not offered")
+        """Without [smtp] tls_cert (and on the implicit-TLS listener) it is not offered: a
+        plain refusal, the session goes on. Over TLS already: refused, never nested."""
+        if self.tls_context is None:
+            await self.push(STARTTLS_NOT_OFFERED)
+        elif self._tls_protocol is not None:
+            await self.push(TLS_ALREADY_ACTIVE)
+        else:
+            await super().smtp_STARTTLS(arg)
+
+    def tls_in_use(self) -> tuple[str, str] | None:
+        """The TLS version and cipher of this session (STARTTLS or implicit), or None."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return (str(ssl_object.version()), str(cipher[0] if cipher else "unknown"))
 
     # -- command arguments: UTF-8, no controls, ASCII addresses unless SMTPUTF8 ----------
 
@@ -568,6 +608,8 @@ class MailgateSMTP(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        assert isinstance(self.envelope, TransactionEnvelope)
+        trace = self._trace(self.envelope)
         self._data_start = self._data_last = self.loop.time()
         self._data_bytes = 0
         self._arm(self._data_deadline()[0])
@@ -575,7 +617,7 @@ class MailgateSMTP(SMTP):
             try:
                 await self.push("354 End data with <CR><LF>.<CR><LF>")
                 self.receiving = True
-                content = await self._read_data()
+                content = await self._read_data(trace)
             finally:
                 self._end_data()  # the final dot is in: the commit is not the client's time
             await self._finish_data(content)
@@ -606,10 +648,28 @@ class MailgateSMTP(SMTP):
         metrics.data_answered(reply)
         await self.push(reply)
 
-    async def _read_data(self) -> bytes | Spooled | str:
-        """Read up to the final dot: the content, or the refusal if it was over a limit."""
+    def _trace(self, envelope: TransactionEnvelope) -> bytes:
+        """Our Received field for this message, naming the queue id it gets now."""
+        assert self.session is not None
+        envelope.queue_id = new_queue_id()
+        hop = Hop(
+            helo=self.session.host_name,
+            peer_ip=self.peer_ip,
+            esmtp=bool(self.session.extended_smtp),
+            smtputf8=bool(envelope.smtp_utf8),
+            tls=self.tls_in_use(),
+            recipients=tuple(envelope.rcpt_tos),
+        )
+        when = datetime.now().astimezone()
+        return received_field(hop, hostname=self.hostname, queue_id=envelope.queue_id, when=when)
+
+    async def _read_data(self, trace: bytes) -> bytes | Spooled | str:
+        """Read up to the final dot, after `trace` (our Received field, stored at the top of
+        the message): the content, or the refusal if it was over a limit."""
         data = DataReader(self._reader)
-        spool: Spool | None = Spool(self._spool)
+        first = Spool(self._spool)
+        await first.write(trace)  # in memory: far below the spool file's threshold
+        spool: Spool | None = first
         refusal: str | None = None
         try:
             while (piece := await data.read()) is not None:

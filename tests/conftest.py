@@ -6,6 +6,7 @@ import asyncio
 import email.policy
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -169,6 +170,16 @@ async def attachment_bytes(config: Config, attachment: StoredAttachment) -> byte
     return content
 
 
+def as_sent(stored: bytes | None) -> bytes:
+    """A stored message less the Received field mailgate put at its top (trace.py): the
+    bytes the client sent."""
+    assert stored is not None
+    assert stored.startswith(b"Received: from "), stored[:80]
+    end = re.search(rb"\r\n(?![ \t])", stored)
+    assert end is not None and b"(mailgate) with " in stored[: end.start()], stored[:300]
+    return stored[end.end() :]
+
+
 @dataclass
 class Running:
     """A mailgate serving in this event loop."""
@@ -177,6 +188,7 @@ class Running:
     host: str
     port: int
     http: HostPort
+    smtp_tls: HostPort | None = None  # the implicit-TLS listener ([smtp] tls_listen)
 
     async def send(
         self,
@@ -284,7 +296,9 @@ async def daemon_running(config: Config) -> AsyncIterator[Running]:
     assert ready in done, task.exception() if task.done() else "daemon did not start"
     listening = ready.result()
     try:
-        yield Running(config, listening.smtp.host, listening.smtp.port, listening.http)
+        yield Running(
+            config, listening.smtp.host, listening.smtp.port, listening.http, listening.smtp_tls
+        )
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)

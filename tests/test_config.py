@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trustme
 
 from mailgate.config import load_config
+from mailgate.errors import ConfigError
 from mailgate.store import store_for
 from tests.conftest import REPO, run_cli, tmpfs, write_config
 
@@ -407,3 +410,85 @@ def test_check_config_refuses_a_read_only_folder(tmp_path: Path) -> None:
     edit_config(path, "outbound", "directory", f'"{tmp_path}/not/yet/there"')
     assert check(path).returncode == 0
     assert not (tmp_path / "not").exists()
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A trustme CA's file, and a certificate of it with its key, as PEM files."""
+    folder = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    issued = ca.issue_cert("mailgate.test")
+    paths = (folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
+    ca.cert_pem.write_to_path(str(paths[0]))
+    issued.cert_chain_pems[0].write_to_path(str(paths[1]))
+    issued.private_key_pem.write_to_path(str(paths[2]))
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("lines", "named"),
+    [
+        ({"smtp": {"tls_cert": '"cert.pem"'}}, "smtp.tls_key"),
+        ({"smtp": {"tls_key": '"key.pem"'}}, "smtp.tls_cert"),
+        ({"smtp": {"require_tls": "true"}}, "smtp.require_tls"),
+        ({"smtp": {"require_tls": '"yes"'}}, "smtp.require_tls"),
+        ({"smtp": {"tls_listen": '"127.0.0.1:8465"'}}, "smtp.tls_listen"),
+        ({"smtp": {"tls_listen": '"127.0.0.1:8025"', "listen": '"127.0.0.1:8025"',
+                   "tls_cert": '"c"', "tls_key": '"k"'}}, "smtp.tls_listen"),
+        ({"outbound": {"tls": '"none"', "username": '"mailgate"'}}, "outbound.tls"),
+        ({"outbound": {"tls": '"tls"'}}, "outbound.tls"),
+    ],
+)  # fmt: skip
+def test_tls_settings_that_cannot_work_name_their_key(
+    tmp_path: Path, lines: dict[str, dict[str, str]], named: str
+) -> None:
+    """A certificate without its key (or the reverse), require_tls or tls_listen without a
+    certificate, a password that would travel in clear: refused, naming the key."""
+    path = write_config(tmp_path)
+    for section, values in lines.items():
+        for key, value in values.items():
+            edit_config(path, section, key, value)
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(path)
+
+
+def test_an_unloadable_certificate_or_ca_file_stops_check_config_and_serve(
+    tmp_path: Path, certificate: tuple[Path, Path, Path]
+) -> None:
+    """Files that exist but do not make a certificate and its key (a key of another
+    certificate, a missing file, a CA file that holds none): exit 78 naming the key, from
+    check-config and from serve alike; a good pair passes and check-config says so."""
+    _, cert, key = certificate
+    path = write_config(tmp_path)
+    other = trustme.CA().issue_cert("mailgate.test").private_key_pem
+    other.write_to_path(str(tmp_path / "other-key.pem"))
+    for bad_key in ("other-key.pem", "missing.pem"):
+        edit_config(path, "smtp", "tls_cert", f'"{cert}"')
+        edit_config(path, "smtp", "tls_key", f'"{tmp_path / bad_key}"')
+        for command in ("check-config", "serve"):
+            assert_config_error(run_cli("--config", str(path), command), "smtp.tls_cert")
+    edit_config(path, "smtp", "tls_key", f'"{key}"')
+    passed = check(path)
+    assert passed.returncode == 0, passed.stderr
+    assert f"smtp: STARTTLS offered with {cert}" in passed.stdout
+
+    edit_config(path, "outbound", "transport", '"smtp"')
+    edit_config(path, "outbound", "tls", '"required"')
+    edit_config(path, "outbound", "tls_ca_file", f'"{key}"')  # a key, no certificate
+    assert_config_error(check(path), "outbound.tls_ca_file")
+
+
+def test_the_old_starttls_value_still_works_with_a_warning(tmp_path: Path) -> None:
+    """`tls = "starttls"` (before "opportunistic" had its name) means what it meant."""
+    path = edit_config(write_config(tmp_path), "outbound", "tls", '"starttls"')
+    assert load_config(path).outbound.tls == "opportunistic"
+    result = check(path)
+    assert result.returncode == 0, result.stderr
+    assert 'config: warning: outbound.tls: "starttls" is now called "opportunistic"' in (
+        result.stdout
+    )
+    default = load_config(edit_config(path, "outbound", "tls", None))
+    assert default.outbound.tls == "opportunistic" and default.warnings == ()

@@ -24,6 +24,7 @@ from mailgate.store import store_for
 from tests.conftest import (
     SUPPORT,
     Running,
+    as_sent,
     daemon_running,
     fill_disk,
     mail,
@@ -206,7 +207,7 @@ async def test_data_lines_of_any_length_are_stored_whole(daemon: Running, length
         assert await conn.reply() == "250 2.0.0 OK"
         assert await conn.command("QUIT") == "221 2.0.0 Bye"
     async with store_for(daemon.config) as store:
-        assert await store.read_raw(queued.rsplit(" ", 1)[1]) == sent
+        assert as_sent(await store.read_raw(queued.rsplit(" ", 1)[1])) == sent
     [ticket] = await daemon.tickets()
     assert ticket.subject == f"Line of {length}"
     assert "y" * length in ticket.messages[0].body_text
@@ -222,7 +223,7 @@ async def test_a_long_line_that_starts_with_a_dot_is_unstuffed(daemon: Running) 
         queued = await conn.reply()
     async with store_for(daemon.config) as store:
         stored = await store.read_raw(queued.rsplit(" ", 1)[1])
-    assert stored == head + b"." + b"d" * 60_000 + b"\r\n"
+    assert as_sent(stored) == head + b"." + b"d" * 60_000 + b"\r\n"
 
 
 # -- size -------------------------------------------------------------------------------
@@ -471,7 +472,8 @@ def with_received(count: int, *, subject: str = "Looping") -> bytes:
     return hops + message(subject=subject)
 
 
-@pytest.mark.parametrize(("hops", "stored"), [(100, True), (101, False)])
+# mailgate's own Received field counts too (as Postfix's hopcount_limit counts its own).
+@pytest.mark.parametrize(("hops", "stored"), [(99, True), (100, False)])
 async def test_more_than_100_received_headers_get_554_546(
     daemon: Running, hops: int, stored: bool
 ) -> None:
@@ -556,7 +558,9 @@ async def test_reset_right_after_the_final_dot_stores_whole_or_nothing(
         ids = [queue_id for (queue_id,) in db.execute("SELECT id FROM inbound")]
     async with store_for(daemon.config) as store:
         raws = [await store.read_raw(queue_id) for queue_id in ids]
-    assert raws.count(sent) == len(raws) - 1  # whole messages only, besides "Still serving"
+    assert [as_sent(r) for r in raws].count(sent) == len(
+        raws
+    ) - 1  # whole messages only, besides "Still serving"
     # The same message five times, as a sender retries one that got no 250: stored once.
     reset = [t for t in tickets if t.subject == "Reset after the dot"]
     assert [t.message_count for t in reset] == ([1] if len(raws) > 1 else [])

@@ -2,13 +2,15 @@
 
 Both raise `DeliveryFailed`, temporary or permanent; the outbox worker decides on retries.
 Both keep a `Handover` up to date, so that a stop which has to cut a delivery knows whether
-the mail may already be with the relay.
+the mail may already be with the relay. The relay's TLS follows `[outbound] tls` (see
+`SmtpTransport`); mail that its policy says must be encrypted is deferred, never sent in clear.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from aiosmtplib.typing import Default
 from mailgate.config import OutboundConfig
 from mailgate.errors import MailgateError
 from mailgate.files import write_durably
+from mailgate.tls import client_context
 
 _STATUS = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
@@ -196,11 +199,27 @@ class _RelayClient(aiosmtplib.SMTP):
 
 
 class SmtpTransport:
-    """Deliver to the relay: STARTTLS when offered (or required), implicit TLS, AUTH."""
+    """Deliver to the relay, encrypted as `[outbound] tls` says, then AUTH, then the mail.
+
+    - `required`: STARTTLS, always; a relay that does not offer it, or a handshake or a
+      certificate that fails, defers the mail (retried, the reason in `last_error`).
+    - `opportunistic`: STARTTLS when the relay offers it, else in clear. Offered, it is
+      verified as with `required`, and a failed verification defers the mail: it never
+      falls back to clear text or to an unverified peer (Postfix's "may" does; a relay that
+      offers TLS with a certificate mailgate cannot check needs `tls_ca_file`).
+    - `implicit`: TLS from the first byte (port 465), verified.
+    - `none`: in clear.
+
+    The certificate is checked against the system's trust store, or `tls_ca_file`, and
+    against the relay's host name as `[outbound] relay` writes it. AUTH (`username`) is sent
+    only over an encrypted connection; without one the mail is deferred.
+    """
 
     def __init__(self, config: OutboundConfig, *, local_hostname: str) -> None:
         self._config = config
         self._local_hostname = local_hostname
+        # Built once, here: a bad tls_ca_file stops the start (ConfigError, exit 78).
+        self._tls = client_context(config.tls_ca_file) if config.tls != "none" else None
 
     async def send(
         self, message: bytes, *, sender: str, recipients: Sequence[str], handover: Handover
@@ -213,12 +232,12 @@ class SmtpTransport:
             local_hostname=self._local_hostname,
             timeout=config.timeout,
             use_tls=config.tls == "implicit",
-            start_tls=None if config.tls == "starttls" else False,  # None: when offered
-            username=config.username,
-            password=config.password,
+            start_tls=False,  # _secure decides; aiosmtplib would log in whatever came of it
+            tls_context=self._tls,
         )
         try:
             async with client:
+                await self._secure(client)
                 await client.sendmail(sender, list(recipients), message)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refused = tuple(client.refused)
@@ -237,8 +256,58 @@ class SmtpTransport:
                 refused=tuple(client.refused),
             ) from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            failed_tls = _tls_failure(exc)
+            if failed_tls is not None:
+                raise DeliveryFailed(
+                    f"TLS with the relay failed: {failed_tls}", permanent=False
+                ) from exc
             raise DeliveryFailed(f"relay unreachable: {exc}", permanent=False) from exc
         return Delivery("\n".join(client.replies), tuple(client.refused))
+
+    async def _secure(self, client: aiosmtplib.SMTP) -> None:
+        """STARTTLS as the policy says, then AUTH only if the connection is encrypted.
+
+        Raises:
+            DeliveryFailed: temporary: the policy or the password forbids going on in clear.
+        """
+        config = self._config
+        encrypted = config.tls == "implicit"
+        if config.tls in ("required", "opportunistic"):
+            if client.is_ehlo_or_helo_needed:
+                await client.ehlo()
+            if client.supports_extension("starttls"):
+                await client.starttls()
+                encrypted = True
+            elif config.tls == "required":
+                raise DeliveryFailed(
+                    "relay does not offer STARTTLS (outbound.tls = required); not sent in clear",
+                    permanent=False,
+                )
+        if config.username is not None:
+            if not encrypted:
+                raise DeliveryFailed(
+                    "relay connection is not encrypted: AUTH is never sent in clear; not sent",
+                    permanent=False,
+                )
+            await client.login(config.username, config.password or "")
+
+
+def _tls_failure(exc: BaseException) -> str | None:
+    """The TLS error behind a failed connection or STARTTLS, as OpenSSL words it, or None.
+
+    aiosmtplib wraps an implicit-TLS handshake error in SMTPConnectError and lets STARTTLS's
+    through as it is.
+    """
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return (
+                f"certificate not verified ({exc.verify_message}); not sent"
+                " (a private CA goes into outbound.tls_ca_file)"
+            )
+        if isinstance(exc, ssl.SSLError):
+            return f"{exc.reason or exc}; not sent"
+        exc = exc.__cause__  # type: ignore[assignment]
+    return None
 
 
 def _refusal(refusal: Refusal) -> str:
