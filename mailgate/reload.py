@@ -11,7 +11,7 @@ storage paths are bound, the keys opened, at start). No connection is touched.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import fields, replace
+from dataclasses import fields, is_dataclass, replace
 
 import structlog
 
@@ -67,7 +67,7 @@ def merge(old: Config, new: Config) -> tuple[Config, list[str]]:
     if old.smtp.tls_cert is not None and new.smtp.tls_cert is not None:
         reloadable |= CERTIFICATE
     restart = [name for name in changed_keys(old, new) if name not in reloadable]
-    kept: dict[str, dict[str, object]] = {section: {} for section in _sections()}
+    kept: dict[str, dict[str, object]] = {section: {} for section in _sections(old)}
     for name in restart:
         section, _, key = name.partition(".")
         kept[section][key] = getattr(getattr(old, section), key)
@@ -79,14 +79,16 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     """The "section.key" names whose values differ."""
     return [
         f"{section}.{key.name}"
-        for section in _sections()
+        for section in _sections(old)
         for key in fields(getattr(old, section))
         if getattr(getattr(old, section), key.name) != getattr(getattr(new, section), key.name)
     ]
 
 
-def _sections() -> list[str]:
-    return [section.name for section in fields(Config) if section.name != "path"]
+def _sections(config: Config) -> list[str]:
+    """The config's sections (`[smtp]`, ...): its fields that are dataclasses, not the path
+    or the warnings it was loaded with."""
+    return [f.name for f in fields(config) if is_dataclass(getattr(config, f.name))]
 
 
 def _load(old: Config) -> tuple[Config, Templates]:
@@ -107,6 +109,8 @@ async def reload(live: Live[Config], templates: Templates) -> bool:
     except ConfigError as exc:
         log.error("reload_refused", error=str(exc))
         return False
+    for warning in new.warnings:
+        log.warning("config_deprecated", detail=warning)
     applied, restart = merge(old, new)
     if restart:
         log.warning("reload_needs_restart", keys=restart)

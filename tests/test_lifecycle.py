@@ -12,6 +12,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from mailgate.store import store_for
 from mailgate.systemd import watchdog_interval
 from tests.conftest import REPO, SUPPORT, SubprocessDaemon, mail
 from tests.test_process_hygiene import alive, descendants
+from tests.test_tls import make_pki
 
 CUSTOMER = "customer@example.org"
 WAIT = 30  # seconds: an upper bound for what comes at once
@@ -347,3 +349,50 @@ def test_the_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     # unit's; anything naming the unit file is.
     complaints = [line for line in result.stderr.splitlines() if "mailgate.service" in line]
     assert result.returncode == 0 and not complaints, result.stderr
+
+
+def _handshake(port: int, context: ssl.SSLContext) -> bool:
+    """STARTTLS with `context`: True if the certificate verified."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=WAIT) as client:
+        client.ehlo("client.example")
+        try:
+            client.starttls(context=context)
+        except ssl.SSLCertVerificationError:
+            return False
+        client.ehlo("client.example")
+        return client.mail(CUSTOMER)[0] == 250
+
+
+def test_sighup_swaps_the_tls_certificate_for_the_next_handshake(tmp_path: Path) -> None:
+    """A renewed certificate (certbot writes new files, then reloads): after SIGHUP the
+    next STARTTLS gets the new one; a certificate file that does not load refuses the
+    reload, naming the key, and the one in use stays."""
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(old.cert, cert)
+    shutil.copy(old.key, key)
+    daemon = SubprocessDaemon(
+        tmp_path / "daemon", log_level="info", smtp_extra=f'tls_cert = "{cert}"\ntls_key = "{key}"'
+    )
+    daemon.start()
+    assert daemon.proc is not None
+    try:
+        assert _handshake(daemon.port, old.client())
+        assert not _handshake(daemon.port, new.client())
+        shutil.copy(new.cert, cert)
+        shutil.copy(new.key, key)
+        seen = len(events(daemon))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for_event(daemon, "config_reloaded", after=seen)
+        assert _handshake(daemon.port, new.client())
+        assert not _handshake(daemon.port, old.client())
+
+        cert.write_text("not a certificate\n", encoding="utf-8")
+        seen = len(events(daemon))
+        daemon.proc.send_signal(signal.SIGHUP)
+        refused = wait_for_event(daemon, "reload_refused", after=seen)
+        assert "smtp.tls_cert" in refused["error"], refused
+        assert _handshake(daemon.port, new.client())
+    finally:
+        daemon.kill(signal.SIGTERM)
+    assert daemon.proc.returncode == 0
