@@ -22,8 +22,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Two workers, each test file whole on one (module-scoped daemons are started once): most
+# tests wait on a daemon, so two share the machine's two cores well.
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/intake.py
