@@ -14,7 +14,7 @@ report a broken template by file and line before any mail needs it.
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -96,36 +96,6 @@ def shipped_folder() -> Path:
     return Path(str(resources.files("mailgate").joinpath("templates")))
 
 
-class _Snapshot(jinja2.BaseLoader):
-    """The folders' files as they were when the set was made, the first folder's winning.
-
-    jinja2's FileSystemLoader reads a file again whenever it changed on disk: an override
-    edited (half saved, or broken) would be used at once, unchecked, where a reload
-    checks it first and refuses it whole. A name is only ever looked up here, never joined
-    to a path, so an `{% include "../x" %}` finds nothing outside the folders.
-    """
-
-    def __init__(self, folders: tuple[Path, ...]) -> None:
-        self._files: dict[str, tuple[bytes, str]] = {}
-        for folder in reversed(folders):
-            for path in sorted(folder.rglob("*")):
-                if path.is_file():
-                    name = path.relative_to(folder).as_posix()
-                    try:
-                        self._files[name] = (path.read_bytes(), str(path))
-                    except OSError as exc:
-                        raise ConfigError(f"outbound.templates: {path}: {exc.strerror}") from None
-
-    def get_source(
-        self, environment: jinja2.Environment, template: str
-    ) -> tuple[str, str, Callable[[], bool]]:
-        try:
-            source, filename = self._files[template]
-        except KeyError:
-            raise jinja2.TemplateNotFound(template) from None
-        return source.decode("utf-8"), filename, lambda: True
-
-
 class Templates:
     """Render mail parts and pages: the override folder's file where there is one, else the
     shipped one."""
@@ -142,7 +112,10 @@ class Templates:
         self.shipped = shipped_folder()
         self._folders = (*([overrides] if overrides else []), self.shipped)
         self._env = SandboxedEnvironment(
-            loader=_Snapshot(self._folders),
+            loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(f) for f in self._folders]),
+            # A template is read once (`check()` reads every one, at start and at SIGHUP) and
+            # kept: jinja2's default reads a file again whenever it changed on disk, so an
+            # override edited (half saved, or broken) would be used at once, unchecked.
             auto_reload=False,
             undefined=jinja2.StrictUndefined,
             autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
