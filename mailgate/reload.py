@@ -5,7 +5,8 @@ The new config is loaded and the templates checked off the event loop; anything 
 and the old config stays in force. Keys in `RELOADABLE` are applied through the daemon's
 `Live[Config]`, whose readers take the current value at use; every other key that changed is
 kept as it was and named in a warning, since it needs a restart (the listen addresses and
-storage paths are bound, the keys opened, at start). No connection is touched.
+storage paths are bound, the keys opened, at start), but for the keys in `TIED`, whose change
+refuses the reload. No connection is touched.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ RELOADABLE = frozenset(
         "retention.active_after_close",
     }
 )
+
+# Keys that a reloadable key is derived from: `privacy.address` is added to `smtp.accept` as
+# the file is read, and must not be an agent's. Kept while the rest is applied, the address
+# in force would drop out of the accept list (its mail refused 550) or become an agent's; so
+# a change to one refuses the reload, and the old config stays whole until a restart.
+TIED = frozenset({"privacy.address"})
 
 
 # The certificate and its key change live while TLS stays on (the listeners hold one
@@ -108,6 +115,10 @@ async def reload(live: Live[Config], templates: Templates) -> bool:
         new, fresh = await asyncio.to_thread(_load, old)
     except ConfigError as exc:
         log.error("reload_refused", error=str(exc))
+        return False
+    tied = [name for name in changed_keys(old, new) if name in TIED]
+    if tied:
+        log.error("reload_refused", error=f"{', '.join(tied)}: changed; needs a restart")
         return False
     for warning in new.warnings:
         log.warning("config_deprecated", detail=warning)

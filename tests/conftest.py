@@ -419,6 +419,28 @@ class SubprocessDaemon:
         return load_config(self.config_path)
 
 
+def events(daemon: SubprocessDaemon) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines so far (a line being written is left for the next look).
+
+    Lines that are not JSON are stderr: after a forced exit, multiprocessing's resource
+    tracker warns that it cleans up the parser pool's semaphores.
+    """
+    text = (daemon.folder / "daemon.log").read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    return [json.loads(line) for line in lines if line.startswith("{") and line.endswith("\n")]
+
+
+def wait_for_event(daemon: SubprocessDaemon, name: str, *, after: int = 0) -> dict[str, Any]:
+    """The first `name` event logged after the first `after` events."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = [e for e in events(daemon)[after:] if e.get("event") == name]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no {name} in {events(daemon)[after:]}"
+        time.sleep(0.02)
+
+
 @contextmanager
 def tmpfs(folder: Path, size: str) -> Iterator[Path]:
     """Mount a real, small filesystem at `folder` (skip where mounting is not allowed)."""

@@ -5,7 +5,6 @@ talks SMTP to it; what was stored is read from the store after it exited."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -23,34 +22,12 @@ import pytest
 
 from mailgate.store import store_for
 from mailgate.systemd import watchdog_interval
-from tests.conftest import REPO, SUPPORT, SubprocessDaemon, mail
+from tests.conftest import REPO, SUPPORT, SubprocessDaemon, events, mail, wait_for_event
 from tests.test_process_hygiene import alive, descendants
 from tests.test_tls import make_pki
 
 CUSTOMER = "customer@example.org"
 WAIT = 30  # seconds: an upper bound for what comes at once
-
-
-def events(daemon: SubprocessDaemon) -> list[dict[str, Any]]:
-    """The daemon's JSON log lines so far (a line being written is left for the next look).
-
-    Lines that are not JSON are stderr: after a forced exit, multiprocessing's resource
-    tracker warns that it cleans up the parser pool's semaphores.
-    """
-    text = (daemon.folder / "daemon.log").read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
-    return [json.loads(line) for line in lines if line.startswith("{") and line.endswith("\n")]
-
-
-def wait_for_event(daemon: SubprocessDaemon, name: str, *, after: int = 0) -> dict[str, Any]:
-    """The first `name` event logged after the first `after` events."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        found = [e for e in events(daemon)[after:] if e.get("event") == name]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, f"no {name} in {events(daemon)[after:]}"
-        time.sleep(0.02)
 
 
 def in_data(port: int, n: int) -> tuple[smtplib.SMTP, bytes]:

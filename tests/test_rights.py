@@ -36,6 +36,7 @@ from tests.conftest import (
     daemon_running,
     mail,
     run_cli,
+    wait_for_event,
 )
 
 SCHEMA = json.loads((REPO / "docs" / "export-schema.json").read_text(encoding="utf-8"))
@@ -400,9 +401,14 @@ async def test_under_16_is_its_own_reason(relay: Relay, relay_config: Config) ->
 
 
 async def erasure_cut_short(tmp_path: Path, relay: Relay, point: str) -> SubprocessDaemon:
-    """A daemon with Jürgen's mail, and `privacy erase` killed (SIGKILL) at `point`."""
-    daemon = SubprocessDaemon(tmp_path / "daemon", relay_port=relay.port)
+    """A daemon with Jürgen's mail, and `privacy erase` killed (SIGKILL) at `point`.
+
+    The daemon's first retention purge (2 s after its start) finishes erasures left
+    'erasing': it has run before the command is killed, or it could finish the erasure
+    before the test looks (the next purge is a day later)."""
+    daemon = SubprocessDaemon(tmp_path / "daemon", relay_port=relay.port, log_level="info")
     daemon.start()
+    wait_for_event(daemon, "retention_purged")
     running = Running(daemon.config, "127.0.0.1", daemon.port, daemon.config.http.listen)
     await send_juergen(running.send)
     await running.settle()

@@ -113,6 +113,10 @@ class Templates:
         self._folders = (*([overrides] if overrides else []), self.shipped)
         self._env = SandboxedEnvironment(
             loader=jinja2.ChoiceLoader([jinja2.FileSystemLoader(f) for f in self._folders]),
+            # A template is read once (`check()` reads every one, at start and at SIGHUP) and
+            # kept: jinja2's default reads a file again whenever it changed on disk, so an
+            # override edited (half saved, or broken) would be used at once, unchecked.
+            auto_reload=False,
             undefined=jinja2.StrictUndefined,
             autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
             keep_trailing_newline=False,
