@@ -18,8 +18,9 @@ from pathlib import Path
 from mailgate.config import Config
 from mailgate.model import HostPort
 
+_IN_USE = "in use (is mailgate already running?)"
 _BIND_HINTS = {
-    errno.EADDRINUSE: "in use (is mailgate already running?)",
+    errno.EADDRINUSE: _IN_USE,
     errno.EACCES: "not allowed (ports below 1024 need CAP_NET_BIND_SERVICE)",
     errno.EADDRNOTAVAIL: "not an address of this machine",
 }
@@ -27,8 +28,16 @@ _BIND_HINTS = {
 
 def problems(config: Config) -> list[str]:
     """Every listen address that cannot be bound and every folder mailgate cannot write,
-    as "key: what is wrong"."""
-    found = [f"{key}: {p}" for key, address in _listeners(config) if (p := _bind(address))]
+    as "key: what is wrong".
+
+    Ports held while this config's own daemon runs are no problem: `check-config` before
+    `systemctl reload` must pass. The daemon is known by its SMTP greeting, which names the
+    config's hostname and mailgate; then its other ports are taken to be its own too.
+    """
+    taken = [(key, address, p) for key, address in _listeners(config) if (p := _bind(address))]
+    if taken and _our_daemon_answers(config):
+        taken = [(key, address, p) for key, address, p in taken if not p.endswith(_IN_USE)]
+    found = [f"{key}: {p}" for key, _, p in taken]
     keys: dict[Path, list[str]] = {}  # one line per folder, naming every key that uses it
     for key, folder in _folders(config):
         keys.setdefault(folder, []).append(key)
@@ -77,6 +86,21 @@ def _bind(address: HostPort) -> str | None:
                 reason = _BIND_HINTS.get(exc.errno or 0, exc.strerror or str(exc))
                 return f"{address.host}:{address.port}: {reason}"
     return None
+
+
+def _our_daemon_answers(config: Config) -> bool:
+    """Whether `smtp.listen` greets as mailgate with this config's hostname (a daemon run
+    from this config), read within a second; anything else, or nothing, is not ours."""
+    listen = config.smtp.listen
+    host = "127.0.0.1" if listen.host in ("", "0.0.0.0") else listen.host  # noqa: S104
+    host = "::1" if host == "::" else host
+    try:
+        with socket.create_connection((host, listen.port), timeout=1) as sock:
+            greeting = sock.recv(512)
+            sock.sendall(b"QUIT\r\n")
+    except OSError:
+        return False
+    return greeting.startswith(f"220 {config.smtp.hostname} ESMTP mailgate".encode())
 
 
 def _writable(folder: Path) -> str | None:

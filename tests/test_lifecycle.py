@@ -22,7 +22,15 @@ import pytest
 
 from mailgate.store import store_for
 from mailgate.systemd import watchdog_interval
-from tests.conftest import REPO, SUPPORT, SubprocessDaemon, events, mail, wait_for_event
+from tests.conftest import (
+    REPO,
+    SUPPORT,
+    SubprocessDaemon,
+    events,
+    mail,
+    run_cli,
+    wait_for_event,
+)
 from tests.test_process_hygiene import alive, descendants
 from tests.test_tls import make_pki
 
@@ -261,8 +269,14 @@ def test_sighup_applies_the_new_accept_list_and_keeps_the_old_config_when_invali
         across.ehlo("client.example")
 
         changed = original.replace(old_accept, 'accept = ["support@example.com", "sales@x.test"]')
+        daemon.config_path.write_text(changed, encoding="utf-8")
+        # check-config before the reload: the ports the daemon holds are its own, no error.
+        checked = run_cli("--config", str(daemon.config_path), "check-config")
+        assert checked.returncode == 0, checked.stderr
         changed = changed.replace('hostname = "mailgate.test"', 'hostname = "other.test"')
         daemon.config_path.write_text(changed, encoding="utf-8")
+        taken = run_cli("--config", str(daemon.config_path), "check-config")  # not ours now
+        assert taken.returncode == 78 and "smtp.listen" in taken.stderr, taken.stderr
         seen = len(events(daemon))
         daemon.proc.send_signal(signal.SIGHUP)
         reloaded = wait_for_event(daemon, "config_reloaded", after=seen)
