@@ -49,6 +49,15 @@ MAX_SUBJECT = 250
 MAX_EMAIL = 254  # RFC 5321's path limit less its angle brackets
 MAX_TICKET_ID = 2**63 - 1  # SQLite's integer
 STORE_RETRY_AFTER = 30  # seconds, when the store is unavailable
+# Bodies read and filed at once, over all tokens: each may hold a few times its size in
+# memory while it is parsed (up to `smtp.max_message_size`), so a burst of the rate limit's
+# requests must wait its turn. More get 503 with Retry-After at once.
+BODIES_AT_ONCE = 4
+BUSY_RETRY_AFTER = 1  # seconds
+# A body must arrive within this many seconds in all, and never pause longer than
+# `http.header_timeout` (the slowloris guard of the headers): a trickling client holds a
+# slot that long at most.
+BODY_SECONDS = 60.0
 _FIELDS = ("name", "email", "subject", "body", "ticket_id")
 _REQUIRED = ("name", "email", "subject", "body")
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
@@ -72,10 +81,16 @@ class ApiSettings:
     tokens: frozenset[str]  # accepted digests; empty: the API is off
     rate_limit: int  # requests per minute per token
     max_body: int  # bytes of a request body (`smtp.max_message_size`)
+    body_pause: float  # longest pause while the body arrives (`http.header_timeout`)
 
     @classmethod
     def of(cls, config: Config) -> ApiSettings:
-        return cls(config.http.api_tokens, config.http.api_rate_limit, config.smtp.max_message_size)
+        return cls(
+            config.http.api_tokens,
+            config.http.api_rate_limit,
+            config.smtp.max_message_size,
+            config.http.header_timeout,
+        )
 
 
 class RateLimiter:
@@ -144,6 +159,7 @@ class IntakeApi:
         self._base_url = base_url
         self._mail_queued = mail_queued or asyncio.Event()
         self._limiter = RateLimiter()
+        self._bodies = asyncio.Semaphore(BODIES_AT_ONCE)
 
     def routes(self) -> list[web.RouteDef]:
         return [
@@ -167,17 +183,24 @@ class IntakeApi:
             if request.method != "POST":
                 raise _Refused(405, "method not allowed", headers={"Allow": "POST"})
             digest = self._authorise(request, settings)
-            parsed = _validate(await _read_json(request, settings.max_body))
-            filed = await self._store.ingest(
-                lambda tx: self._tickets.open_or_follow_up(
-                    tx,
-                    parsed.requester,
-                    parsed.subject,
-                    parsed.body,
-                    parsed.ticket_id,
-                    at=datetime.now(UTC),
+            if self._bodies.locked():
+                raise _Refused(
+                    503,
+                    "busy with other requests; try again shortly",
+                    headers={"Retry-After": str(BUSY_RETRY_AFTER)},
                 )
-            )
+            async with self._bodies:
+                parsed = _validate(await _read_json(request, settings))
+                filed = await self._store.ingest(
+                    lambda tx: self._tickets.open_or_follow_up(
+                        tx,
+                        parsed.requester,
+                        parsed.subject,
+                        parsed.body,
+                        parsed.ticket_id,
+                        at=datetime.now(UTC),
+                    )
+                )
         except _Refused as refused:
             # An unknown field's name is the client's text: logged as such, not as given.
             field = refused.field if refused.field in (None, *_FIELDS) else "(unknown)"
@@ -230,20 +253,26 @@ class IntakeApi:
         return digest
 
 
-async def _read_json(request: web.Request, limit: int) -> dict[str, Any]:
-    """The body's JSON object, read up to `limit` bytes (this route's limit, not aiohttp's
-    `client_max_size`, which keeps guarding the small forms of the other routes)."""
+async def _read_json(request: web.Request, settings: ApiSettings) -> dict[str, Any]:
+    """The body's JSON object, read up to `settings.max_body` bytes (this route's limit, not
+    aiohttp's `client_max_size`, which keeps guarding the small forms of the other routes),
+    within BODY_SECONDS and without a pause longer than `settings.body_pause` (408)."""
     if request.content_type != "application/json" or (
         request.charset is not None and request.charset.lower() not in ("utf-8", "utf8")
     ):
         _refuse(415, "the body must be application/json (UTF-8)")
+    limit = settings.max_body
     if request.content_length is not None and request.content_length > limit:
         _refuse(413, f"the body is larger than {limit} bytes")
     raw = bytearray()
-    async for chunk in request.content.iter_any():
-        raw += chunk
-        if len(raw) > limit:
-            _refuse(413, f"the body is larger than {limit} bytes")
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            while chunk := await asyncio.wait_for(request.content.readany(), settings.body_pause):
+                raw += chunk
+                if len(raw) > limit:
+                    _refuse(413, f"the body is larger than {limit} bytes")
+    except TimeoutError:
+        _refuse(408, "the body did not arrive in time")
     try:
         return _flat_object(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, StopIteration):
@@ -444,13 +473,21 @@ def openapi_document(settings: ApiSettings, base_url: str) -> dict[str, Any]:
                             **{"WWW-Authenticate": "the Bearer challenge"},
                         ),
                         "404": error("The API is off: no token is configured"),
+                        "408": error(
+                            f"The body did not arrive within {BODY_SECONDS:g} s, or paused"
+                            f" longer than {settings.body_pause:g} s"
+                        ),
                         "413": error(f"The body is larger than {settings.max_body} bytes"),
                         "415": error("The body is not application/json (UTF-8)"),
                         "429": error(
                             f"More than {settings.rate_limit} requests a minute with this token",
                             **{"Retry-After": retry},
                         ),
-                        "503": error("The ticket store is unavailable", **{"Retry-After": retry}),
+                        "503": error(
+                            "The ticket store is unavailable, or other requests are being"
+                            " read and filed",
+                            **{"Retry-After": retry},
+                        ),
                     },
                 }
             }

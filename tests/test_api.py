@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,7 +26,14 @@ import aiohttp
 import jsonschema
 import pytest
 
-from mailgate.api import MAX_NAME, MAX_SUBJECT, MAX_TICKET_ID, RateLimiter, token_digest
+from mailgate.api import (
+    BODIES_AT_ONCE,
+    MAX_NAME,
+    MAX_SUBJECT,
+    MAX_TICKET_ID,
+    RateLimiter,
+    token_digest,
+)
 from mailgate.config import load_config
 from tests.conftest import SubprocessDaemon, daemon_running, fill_disk, run_cli, tmpfs, write_config
 
@@ -252,6 +260,7 @@ def test_the_openapi_document_describes_the_api(api: SubprocessDaemon) -> None:
         "400",
         "401",
         "404",
+        "408",
         "413",
         "415",
         "429",
@@ -391,3 +400,39 @@ def test_a_config_entry_that_is_no_digest_is_refused_without_echoing_it(tmp_path
     result = run_cli("--config", str(daemon.config_path), "check-config")
     assert result.returncode == 78
     assert "http.api_tokens" in result.stderr and TOKEN not in result.stderr
+
+
+def _half_sent_body(daemon: SubprocessDaemon) -> socket.socket:
+    """A request whose body stops halfway: its headers promise 100 bytes, 10 come."""
+    sock = socket.create_connection(("127.0.0.1", daemon.http_port), timeout=GENEROUS)
+    sock.sendall(
+        b"POST /api/tickets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n".encode()
+        + b'{"name": "'
+    )
+    return sock
+
+
+def test_bodies_read_at_once_are_bounded_and_a_stalled_one_is_408(tmp_path: Path) -> None:
+    """Four bodies that stop halfway hold the four places for bodies being read: the next
+    request is 503 with Retry-After at once (a burst cannot make the daemon hold more bodies
+    in memory); each stalled body is answered 408 after a pause of `http.header_timeout`,
+    and then requests are filed again."""
+    config = api_config()
+    config["http_extra"] += "header_timeout = 1\n"
+    daemon = SubprocessDaemon(tmp_path / "bodies", **config)
+    daemon.start()
+    stalled = [_half_sent_body(daemon) for _ in range(BODIES_AT_ONCE)]
+    try:
+        deadline = time.monotonic() + GENEROUS
+        while (answer := request(daemon, VALID))[0] == 201:  # until all four are being read
+            assert time.monotonic() < deadline, "the stalled bodies never held their places"
+        status, headers, _ = answer
+        assert status == 503 and headers["Retry-After"] == "1", answer
+        for sock in stalled:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 408 "), "no 408 for a stalled body"
+        assert request(daemon, VALID)[0] == 201
+    finally:
+        for sock in stalled:
+            sock.close()
+        daemon.kill()
