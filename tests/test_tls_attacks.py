@@ -1,0 +1,118 @@
+"""TLS under attack: state across STARTTLS, and handshakes that never finish.
+
+One daemon (STARTTLS offered, not required; a trusted proxy on loopback; TLS from the first
+byte on `tls_listen`; three sessions per address), real sockets, a trustme certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from mailgate.config import Config, load_config
+from mailgate.model import HostPort
+from mailgate.store import store_for
+from tests.conftest import SUPPORT, daemon_running, mail, write_config
+from tests.test_tls import Pki, _lines, make_pki
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+HELO = "client.example"
+IDLE_TIMEOUT = 3
+PER_IP = 3
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def daemon(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[tuple[Config, HostPort, HostPort, Pki]]:
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    smtp_extra = (
+        f'tls_cert = "{pki.cert}"\ntls_key = "{pki.key}"\ntls_listen = "127.0.0.1:0"\n'
+        f"timeout = {IDLE_TIMEOUT}\nmax_connections_per_ip = {PER_IP}\n"
+        'trusted_proxies = ["127.0.0.1/32"]'
+    )
+    config = load_config(write_config(tmp_path_factory.mktemp("attacks"), smtp_extra=smtp_extra))
+    async with daemon_running(config) as running:
+        assert running.smtp_tls is not None
+        yield config, HostPort(running.host, running.port), running.smtp_tls, pki
+
+
+async def test_an_envelope_and_xforward_from_before_starttls_are_forgotten(
+    daemon: tuple[Config, HostPort, HostPort, Pki],
+) -> None:
+    """RFC 3207 section 4.2: XFORWARD, EHLO and MAIL sent in clear are discarded by STARTTLS;
+    over TLS EHLO is needed again, RCPT needs a new MAIL, and the stored envelope holds only
+    what came encrypted."""
+    config, plain, _, pki = daemon
+    reader, writer = await asyncio.open_connection(plain.host, plain.port)
+    try:
+        await _lines(reader)
+        for command in (f"EHLO {HELO}", "XFORWARD ADDR=192.0.2.7 HELO=forged.example"):
+            writer.write(f"{command}\r\n".encode())
+            await _lines(reader)
+        writer.write(b"MAIL FROM:<clear@evil.example>\r\n")
+        assert (await _lines(reader))[0].startswith("250 ")
+        writer.write(b"STARTTLS\r\n")
+        assert await _lines(reader) == ["220 Ready to start TLS"]
+        await writer.start_tls(pki.client(), server_hostname="127.0.0.1")
+        writer.write(f"RCPT TO:<{SUPPORT}>\r\n".encode())
+        assert await _lines(reader) == ["503 5.5.1 Send HELO first"]
+        writer.write(b"EHLO after.example\r\n")
+        await _lines(reader)
+        writer.write(f"RCPT TO:<{SUPPORT}>\r\n".encode())
+        assert await _lines(reader) == ["503 5.5.1 Need MAIL command"]
+        writer.write(
+            f"MAIL FROM:<customer@example.org>\r\nRCPT TO:<{SUPPORT}>\r\nDATA\r\n".encode()
+        )
+        await _lines(reader)
+        await _lines(reader)
+        assert (await _lines(reader))[0].startswith("354 ")
+        writer.write(mail().as_bytes(policy=email.policy.SMTP) + b".\r\n")
+        queued = await _lines(reader)
+        assert queued[0].startswith("250 2.0.0 Queued as "), queued
+    finally:
+        writer.close()
+    async with store_for(config) as store:
+        row = await store.get_inbound(queued[0].rsplit(" ", 1)[1])
+    assert row is not None
+    assert (row.envelope.mail_from, row.envelope.helo) == ("customer@example.org", "after.example")
+    assert row.envelope.forwarded is None
+
+
+async def test_a_stalled_implicit_tls_handshake_is_cut_at_the_idle_timeout(
+    daemon: tuple[Config, HostPort, HostPort, Pki],
+) -> None:
+    """A client that connects to tls_listen and never sends its ClientHello holds a socket
+    for [smtp] timeout, as on the plain listener, not for asyncio's 60 s default."""
+    _, _, implicit, _ = daemon
+    reader, writer = await asyncio.open_connection(implicit.host, implicit.port)
+    try:
+        async with asyncio.timeout(IDLE_TIMEOUT + 20):  # a generous bound, far below 60 s
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+
+
+async def test_stalled_implicit_tls_handshakes_count_towards_the_per_address_limit(
+    daemon: tuple[Config, HostPort, HostPort, Pki],
+) -> None:
+    """Connections to tls_listen still in their handshake are sessions, as those on the plain
+    listener are from their accept: a client cannot hold unlimited sockets (descriptors) by
+    never finishing its handshakes. The next one from that address is told 421."""
+    _, plain, implicit, _ = daemon
+    stalled = [await asyncio.open_connection(implicit.host, implicit.port) for _ in range(PER_IP)]
+    try:
+        await asyncio.sleep(0.2)  # let the daemon accept them (the same event loop)
+        reader, writer = await asyncio.open_connection(plain.host, plain.port)
+        try:
+            assert (await _lines(reader))[0].startswith("421 4.7.0 Too many connections from")
+        finally:
+            writer.close()
+    finally:
+        for _, stalled_writer in stalled:
+            stalled_writer.close()
