@@ -705,10 +705,17 @@ class MailgateSMTP(SMTP):
         await first.write(trace)  # in memory: far below the spool file's threshold
         spool: Spool | None = first
         refusal: str | None = None
+        opening = True  # no byte of the client's yet
         try:
             while (piece := await data.read()) is not None:
                 if spool is None:
                     continue  # refused: read to the end, keep nothing
+                if opening and piece:
+                    opening = False
+                    if piece[:1] in (b" ", b"\t"):
+                        # A first line in white space would continue our Received field
+                        # (the client writing our trace); as Postfix's smtpd, end it first.
+                        piece = b"\r\n" + piece
                 if self.data_size_limit and data.size > self.data_size_limit:
                     refusal = MESSAGE_TOO_BIG
                 elif piece:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import email.policy
 from collections.abc import AsyncIterator
+from email.parser import BytesParser
 
+import aiosmtplib
 import pytest
 import pytest_asyncio
 
@@ -116,3 +118,23 @@ async def test_stalled_implicit_tls_handshakes_count_towards_the_per_address_lim
     finally:
         for _, stalled_writer in stalled:
             stalled_writer.close()
+
+
+async def test_a_message_cannot_continue_our_received_field(
+    daemon: tuple[Config, HostPort, HostPort, Pki],
+) -> None:
+    """Data whose first line starts with white space would be read as a continuation of the
+    Received field we put on top, letting a client sending in clear write "version=TLSv1.3"
+    into our trace. As Postfix's smtpd does, an empty line goes between: ours stays whole."""
+    config, plain, _, _ = daemon
+    forged = b"\t(version=TLSv1.3 cipher=FORGED)\r\n" + mail().as_bytes(policy=email.policy.SMTP)
+    client = aiosmtplib.SMTP(hostname=plain.host, port=plain.port, start_tls=False)
+    async with client:
+        _, reply = await client.sendmail("customer@example.org", [SUPPORT], forged)
+    async with store_for(config) as store:
+        raw = await store.read_raw(reply.rsplit(" ", 1)[1])
+    assert raw is not None
+    parsed = BytesParser(policy=email.policy.default).parsebytes(raw)
+    assert parsed.get_all("Received") is not None
+    assert [f for f in parsed.get_all("Received") if "FORGED" in str(f)] == []
+    assert "with ESMTP id" in str(parsed["Received"])
