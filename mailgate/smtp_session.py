@@ -429,7 +429,11 @@ class MailgateSMTP(SMTP):
                 await self._handshake
             except Exception as exc:  # noqa: BLE001 - the client's TLS stack, or a scanner
                 log.info("smtp_tls_handshake_failed", error=str(exc))
-                await self._hang_up(None)
+                self._hang_up_now(None)
+                # asyncio tells the protocol of no loss before its handshake completed (as
+                # aiosmtpd does after a failed STARTTLS): the session ends here, uncounted.
+                self.connection_lost(exc)
+                raise asyncio.CancelledError from None
         await super()._handle_client()
 
     async def _hang_up(self, reply: str | None) -> NoReturn:

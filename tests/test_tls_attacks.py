@@ -118,6 +118,14 @@ async def test_stalled_implicit_tls_handshakes_count_towards_the_per_address_lim
     finally:
         for _, stalled_writer in stalled:
             stalled_writer.close()
+    async with asyncio.timeout(10):  # the daemon sees them go: the next test may connect
+        while True:
+            reader, writer = await asyncio.open_connection(plain.host, plain.port)
+            greeting = (await _lines(reader))[0]
+            writer.close()
+            if greeting.startswith("220 "):
+                break
+            await asyncio.sleep(0.05)
 
 
 async def test_a_message_cannot_continue_our_received_field(
@@ -138,3 +146,36 @@ async def test_a_message_cannot_continue_our_received_field(
     assert parsed.get_all("Received") is not None
     assert [f for f in parsed.get_all("Received") if "FORGED" in str(f)] == []
     assert "with ESMTP id" in str(parsed["Received"])
+
+
+async def _greeting(address: HostPort) -> str:
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        return (await _lines(reader))[0]
+    finally:
+        writer.close()
+
+
+async def test_failed_starttls_handshakes_leave_no_session_behind(
+    daemon: tuple[Config, HostPort, HostPort, Pki],
+) -> None:
+    """A handshake that fails (garbage instead of a ClientHello) or that the client abandons
+    ends its session: more of them than the per-address limit lock nobody out."""
+    _, plain, _, _ = daemon
+    for attempt in range(PER_IP + 1):
+        reader, writer = await asyncio.open_connection(plain.host, plain.port)
+        await _lines(reader)
+        writer.write(f"EHLO {HELO}\r\nSTARTTLS\r\n".encode())
+        await _lines(reader)
+        assert await _lines(reader) == ["220 Ready to start TLS"]
+        if attempt % 2:
+            writer.write(b"\x16\x03\x01\x00\x05not a ClientHello\r\n")
+        else:
+            writer.write_eof()  # gone in the middle of the handshake
+        async with asyncio.timeout(10):
+            await reader.read()
+        writer.close()
+    async with asyncio.timeout(10):
+        while (greeting := await _greeting(plain)).startswith("421 "):
+            await asyncio.sleep(0.05)  # the daemon may not have seen the last one go yet
+    assert greeting.startswith("220 ")
