@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import email.policy
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from email.parser import BytesParser
+from pathlib import Path
 
 import aiosmtplib
 import pytest
 import pytest_asyncio
+import trustme
 
 from mailgate.config import Config, load_config
 from mailgate.model import HostPort
 from mailgate.store import store_for
-from tests.conftest import SUPPORT, daemon_running, mail, write_config
+from tests.conftest import SUPPORT, daemon_running, mail, run_cli, write_config
 from tests.test_tls import Pki, _lines, make_pki
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -176,3 +179,33 @@ async def test_failed_starttls_handshakes_leave_no_session_behind(
             await reader.read()
         writer.close()
     await _welcomed_again(plain)
+
+
+async def test_check_config_warns_of_a_readable_key_and_an_expired_certificate(
+    tmp_path: Path,
+) -> None:
+    """A certificate past its end date loads (OpenSSL checks no dates on its own side) and
+    fails every client that verifies; a key that others may read is no secret. check-config
+    says so, and still passes (exit 0): neither stops the daemon."""
+    ca = trustme.CA()
+    now = datetime.now(UTC)
+    issued = ca.issue_cert(
+        "mailgate.test", not_before=now - timedelta(days=30), not_after=now - timedelta(days=1)
+    )
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    key.chmod(0o644)
+    smtp_extra = f'tls_cert = "{cert}"\ntls_key = "{key}"'
+    path = write_config(tmp_path / "etc", smtp_extra=smtp_extra)
+    checked = await asyncio.to_thread(run_cli, "--config", str(path), "check-config")
+    assert checked.returncode == 0, checked.stderr
+    assert f"smtp: warning: the certificate {cert} expired on " in checked.stdout
+    assert f"smtp: warning: the key {key} can be read by every user (mode 0644)" in (checked.stdout)
+    key.chmod(0o600)
+    fresh = ca.issue_cert("mailgate.test")
+    fresh.cert_chain_pems[0].write_to_path(str(cert))
+    fresh.private_key_pem.write_to_path(str(key))
+    quiet = await asyncio.to_thread(run_cli, "--config", str(path), "check-config")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "smtp: warning" not in quiet.stdout, quiet.stdout
