@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
+import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.parser import BytesParser
@@ -22,7 +23,7 @@ from mailgate.config import Config, load_config
 from mailgate.model import HostPort
 from mailgate.store import store_for
 from tests.conftest import SUPPORT, daemon_running, mail, run_cli, write_config
-from tests.test_tls import Pki, _lines, make_pki
+from tests.test_tls import Pki, TlsRelay, _lines, deferred_with, make_pki, outbox_until, relayed
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -209,3 +210,26 @@ async def test_check_config_warns_of_a_readable_key_and_an_expired_certificate(
     quiet = await asyncio.to_thread(run_cli, "--config", str(path), "check-config")
     assert quiet.returncode == 0, quiet.stderr
     assert "smtp: warning" not in quiet.stdout, quiet.stdout
+
+
+async def test_a_relay_certificate_for_another_name_is_refused_even_opportunistically(
+    tmp_path: Path,
+) -> None:
+    """The relay is written as an address (127.0.0.1); its certificate, from the trusted CA,
+    names another host. A MITM with any valid certificate must not get the mail: it waits,
+    with the mismatch in last_error, and nothing reaches that relay."""
+    ca = trustme.CA()
+    (tmp_path / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    other = ca.issue_cert("relay.other.example")
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    other.configure_cert(server)
+    relay = await TlsRelay(server).start()
+    outbound = f'tls = "opportunistic"\ntls_ca_file = "{tmp_path / "ca.pem"}"'
+    try:
+        async with relayed(tmp_path, relay, outbound) as daemon:
+            await daemon.new_ticket("To a stranger")
+            rows = await outbox_until(daemon.config, deferred_with("certificate not verified"))
+    finally:
+        await relay.stop()
+    assert "IP address mismatch" in (rows[-1].last_error or ""), rows[-1].last_error
+    assert relay.received == []
