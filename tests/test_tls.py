@@ -263,6 +263,11 @@ class TlsRelay:
     tls: ssl.SSLContext | None
     auth: bool = False
     implicit: bool = False
+    auth_after_tls: bool = False  # AUTH offered only once STARTTLS is done (aiosmtpd's default)
+    logins_ok: bool = True
+    # aiosmtpd's LOGIN ignores aiosmtplib's initial response: a refused PLAIN then waits
+    # out the timeout in LOGIN. Exclude it where a refusal is the point.
+    no_login_mechanism: bool = False
     port: int = field(default_factory=free_port)
     received: list[tuple[bool, bytes]] = field(default_factory=list)
     logins: list[tuple[str, bool]] = field(default_factory=list)
@@ -276,7 +281,7 @@ class TlsRelay:
         self, _server: Any, session: Any, _envelope: Any, mechanism: str, _data: Any
     ) -> AuthResult:
         self.logins.append((mechanism, _encrypted(_server)))
-        return AuthResult(success=True)
+        return AuthResult(success=self.logins_ok, handled=False)  # a refusal is answered 535
 
     async def start(self) -> TlsRelay:
         self._server = await asyncio.get_running_loop().create_server(
@@ -285,7 +290,8 @@ class TlsRelay:
                 hostname="relay.test",
                 tls_context=None if self.implicit else self.tls,
                 authenticator=self._authenticate if self.auth else None,
-                auth_require_tls=False,
+                auth_require_tls=self.auth_after_tls,
+                auth_exclude_mechanism=["LOGIN"] if self.no_login_mechanism else None,
             ),
             "127.0.0.1",
             self.port,

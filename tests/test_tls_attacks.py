@@ -23,7 +23,16 @@ from mailgate.config import Config, load_config
 from mailgate.model import HostPort
 from mailgate.store import store_for
 from tests.conftest import SUPPORT, daemon_running, mail, run_cli, write_config
-from tests.test_tls import Pki, TlsRelay, _lines, deferred_with, make_pki, outbox_until, relayed
+from tests.test_tls import (
+    Pki,
+    TlsRelay,
+    _lines,
+    deferred_with,
+    make_pki,
+    outbox_until,
+    received,
+    relayed,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -32,11 +41,15 @@ IDLE_TIMEOUT = 3
 PER_IP = 3
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def daemon(
-    tmp_path_factory: pytest.TempPathFactory,
+    pki: Pki, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[tuple[Config, HostPort, HostPort, Pki]]:
-    pki = make_pki(tmp_path_factory.mktemp("pki"))
     smtp_extra = (
         f'tls_cert = "{pki.cert}"\ntls_key = "{pki.key}"\ntls_listen = "127.0.0.1:0"\n'
         f"timeout = {IDLE_TIMEOUT}\nmax_connections_per_ip = {PER_IP}\n"
@@ -233,3 +246,30 @@ async def test_a_relay_certificate_for_another_name_is_refused_even_opportunisti
         await relay.stop()
     assert "IP address mismatch" in (rows[-1].last_error or ""), rows[-1].last_error
     assert relay.received == []
+
+
+async def test_auth_offered_only_after_starttls_is_used_and_a_refused_login_defers(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """A relay that lists AUTH only in its EHLO reply over TLS: mailgate asks again after
+    STARTTLS and logs in there. A refused login (535: a wrong or rotated password) defers
+    the mail, never fails it; last_error quotes the relay, never the password."""
+    relay = await TlsRelay(
+        pki.server(), auth=True, auth_after_tls=True, no_login_mechanism=True
+    ).start()
+    outbound = (
+        f'tls = "required"\ntls_ca_file = "{pki.ca_file}"\n'
+        'username = "mailgate"\npassword = "s3cret-Pa55"'
+    )
+    async with relayed(tmp_path, relay, outbound) as daemon:
+        await daemon.new_ticket("Hello")
+        assert [tls for tls, _ in await received(relay, 2)] == [True, True]
+        assert relay.logins and all(tls for _, tls in relay.logins)
+        relay.logins_ok = False
+        await daemon.new_ticket("Again")
+        rows = await outbox_until(
+            daemon.config, deferred_with("relay refused the login: 535 5.7.8")
+        )
+    await relay.stop()
+    errors = [r.last_error or "" for r in rows if r.state != "sent"]
+    assert errors and not any("s3cret" in e or "czNjcmV0" in e for e in errors), errors
