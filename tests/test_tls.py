@@ -461,3 +461,24 @@ async def test_a_client_that_stalls_in_the_handshake_is_cut_off_saying_nothing_i
             assert await reader.read() == b""
     finally:
         writer.close()
+
+
+async def test_require_tls_lets_nothing_but_ehlo_noop_starttls_and_quit_through(
+    inbound: Inbound,
+) -> None:
+    """No path around require_tls in clear: HELO (no EHLO, so no STARTTLS), RSET, VRFY,
+    XFORWARD and MAIL are each refused 530 5.7.0; NOOP and EHLO are answered."""
+    reader, writer = await asyncio.open_connection(inbound.smtp.host, inbound.smtp.port)
+    try:
+        await _lines(reader)
+        refused = "530 5.7.0 Must issue a STARTTLS command first"
+        for command in (f"HELO {HELO}", "RSET", f"VRFY <{SUPPORT}>", "XFORWARD ADDR=192.0.2.7"):
+            writer.write(f"{command}\r\n".encode())
+            assert await _lines(reader) == [refused], command
+        writer.write(b"NOOP\r\n")
+        assert (await _lines(reader))[0].startswith("250 ")
+        writer.write(f"EHLO {HELO}\r\nMAIL FROM:<customer@example.org>\r\n".encode())
+        assert "250-STARTTLS" in await _lines(reader)
+        assert await _lines(reader) == [refused]
+    finally:
+        writer.close()
