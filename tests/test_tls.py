@@ -175,6 +175,7 @@ async def test_the_implicit_tls_listener_takes_mail_without_starttls(
     async with client:
         await client.ehlo()
         assert not client.supports_extension("starttls")
+        assert not client.supports_extension("auth")  # mailgate takes no logins
         refused = await client.execute_command(b"STARTTLS")
         assert (refused.code, refused.message) == (502, "5.5.1 STARTTLS not offered")
         message = mail(subject="Implicit").as_bytes(policy=email.policy.SMTP)

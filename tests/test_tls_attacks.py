@@ -273,3 +273,19 @@ async def test_auth_offered_only_after_starttls_is_used_and_a_refused_login_defe
     await relay.stop()
     errors = [r.last_error or "" for r in rows if r.state != "sent"]
     assert errors and not any("s3cret" in e or "czNjcmV0" in e for e in errors), errors
+
+
+async def test_implicit_tls_to_a_plain_text_port_defers_and_sends_nothing(
+    tmp_path: Path,
+) -> None:
+    """tls = "implicit" pointed at a port that speaks SMTP in clear: the handshake fails on
+    its banner, the mail waits with a TLS reason, and the relay gets nothing."""
+    relay = await TlsRelay(None).start()
+    try:
+        async with relayed(tmp_path, relay, 'tls = "implicit"') as daemon:
+            await daemon.new_ticket("Wrong port")
+            rows = await outbox_until(daemon.config, deferred_with("TLS with the relay failed"))
+    finally:
+        await relay.stop()
+    assert all(r.state == "queued" for r in rows), rows
+    assert relay.received == []
