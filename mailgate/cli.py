@@ -569,6 +569,8 @@ def _check_tls(config: Config) -> None:
         required = ", required before MAIL" if smtp.require_tls else ""
         implicit = f"; TLS from the first byte on {smtp.tls_listen}" if smtp.tls_listen else ""
         print(f"smtp: STARTTLS offered with {smtp.tls_cert}{required}{implicit}")
+        for warning in tls.certificate_warnings(smtp.tls_cert, smtp.tls_key):
+            print(f"smtp: warning: {warning}")
 
 
 async def cmd_participants_add(config: Config, args: argparse.Namespace) -> int:

@@ -317,11 +317,13 @@ async def start_smtp(
     config = live.current.smtp  # what is bound at start: listen addresses, require_tls
 
     def session(*, starttls: bool) -> Callable[[], MailgateSMTP]:
+        implicit = tls.context if not starttls and tls is not None else None
         return lambda: MailgateSMTP(
             handler,
             sessions=sessions,
             limits=live.current.smtp,
             spool=spool,
+            implicit_tls=implicit,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=config.hostname,
@@ -341,8 +343,7 @@ async def start_smtp(
                 session(starttls=False),
                 host=config.tls_listen.host,
                 port=config.tls_listen.port,
-                ssl=tls.context,
-            )
+            )  # TLS is the session's (MailgateSMTP implicit_tls), counted from the accept
         except BaseException:
             server.close()
             raise

@@ -20,7 +20,9 @@ import ipaddress
 import os
 import re
 import resource
+import ssl
 import uuid
+from asyncio import sslproto
 from datetime import datetime
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
@@ -316,6 +318,7 @@ class MailgateSMTP(SMTP):
         sessions: set[MailgateSMTP],
         limits: SmtpConfig,
         spool: Path,
+        implicit_tls: ssl.SSLContext | None = None,
         **kwargs: Any,
     ) -> None:
         # aiosmtpd keeps command_size_limits on the class, shared by every session, and grows
@@ -330,6 +333,8 @@ class MailgateSMTP(SMTP):
         self._sessions = sessions
         self._limits = limits
         self._spool = spool  # the folder of spool files (see spool.py)
+        self._implicit_tls = implicit_tls  # [smtp] tls_listen: TLS from the first byte
+        self._handshake: asyncio.Future[None] | None = None
         self._grace = min(DATA_RATE_GRACE, limits.timeout / 10)
         self.peer_ip = ""
         self.xforward_allowed = False  # a trusted proxy: XFORWARD advertised and honoured
@@ -362,6 +367,28 @@ class MailgateSMTP(SMTP):
         if self._refusal is None:
             self._sessions.add(self)
         super().connection_made(transport)
+        if self._implicit_tls is not None and self._refusal is None:
+            self._start_implicit_tls()
+
+    def _start_implicit_tls(self) -> None:
+        """Begin the handshake of a `tls_listen` session at once, as STARTTLS does.
+
+        Not the server socket's `ssl=`: asyncio would call `connection_made` only once the
+        handshake is done, so a client that never finishes one would hold its socket for 60 s
+        outside every session limit and the idle timeout. Here it is a session from its
+        accept: counted, and cut at `[smtp] timeout`. aiosmtpd's STARTTLS path
+        (`connection_made` again, over TLS) takes it from the end of the handshake.
+        """
+        assert self._implicit_tls is not None and self.transport is not None
+        self._handshake = self.loop.create_future()
+        tls = sslproto.SSLProtocol(
+            self.loop, self, self._implicit_tls, self._handshake, server_side=True
+        )
+        self._tls_protocol = tls
+        self._original_transport = self.transport
+        self._original_transport.set_protocol(tls)
+        self.transport = tls._app_transport
+        tls.connection_made(self._original_transport)
 
     def _admission(self) -> str | None:
         """Decide at connect, before the banner, whether this session may start."""
@@ -395,7 +422,18 @@ class MailgateSMTP(SMTP):
         bind_session(self.session)
         if self._refusal is not None:
             log.warning("smtp_connection_refused", reply=self._refusal)
-            await self._hang_up(self._refusal)
+            # On tls_listen no handshake is spent on it: a refusal in clear is no use there.
+            await self._hang_up(None if self._implicit_tls is not None else self._refusal)
+        if self._handshake is not None:
+            try:
+                await self._handshake
+            except Exception as exc:  # noqa: BLE001 - the client's TLS stack, or a scanner
+                log.info("smtp_tls_handshake_failed", error=str(exc))
+                self._hang_up_now(None)
+                # asyncio tells the protocol of no loss before its handshake completed (as
+                # aiosmtpd does after a failed STARTTLS): the session ends here, uncounted.
+                self.connection_lost(exc)
+                raise asyncio.CancelledError from None
         await super()._handle_client()
 
     async def _hang_up(self, reply: str | None) -> NoReturn:
@@ -671,10 +709,17 @@ class MailgateSMTP(SMTP):
         await first.write(trace)  # in memory: far below the spool file's threshold
         spool: Spool | None = first
         refusal: str | None = None
+        opening = True  # no byte of the client's yet
         try:
             while (piece := await data.read()) is not None:
                 if spool is None:
                     continue  # refused: read to the end, keep nothing
+                if opening and piece:
+                    opening = False
+                    if piece[:1] in (b" ", b"\t"):
+                        # A first line in white space would continue our Received field
+                        # (the client writing our trace); as Postfix's smtpd, end it first.
+                        piece = b"\r\n" + piece
                 if self.data_size_limit and data.size > self.data_size_limit:
                     refusal = MESSAGE_TOO_BIG
                 elif piece:

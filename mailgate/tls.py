@@ -10,7 +10,10 @@ swaps the certificate for new connections and STARTTLS commands without touching
 from __future__ import annotations
 
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
+
+from cryptography import x509
 
 from mailgate.errors import ConfigError
 
@@ -37,6 +40,33 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
             f"smtp.tls_cert: cannot load {cert} with key {key}: {_why(exc)}"
         ) from None
     return context
+
+
+def certificate_warnings(cert: Path, key: Path) -> list[str]:
+    """What is wrong with a certificate that loads all the same: OpenSSL checks no dates on
+    the server's side, so an expired one is served and every client that verifies refuses
+    it; and a key that others may read is no secret. For `check-config`."""
+    warnings: list[str] = []
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())  # the first PEM: the leaf
+    except (OSError, ValueError):
+        leaf = None  # server_context has said why already
+    now = datetime.now(UTC)
+    if leaf is not None and leaf.not_valid_after_utc < now:
+        warnings.append(f"the certificate {cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    elif leaf is not None and leaf.not_valid_before_utc > now:
+        warnings.append(
+            f"the certificate {cert} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d}"
+        )
+    try:
+        mode = key.stat().st_mode & 0o777
+    except OSError:
+        mode = 0
+    if mode & 0o007:  # a group (Debian's ssl-cert) may be meant to read it; everyone not
+        warnings.append(
+            f"the key {key} can be read by every user (mode {mode:04o}): chmod o-rwx it"
+        )
+    return warnings
 
 
 def client_context(ca_file: Path | None) -> ssl.SSLContext:

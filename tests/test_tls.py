@@ -175,6 +175,7 @@ async def test_the_implicit_tls_listener_takes_mail_without_starttls(
     async with client:
         await client.ehlo()
         assert not client.supports_extension("starttls")
+        assert not client.supports_extension("auth")  # mailgate takes no logins
         refused = await client.execute_command(b"STARTTLS")
         assert (refused.code, refused.message) == (502, "5.5.1 STARTTLS not offered")
         message = mail(subject="Implicit").as_bytes(policy=email.policy.SMTP)
@@ -263,6 +264,11 @@ class TlsRelay:
     tls: ssl.SSLContext | None
     auth: bool = False
     implicit: bool = False
+    auth_after_tls: bool = False  # AUTH offered only once STARTTLS is done (aiosmtpd's default)
+    logins_ok: bool = True
+    # aiosmtpd's LOGIN ignores aiosmtplib's initial response: a refused PLAIN then waits
+    # out the timeout in LOGIN. Exclude it where a refusal is the point.
+    no_login_mechanism: bool = False
     port: int = field(default_factory=free_port)
     received: list[tuple[bool, bytes]] = field(default_factory=list)
     logins: list[tuple[str, bool]] = field(default_factory=list)
@@ -276,7 +282,7 @@ class TlsRelay:
         self, _server: Any, session: Any, _envelope: Any, mechanism: str, _data: Any
     ) -> AuthResult:
         self.logins.append((mechanism, _encrypted(_server)))
-        return AuthResult(success=True)
+        return AuthResult(success=self.logins_ok, handled=False)  # a refusal is answered 535
 
     async def start(self) -> TlsRelay:
         self._server = await asyncio.get_running_loop().create_server(
@@ -285,7 +291,8 @@ class TlsRelay:
                 hostname="relay.test",
                 tls_context=None if self.implicit else self.tls,
                 authenticator=self._authenticate if self.auth else None,
-                auth_require_tls=False,
+                auth_require_tls=self.auth_after_tls,
+                auth_exclude_mechanism=["LOGIN"] if self.no_login_mechanism else None,
             ),
             "127.0.0.1",
             self.port,
@@ -453,5 +460,26 @@ async def test_a_client_that_stalls_in_the_handshake_is_cut_off_saying_nothing_i
         assert await _lines(reader) == ["220 Ready to start TLS"]
         async with asyncio.timeout(IDLE_TIMEOUT + 20):
             assert await reader.read() == b""
+    finally:
+        writer.close()
+
+
+async def test_require_tls_lets_nothing_but_ehlo_noop_starttls_and_quit_through(
+    inbound: Inbound,
+) -> None:
+    """No path around require_tls in clear: HELO (no EHLO, so no STARTTLS), RSET, VRFY,
+    XFORWARD and MAIL are each refused 530 5.7.0; NOOP and EHLO are answered."""
+    reader, writer = await asyncio.open_connection(inbound.smtp.host, inbound.smtp.port)
+    try:
+        await _lines(reader)
+        refused = "530 5.7.0 Must issue a STARTTLS command first"
+        for command in (f"HELO {HELO}", "RSET", f"VRFY <{SUPPORT}>", "XFORWARD ADDR=192.0.2.7"):
+            writer.write(f"{command}\r\n".encode())
+            assert await _lines(reader) == [refused], command
+        writer.write(b"NOOP\r\n")
+        assert (await _lines(reader))[0].startswith("250 ")
+        writer.write(f"EHLO {HELO}\r\nMAIL FROM:<customer@example.org>\r\n".encode())
+        assert "250-STARTTLS" in await _lines(reader)
+        assert await _lines(reader) == [refused]
     finally:
         writer.close()

@@ -289,7 +289,14 @@ class SmtpTransport:
                     "relay connection is not encrypted: AUTH is never sent in clear; not sent",
                     permanent=False,
                 )
-            await client.login(config.username, config.password or "")
+            try:
+                await client.login(config.username, config.password or "")
+            except aiosmtplib.SMTPResponseException as exc:
+                # Even a 535 is ours to fix (a wrong or rotated password), not the mail's: it
+                # waits, as with Postfix's smtp_sasl_auth_soft_bounce, instead of failing.
+                raise DeliveryFailed(
+                    f"relay refused the login: {exc.code} {exc.message}", permanent=False
+                ) from exc
 
 
 def _tls_failure(exc: BaseException) -> str | None:
