@@ -29,6 +29,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/intake.py
+	$(BIN)/python bench/intake.py --tls
 	$(BIN)/python bench/auth.py
 
 bench-memory: $(STAMP)

@@ -3,7 +3,8 @@
     python bench/discard_server.py --port PORT
 
 Listens on 127.0.0.1 only, answers every DATA with "250 OK" and drops the
-message.  Exits cleanly on SIGTERM/SIGINT.
+message.  Exits cleanly on SIGTERM/SIGINT.  With `--tls-cert CERT --tls-key KEY`
+it offers STARTTLS (the baseline of `intake.py --tls`).
 
 `--fake-mailgate --config CFG` is a harness self-test mode (used by
 `intake.py --self-test`): it reads the mailgate config file, listens on its
@@ -21,6 +22,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import ssl
 import time
 import tomllib
 import uuid
@@ -93,8 +95,12 @@ async def amain(args: argparse.Namespace, cfg: dict[str, Any] | None, cfg_dir: P
     if host != "127.0.0.1":
         raise SystemExit("refusing to listen on anything but 127.0.0.1")
 
+    tls = None
+    if args.tls_cert:  # STARTTLS offered, as mailgate does with [smtp] tls_cert/tls_key
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname=hostname, data_size_limit=10 * 1024 * 1024),
+        lambda: SMTP(handler, hostname=hostname, data_size_limit=10 * 1024 * 1024, tls_context=tls),
         host=host,
         port=port,
     )
@@ -110,6 +116,8 @@ async def amain(args: argparse.Namespace, cfg: dict[str, Any] | None, cfg_dir: P
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--tls-cert", help="offer STARTTLS with this certificate (PEM)")
+    ap.add_argument("--tls-key", help="and this key (PEM)")
     ap.add_argument("--fake-mailgate", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -5,6 +5,14 @@ Run from the repository root:
     .venv/bin/python bench/intake.py            # default run (~3-4 min on 2 cores)
     .venv/bin/python bench/intake.py --quick    # ~30 s smoke run
     .venv/bin/python bench/intake.py --messages 3000 --rounds 5
+    .venv/bin/python bench/intake.py --tls      # STARTTLS: 1 and 20 messages a session
+    .venv/bin/python bench/intake.py --targets discard,nometrics,mailgate --conns 10,50
+
+Targets: discard (aiosmtpd, drops the mail), mailgate, plaintext (mailgate with its cipher
+nulled), nometrics (its metrics calls nulled), discard-tls and mailgate-tls (STARTTLS
+offered, with a throwaway trustme certificate, and taken by the client in every session).
+`--per-session N` (default 0: one session per connection, opened before the clock) has
+each connection QUIT and reconnect every N messages, handshakes inside the clock.
 
 For each concurrency level (1, 10, 50 SMTP connections) and each round, the
 two targets are measured back to back, alternating (discard, mailgate,
@@ -42,6 +50,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import statistics
 import subprocess
 import sys
@@ -63,9 +72,21 @@ READY_TIMEOUT = 30.0
 DRAIN_TIMEOUT = 120.0
 QUEUED_RE = re.compile(rb"Queued as <?([^\s>]+)>?", re.IGNORECASE)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TARGETS = ("discard", "plaintext", "mailgate")
-MAILGATES = ("plaintext", "mailgate")
-NULL_CIPHER = BENCH_DIR / "nullcipher"
+TARGETS = ("discard", "plaintext", "nometrics", "mailgate", "discard-tls", "mailgate-tls")
+MAILGATES = ("plaintext", "nometrics", "mailgate", "mailgate-tls")
+TLS_TARGETS = ("discard-tls", "mailgate-tls")  # the server offers STARTTLS, the client takes it
+# Each target's baseline for the "ratio" column, and the named cost ratios of the summary.
+BASELINES = {t: "discard" for t in ("plaintext", "nometrics", "mailgate")} | {
+    "mailgate-tls": "discard-tls"
+}
+COST_RATIOS = {  # name: (numerator, denominator) of msgs/s
+    "sealing": ("mailgate", "plaintext"),
+    "metrics": ("mailgate", "nometrics"),
+    "tls": ("mailgate-tls", "mailgate"),
+    "tls (discard)": ("discard-tls", "discard"),
+}
+NULLED = BENCH_DIR / "nulled"  # sitecustomize: the plaintext and nometrics builds
+TLS_HOSTNAME = "localhost"  # the name the throwaway certificate is issued for
 
 CONFIG_TEMPLATE = """\
 [smtp]
@@ -75,7 +96,7 @@ accept = ["support@example.com"]
 max_message_size = 10485760
 # All load comes from 127.0.0.1: lift the per-IP limit (default 20) above the 50 connections.
 max_connections_per_ip = 100
-[storage]
+{smtp_tls}[storage]
 database = "var/mailgate.db"
 attachments = "var/attachments"
 [outbound]
@@ -163,7 +184,7 @@ Result = dict[str, Any]
 
 
 class Client(Protocol):
-    async def connect(self, port: int) -> None: ...
+    async def connect(self, port: int, tls: ssl.SSLContext | None = None) -> None: ...
     async def send(self, sender: str, data: bytes) -> tuple[int, bytes]: ...
     async def close(self) -> None: ...
 
@@ -188,16 +209,24 @@ class RawClient:
                 break
         return int(last[:3]), b" ".join(texts)
 
-    async def connect(self, port: int) -> None:
+    async def connect(self, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Greeting and EHLO; with `tls`, STARTTLS and EHLO again over the encrypted stream."""
         async with asyncio.timeout(COMMAND_TIMEOUT):
             self.reader, self.writer = await asyncio.open_connection(HOST, port)
             code, text = await self._reply()
             if code != 220:
                 raise SMTPError(f"banner {code} {text!r}")
-            self.writer.write(b"EHLO loadgen.localhost\r\n")
-            code, text = await self._reply()
-            if code != 250:
-                raise SMTPError(f"EHLO {code} {text!r}")
+            await self._command(b"EHLO loadgen.localhost", 250)
+            if tls is not None:
+                await self._command(b"STARTTLS", 220)
+                await self.writer.start_tls(tls, server_hostname=TLS_HOSTNAME)
+                await self._command(b"EHLO loadgen.localhost", 250)
+
+    async def _command(self, line: bytes, expected: int) -> None:
+        self.writer.write(line + b"\r\n")
+        code, text = await self._reply()
+        if code != expected:
+            raise SMTPError(f"{line.decode()} {code} {text!r}")
 
     async def send(self, sender: str, data: bytes) -> tuple[int, bytes]:
         """Returns the final (code, text); on a rejection earlier in the
@@ -232,7 +261,7 @@ class RawClient:
 class AioSMTPLibClient:
     """Same interface on top of aiosmtplib.SMTP (one object per connection)."""
 
-    async def connect(self, port: int) -> None:
+    async def connect(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         import aiosmtplib
 
         self.smtp = aiosmtplib.SMTP(
@@ -245,6 +274,8 @@ class AioSMTPLibClient:
         )
         await self.smtp.connect()
         await self.smtp.ehlo()
+        if tls is not None:
+            await self.smtp.starttls(tls_context=tls, server_hostname=TLS_HOSTNAME)
 
     async def send(self, sender: str, data: bytes) -> tuple[int, bytes]:
         import aiosmtplib
@@ -312,11 +343,18 @@ async def run_load(
     tag: str,
     server_pid: int,
     max_seconds: float,
+    per_session: int = 0,
+    tls: ssl.SSLContext | None = None,
 ) -> Result:
+    """`conns` connections at once share the messages. per_session 0: each connection is one
+    session, opened before the clock starts; N: each connection opens a session (STARTTLS
+    too, with `tls`), sends N messages and QUITs, over and over, all inside the clock."""
     msgs = [make_message(tag, i) for i in range(n_messages)]
     per_conn = [msgs[i::conns] for i in range(conns)]
-    clients: list[Client] = [CLIENTS[client_kind]() for _ in range(conns)]
-    await asyncio.gather(*(c.connect(port) for c in clients))
+    clients: list[Client | None] = [None] * conns  # each connection's open session
+    if not per_session:
+        clients = [CLIENTS[client_kind]() for _ in range(conns)]
+        await asyncio.gather(*(c.connect(port, tls) for c in clients if c is not None))
 
     latencies: list[float] = []
     t250: dict[str, float] = {}  # queue id -> time.time() when the 250 arrived
@@ -325,10 +363,21 @@ async def run_load(
     ends: list[float] = []
     not_sent = 0
 
-    async def worker(client: Client, batch: list[tuple[str, bytes]]) -> None:
+    async def session(i: int) -> Client:
+        """Close connection i's session, if open, and open a new one."""
+        old, clients[i] = clients[i], None
+        if old is not None:
+            await old.close()
+        client = CLIENTS[client_kind]()
+        await client.connect(port, tls)
+        clients[i] = client
+        return client
+
+    async def worker(i: int, batch: list[tuple[str, bytes]]) -> None:
         nonlocal not_sent
         perf = time.perf_counter
         wall = time.time
+        client = clients[i]
         for k, (sender, data) in enumerate(batch):
             t0 = perf()
             if t0 > deadline:  # time budget for this run used up
@@ -336,6 +385,10 @@ async def run_load(
                 break
             try:
                 async with asyncio.timeout(COMMAND_TIMEOUT):
+                    if per_session and k % per_session == 0:
+                        client = await session(i)
+                        t0 = perf()  # the latency stays MAIL FROM -> 250; msgs/s has it all
+                    assert client is not None
                     code, text = await client.send(sender, data)
             except (OSError, SMTPError, TimeoutError, ValueError) as e:
                 # the connection is unusable now; count the rest of its batch as failed
@@ -354,6 +407,10 @@ async def run_load(
                     replies_without_id.append("")
             else:
                 errors.append(f"{code} {text.decode(errors='replace')}")
+        if per_session and clients[i] is not None:  # the last QUIT is part of the work
+            last, clients[i] = clients[i], None
+            assert last is not None
+            await last.close()
         ends.append(time.perf_counter())
 
     gc.collect()
@@ -363,13 +420,14 @@ async def run_load(
     t_start = time.perf_counter()
     deadline = t_start + max_seconds
     try:
-        await asyncio.gather(*(worker(c, b) for c, b in zip(clients, per_conn, strict=True)))
+        await asyncio.gather(*(worker(i, b) for i, b in enumerate(per_conn)))
     finally:
         t_end = max(ends) if ends else time.perf_counter()
         cpu1 = time.process_time()
         srv1 = proc_cpu_seconds(server_pid)
         gc.enable()
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        left = [c.close() for c in clients if c is not None and not per_session]
+        await asyncio.gather(*left, return_exceptions=True)
 
     wall = t_end - t_start
     ok = len(latencies)
@@ -586,13 +644,40 @@ def ticket_stats(t250: dict[str, float], drained: Result) -> Result:
 # orchestration
 
 
+class Certificate:
+    """A throwaway CA (trustme) and a certificate for TLS_HOSTNAME and 127.0.0.1, as PEM files
+    for the servers and as a client context that trusts the CA only."""
+
+    def __init__(self, folder: Path) -> None:
+        import trustme
+
+        ca = trustme.CA()
+        issued = ca.issue_cert(TLS_HOSTNAME, HOST)
+        self.cert, self.key = folder / "cert.pem", folder / "key.pem"
+        issued.cert_chain_pems[0].write_to_path(str(self.cert))
+        for pem in issued.cert_chain_pems[1:]:
+            pem.write_to_path(str(self.cert), append=True)
+        issued.private_key_pem.write_to_path(str(self.key))
+        self.client = ssl.create_default_context()
+        ca.configure_trust(self.client)
+
+
 def run_one(
-    target: str, conns: int, n: int, args: argparse.Namespace, tmp_root: Path, seq: int
+    target: str,
+    conns: int,
+    n: int,
+    args: argparse.Namespace,
+    tmp_root: Path,
+    seq: int,
+    per_session: int = 0,
 ) -> Result:
     workdir = Path(tempfile.mkdtemp(prefix=f"{target}-c{conns}-", dir=tmp_root))
     port = free_port()
-    if target == "discard":
+    cert: Certificate | None = args.certificate if target in TLS_TARGETS else None
+    if target.startswith("discard"):
         cmd = [sys.executable, str(BENCH_DIR / "discard_server.py"), "--port", str(port)]
+        if cert is not None:
+            cmd += ["--tls-cert", str(cert.cert), "--tls-key", str(cert.key)]
     else:
         http_port = free_port()
         while http_port == port:
@@ -600,20 +685,40 @@ def run_one(
         cfg = workdir / "config.toml"
         cfg.write_text(
             CONFIG_TEMPLATE.format(
-                smtp_port=port, http_port=http_port, templates=ROOT / "templates"
+                smtp_port=port,
+                http_port=http_port,
+                templates=ROOT / "templates",
+                smtp_tls=f'tls_cert = "{cert.cert}"\ntls_key = "{cert.key}"\n' if cert else "",
             )
         )
         cmd = (fake_mailgate_cmd if args.self_test else mailgate_cmd)(cfg)
     env = None
-    if target == "plaintext":  # the same build with sealing's cipher nulled (bench/nullcipher)
-        env = {**os.environ, "MAILGATE_BENCH_NULL_CIPHER": "1", "PYTHONPATH": str(NULL_CIPHER)}
+    nulled = {"plaintext": "MAILGATE_BENCH_NULL_CIPHER", "nometrics": "MAILGATE_BENCH_NULL_METRICS"}
+    if target in nulled:  # the same build with one part nulled (bench/nulled)
+        env = {**os.environ, nulled[target]: "1", "PYTHONPATH": str(NULLED)}
     server = ServerProcess(target, cmd, port, workdir, env=env)
     tag = f"bench-{uuid.uuid4().hex[:12]}-{seq}"
-    res: Result = {"target": target, "conns": conns, "workdir": str(workdir)}
+    res: Result = {
+        "target": target,
+        "conns": conns,
+        "per_session": per_session,
+        "level": level_name(conns, per_session),
+        "workdir": str(workdir),
+    }
     server.start()
     try:
         res["startup_rss_kib"] = proc_status_kib(server.pid, "VmRSS")
-        load = run_load(port, conns, n, args.client, tag, server.pid, args.max_seconds)
+        load = run_load(
+            port,
+            conns,
+            n,
+            args.client,
+            tag,
+            server.pid,
+            args.max_seconds,
+            per_session,
+            cert.client if cert else None,
+        )
         res.update(asyncio.run(load))
         t250 = res.pop("_t250")
         if target in MAILGATES:
@@ -643,16 +748,41 @@ def med(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarise(runs: list[Result], levels: list[int]) -> Result:
+def level_name(conns: int, per_session: int) -> str:
+    """A level's label: "10" is 10 connections of one session each, "10x1" 10 connections
+    of 1 message a session."""
+    return f"{conns}x{per_session}" if per_session else str(conns)
+
+
+def paired_ratio(runs: list[Result], level: str, num: str, den: str) -> Result:
+    """num / den msgs/s within each round (the two measured back to back): median and range."""
+    rounds: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r.get("level") == level and "msgs_per_s" in r:
+            rounds.setdefault(r["round"], {})[r["target"]] = r["msgs_per_s"]
+    ratios = sorted(p[num] / p[den] for p in rounds.values() if p.get(den) and num in p)
+    return {
+        "median": med(list(ratios)),
+        "min": ratios[0] if ratios else None,
+        "max": ratios[-1] if ratios else None,
+    }
+
+
+def summarise(runs: list[Result], levels: list[tuple[int, int]]) -> Result:
     summary: Result = {}
-    for c in levels:
+    for c, k in levels:
+        level = level_name(c, k)
         row: Result = {}
         for t in TARGETS:
-            rs = [r for r in runs if r["conns"] == c and r["target"] == t and "msgs_per_s" in r]
+            rs = [r for r in runs if r.get("level") == level and r["target"] == t]
+            rs = [r for r in rs if "msgs_per_s" in r]
             peak = max((r["peak_rss_kib"] for r in rs if r.get("peak_rss_kib")), default=None)
+            rates = [r["msgs_per_s"] for r in rs]
             row[t] = {
                 "rounds": len(rs),
-                "msgs_per_s": med([r["msgs_per_s"] for r in rs]),
+                "msgs_per_s": med(rates),
+                "msgs_per_s_min": min(rates, default=None),
+                "msgs_per_s_max": max(rates, default=None),
                 "p50_ms": med([r["p50_ms"] for r in rs]),
                 "p99_ms": med([r["p99_ms"] for r in rs]),
                 "server_cpu_ms_per_msg": med([r["server_cpu_ms_per_msg"] for r in rs]),
@@ -660,27 +790,21 @@ def summarise(runs: list[Result], levels: list[int]) -> Result:
                 "peak_rss_mib": peak / 1024 if peak else None,
                 "errors": sum(r["errors"] for r in rs),
             }
-        d, m = row["discard"]["msgs_per_s"], row["mailgate"]["msgs_per_s"]
-        plain = row["plaintext"]["msgs_per_s"]
-        row["plaintext_ratio"] = (plain / d) if d and plain is not None else None
-        row["sealing_cost_ratio"] = (m / plain) if plain and m is not None else None
-        # ratio of the medians, and the median of the per-round (paired) ratios
-        pairs: dict[int, dict[str, float]] = {}
-        for r in runs:
-            if r["conns"] == c and "msgs_per_s" in r:
-                pairs.setdefault(r["round"], {})[r["target"]] = r["msgs_per_s"]
-        row["throughput_ratio"] = (m / d) if d and m is not None else None
-        row["throughput_ratio_paired_median"] = med(
-            [
-                p["mailgate"] / p["discard"]
-                for p in pairs.values()
-                if p.get("discard") and "mailgate" in p
-            ]
-        )
+        # per target, against its baseline (discard, or discard-tls for mailgate-tls)
+        row["ratio_to_baseline"] = {
+            t: paired_ratio(runs, level, t, base) for t, base in BASELINES.items()
+        }
+        row["cost_ratios"] = {
+            name: paired_ratio(runs, level, num, den) for name, (num, den) in COST_RATIOS.items()
+        }
         deltas: list[float] = []
         drains: list[float | None] = []
         for r in runs:
-            if r["conns"] == c and r["target"] in MAILGATES and isinstance(r.get("tickets"), dict):
+            if (
+                r.get("level") == level
+                and r["target"] in MAILGATES
+                and isinstance(r.get("tickets"), dict)
+            ):
                 deltas += r["tickets"].get("_deltas", [])
                 drains.append(r["tickets"].get("drain_s"))
         row["ticket"] = {
@@ -690,14 +814,14 @@ def summarise(runs: list[Result], levels: list[int]) -> Result:
             "max_ms": ms(max(deltas)) if deltas else None,
             "drain_s_median": med(drains),
         }
-        summary[str(c)] = row
+        summary[level] = row
     return summary
 
 
 def problems_found(runs: list[Result], args: argparse.Namespace) -> list[str]:
     problems = []
     for r in runs:
-        where = f"{r['target']} c={r['conns']} round {r.get('round', 0) + 1}"
+        where = f"{r['target']} {r.get('level', r['conns'])} round {r.get('round', 0) + 1}"
         if r.get("fatal"):
             problems.append(f"{where}: {r['fatal']}")
         if r.get("not_sent_time_budget"):
@@ -745,9 +869,12 @@ def print_table(summary: Result, args: argparse.Namespace, problems: list[str]) 
         f"SMTP intake, {MSG_SIZE // 1024} KB messages, client={args.client}, "
         f"{args.rounds} round(s), medians over rounds"
     )
+    print("level: connections, or connections x messages per session (a new session each)")
+    print("ratio: msgs/s over the baseline's (discard; discard-tls for mailgate-tls) in the")
+    print("same round, median of the rounds; range: slowest-fastest round")
     hdr = (
-        f"{'conns':>5} {'target':<9} {'msgs/s':>8} {'ratio':>6} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'srv ms/msg':>10} {'cli CPU%':>8} {'RSS MiB':>8} {'errors':>6}"
+        f"{'level':>5} {'target':<12} {'msgs/s':>8} {'range':>11} {'ratio':>6} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'srv ms/msg':>10} {'cli CPU%':>8} {'RSS MiB':>8} {'errors':>6}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -756,10 +883,11 @@ def print_table(summary: Result, args: argparse.Namespace, problems: list[str]) 
             s = row[t]
             if not s["rounds"]:
                 continue
-            ratios = {"mailgate": row["throughput_ratio"], "plaintext": row["plaintext_ratio"]}
-            ratio = fmt(ratios[t], ".2f") if t in ratios else ""
+            ratio = fmt(row["ratio_to_baseline"].get(t, {}).get("median"), ".2f")
+            spread = f"{fmt(s['msgs_per_s_min'], '.0f')}-{fmt(s['msgs_per_s_max'], '.0f')}"
             print(
-                f"{c:>5} {t:<9} {fmt(s['msgs_per_s'], '.0f'):>8} {ratio:>6} "
+                f"{c:>5} {t:<12} {fmt(s['msgs_per_s'], '.0f'):>8} {spread:>11} "
+                f"{ratio if t in BASELINES else '':>6} "
                 f"{fmt(s['p50_ms'], '.2f'):>8} {fmt(s['p99_ms'], '.2f'):>8} "
                 f"{fmt(s['server_cpu_ms_per_msg'], '.2f'):>10} "
                 f"{fmt(s['client_cpu_pct'], '.0f'):>8} {fmt(s['peak_rss_mib'], '.1f'):>8} "
@@ -767,7 +895,13 @@ def print_table(summary: Result, args: argparse.Namespace, problems: list[str]) 
             )
     print()
     for c, row in summary.items():
-        print(f"c={c}: sealed / plaintext throughput {fmt(row['sealing_cost_ratio'], '.2f')}")
+        for name, (num, den) in COST_RATIOS.items():
+            r = row["cost_ratios"][name]
+            if r["median"] is not None:
+                print(
+                    f"{c}: {name} cost, {num} / {den} msgs/s {fmt(r['median'], '.2f')} "
+                    f"(rounds {fmt(r['min'], '.2f')}-{fmt(r['max'], '.2f')})"
+                )
     print()
     print("mailgate: 250 -> ticket (rounds pooled); drain = last processed_at - last 250 (median)")
     hdr2 = f"{'conns':>5} {'matched':>8} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'drain s':>8}"
@@ -820,7 +954,23 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--rounds", type=int, default=None, help="rounds per level (default 3, 1 with --quick)"
     )
-    ap.add_argument("--conns", default="1,10,50", help="concurrency levels (default 1,10,50)")
+    ap.add_argument(
+        "--conns", default=None, help="concurrency levels (default 1,10,50; 10 with --tls)"
+    )
+    ap.add_argument(
+        "--per-session",
+        default=None,
+        help="messages per session, comma-separated: each connection opens a session, sends "
+        "that many and QUITs, again and again (0: one session per connection, opened before "
+        "the clock; default 0, 1,20 with --tls)",
+    )
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="the cost of STARTTLS: targets discard, mailgate, discard-tls, mailgate-tls at "
+        "10 connections, 1 and 20 messages a session (a trustme certificate); "
+        "default 1000 messages a measurement",
+    )
     ap.add_argument("--quick", action="store_true", help="~30 s smoke run")
     ap.add_argument(
         "--client",
@@ -831,9 +981,11 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument(
         "--targets",
-        default="discard,plaintext,mailgate",
-        help="comma-separated, any of discard,plaintext,mailgate (alternated in this order); "
-        "plaintext is mailgate with its cipher nulled (bench/nullcipher)",
+        default=None,
+        help=f"comma-separated, any of {','.join(TARGETS)} (alternated in this order; default "
+        "discard,plaintext,mailgate). plaintext is mailgate with its cipher nulled "
+        "(bench/nulled), nometrics with its metrics calls nulled (bench/nulled); the "
+        "-tls ones offer STARTTLS and the client takes it",
     )
     ap.add_argument(
         "--max-seconds",
@@ -842,7 +994,9 @@ def parse_args() -> argparse.Namespace:
         help="stop sending new messages after this many seconds per measurement "
         "(default 25, 8 with --quick); keeps the run bounded if the target is slow",
     )
-    ap.add_argument("--output", default=str(BENCH_DIR / "results.json"))
+    ap.add_argument(
+        "--output", default=None, help="default bench/results.json, tls-results.json with --tls"
+    )
     ap.add_argument("--keep", action="store_true", help="keep per-run temp dirs (logs, DBs)")
     ap.add_argument(
         "--self-test",
@@ -850,8 +1004,17 @@ def parse_args() -> argparse.Namespace:
         help="fake mailgate (discard_server.py --fake-mailgate) to validate the harness",
     )
     args = ap.parse_args()
+    if args.output is None:
+        args.output = str(BENCH_DIR / ("tls-results.json" if args.tls else "results.json"))
+    if args.targets is None:
+        tls_targets = "discard,mailgate,discard-tls,mailgate-tls"
+        args.targets = tls_targets if args.tls else "discard,plaintext,mailgate"
+    if args.conns is None:
+        args.conns = "10" if args.tls else "1,10,50"
+    if args.per_session is None:
+        args.per_session = "1,20" if args.tls else "0"
     if args.messages is None:
-        args.messages = 1000 if args.quick else 2500
+        args.messages = 1000 if args.quick or args.tls else 2500
     if args.max_seconds is None:
         args.max_seconds = 8.0 if args.quick else 25.0
     if args.rounds is None:
@@ -861,29 +1024,32 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    levels = [int(x) for x in args.conns.split(",")]
+    levels = [(int(c), int(k)) for c in args.conns.split(",") for k in args.per_session.split(",")]
     targets = [t.strip() for t in args.targets.split(",")]
     if not set(targets) <= set(TARGETS):
         raise SystemExit(f"unknown target in {targets}")
 
     tmp_root = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
+    args.certificate = Certificate(tmp_root) if set(targets) & set(TLS_TARGETS) else None
     runs: list[Result] = []
     t0 = time.monotonic()
     seq = 0
     try:
-        for c in levels:
+        for c, k in levels:
             n = max(c, args.messages // 5) if c == 1 else max(c, args.messages)
             for rnd in range(args.rounds):
                 for target in targets:
                     seq += 1
                     label = (
-                        f"[{time.monotonic() - t0:6.1f}s] c={c:<3} "
-                        f"round {rnd + 1}/{args.rounds} {target:<8}"
+                        f"[{time.monotonic() - t0:6.1f}s] {level_name(c, k):<5} "
+                        f"round {rnd + 1}/{args.rounds} {target:<12}"
                     )
                     try:
-                        r = run_one(target, c, n, args, tmp_root, seq)
+                        r = run_one(target, c, n, args, tmp_root, seq, k)
                     except Exception as e:  # noqa: BLE001 - report it, go on with the next run
-                        r = {"target": target, "conns": c, "fatal": f"{type(e).__name__}: {e}"}
+                        fatal = f"{type(e).__name__}: {e}"
+                        r = {"target": target, "conns": c, "level": level_name(c, k)}
+                        r["fatal"] = fatal
                     r["round"] = rnd
                     runs.append(r)
                     print(progress_line(label, r), flush=True)
@@ -906,7 +1072,7 @@ def main() -> int:
         "settings": {
             "messages": args.messages,
             "rounds": args.rounds,
-            "conns": levels,
+            "levels": [level_name(c, k) for c, k in levels],
             "client": args.client,
             "quick": args.quick,
             "max_seconds": args.max_seconds,
