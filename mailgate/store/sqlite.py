@@ -110,6 +110,18 @@ def _ts(moment: datetime) -> float:
     return moment.timestamp()
 
 
+def _queue(states: dict[str, tuple[int, float | None, float | None]]) -> Queue:
+    """A queue from (count, oldest pending, oldest due) per state; states without rows are
+    left out."""
+    pending = [oldest for _, oldest, _ in states.values() if oldest is not None]
+    due = [since for _, _, since in states.values() if since is not None]
+    return Queue(
+        {state: count for state, (count, _, _) in states.items() if count},
+        _dt(min(pending)) if pending else None,
+        _dt(min(due)) if due else None,
+    )
+
+
 def _dt(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
@@ -1351,36 +1363,37 @@ class SqliteStore:
         return [_outbox_row(people, row) for row in rows]
 
     async def queues(self) -> Queues:
-        rows = await self._rows(
-            "SELECT 'inbound', state, count(*), min(CASE WHEN state = 'received' "
-            "THEN received_at END), min(CASE WHEN state = 'received' AND (retry_at IS NULL "
-            "OR retry_at <= :now) THEN coalesce(retry_at, received_at) END) "
-            "FROM inbound GROUP BY state "
-            "UNION ALL SELECT 'outbox', state, count(*), min(CASE WHEN state IN "
-            "('queued', 'sending') THEN created_at END), min(CASE WHEN state = 'queued' "
-            "AND next_attempt_at <= :now THEN next_attempt_at END) FROM outbox GROUP BY state",
-            {"now": _now()},
+        # One query per state, each on its state's partial index (migrations 010 and 013),
+        # so that the cost follows the pending rows, not the tables' size.
+        now = {"now": _now()}
+        inbound, outbox = {}, {}
+        [(count, oldest, due)] = await self._rows(
+            "SELECT count(*), min(received_at), min(CASE WHEN retry_at IS NULL OR retry_at <= "
+            ":now THEN coalesce(retry_at, received_at) END) FROM inbound WHERE state = 'received'",
+            now,
         )
-        found: dict[str, tuple[dict[str, int], list[float], list[float]]] = {
-            "inbound": ({}, [], []),
-            "outbox": ({}, [], []),
-        }
-        for queue, state, count, oldest, due in rows:
-            by_state, pending, due_since = found[queue]
-            by_state[state] = count
-            if oldest is not None:
-                pending.append(oldest)
-            if due is not None:
-                due_since.append(due)
-        inbound, outbox = (
-            Queue(
-                by_state,
-                _dt(min(pending)) if pending else None,
-                _dt(min(due_since)) if due_since else None,
+        inbound["received"] = (count, oldest, due)
+        for state in ("ingested", "quarantined"):
+            [(count,)] = await self._rows(
+                f"SELECT count(*) FROM inbound WHERE state = '{state}'"  # noqa: S608
             )
-            for by_state, pending, due_since in found.values()
+            inbound[state] = (count, None, None)
+        [(count, oldest, due)] = await self._rows(
+            "SELECT count(*), min(created_at), min(CASE WHEN next_attempt_at <= :now THEN "
+            "next_attempt_at END) FROM outbox WHERE state = 'queued'",
+            now,
         )
-        return Queues(inbound=inbound, outbox=outbox)
+        outbox["queued"] = (count, oldest, due)
+        [(count, oldest)] = await self._rows(
+            "SELECT count(*), min(created_at) FROM outbox WHERE state = 'sending'"
+        )
+        outbox["sending"] = (count, oldest, None)
+        for state in ("sent", "failed"):
+            [(count,)] = await self._rows(
+                f"SELECT count(*) FROM outbox WHERE state = '{state}'"  # noqa: S608
+            )
+            outbox[state] = (count, None, None)
+        return Queues(inbound=_queue(inbound), outbox=_queue(outbox))
 
     async def retry_outbox(self, outbox_id: int) -> bool:
         return await self._writer.changes_one(
