@@ -22,10 +22,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# Two workers, each test file whole on one (module-scoped daemons are started once): most
-# tests wait on a daemon, so two share the machine's two cores well.
+# Three workers, each test file whole on one (module-scoped daemons are started once): most
+# tests wait on a daemon or a timeout, so three keep a 2-core machine busy. The slowest
+# tests are listed at the end, to see where the suite's time goes.
 test: lint
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 3 --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python bench/intake.py
