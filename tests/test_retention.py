@@ -32,6 +32,7 @@ from tests.conftest import (
     daemon_running,
     mail,
     run_cli,
+    wait_for_event,
     write_config,
 )
 from tests.test_cli import NO_FROM
