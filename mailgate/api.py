@@ -19,12 +19,10 @@ The token bucket of each token lives in memory: a restart refills it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import json.scanner
 import math
 import re
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from mailgate.addresses import EmailNotValidError, validate_address
 from mailgate.config import Config
 from mailgate.errors import StoreError
 from mailgate.model import Address
+from mailgate.privacy.tokens import token_hash
 from mailgate.store import Store
 from mailgate.text import clean_body
 from mailgate.tickets import Tickets
@@ -62,16 +61,6 @@ _FIELDS = ("name", "email", "subject", "body", "ticket_id")
 _REQUIRED = ("name", "email", "subject", "body")
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750 section 2.1, b64token
-
-
-def token_digest(token: str) -> str:
-    """The form a token is configured in: its SHA-256, lowercase hex."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def new_token() -> str:
-    """A fresh token: 32 random bytes, URL-safe base64 (a valid RFC 6750 bearer token)."""
-    return secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +229,7 @@ class IntakeApi:
                 401, "a bearer token is required", headers={"WWW-Authenticate": challenge}
             )
         token = token.strip()
-        digest = token_digest(token) if _BEARER_TOKEN.fullmatch(token) else ""
+        digest = token_hash(token) if _BEARER_TOKEN.fullmatch(token) else ""
         if scheme.lower() != "bearer" or digest not in settings.tokens:
             raise _Refused(
                 401,

@@ -29,14 +29,10 @@ import structlog
 
 from mailgate import __version__, preflight, stats, tls
 from mailgate.addresses import EmailNotValidError, validate_address
-from mailgate.api import new_token, token_digest
 from mailgate.config import Config, config_path, load_config
 from mailgate.domains import u_label
 from mailgate.errors import ConfigError, MailgateError, NotFound, UsageError
 from mailgate.files import write_durably
-from mailgate.ingest.auth import Authenticator
-from mailgate.ingest.prepare import ParserPool
-from mailgate.ingest.worker import IngestWorker
 from mailgate.log import configure_logging, mask_address
 from mailgate.model import (
     Address,
@@ -56,6 +52,7 @@ from mailgate.outbound.templates import Templates
 from mailgate.privacy import audit, export, rights
 from mailgate.privacy.archive import person_hash
 from mailgate.privacy.keyring import write_master_key
+from mailgate.privacy.tokens import new_token
 from mailgate.store import IngestTx, SqliteStore, store_for
 from mailgate.store.archive import ArchivedTicket, ArchiveStore, open_archive
 from mailgate.store.labels import ERASED
@@ -466,6 +463,11 @@ async def cmd_quarantine_purge(config: Config, args: argparse.Namespace) -> int:
 
 
 async def cmd_quarantine_replay(config: Config, args: argparse.Namespace) -> int:
+    # Ingest's imports (the parser, the sender checks) stay out of the other commands: each
+    # command is a process of its own, and they are the bulk of its start-up.
+    from mailgate.ingest.prepare import ParserPool
+    from mailgate.ingest.worker import IngestWorker
+
     async with _existing_store(config) as store:
         if not await store.requeue_inbound(args.id):
             raise NotFound(f"no quarantined message {args.id}")
@@ -548,6 +550,8 @@ async def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
     if config.auth.trusted_authserv_id:
         print(f"auth: the Authentication-Results of {config.auth.trusted_authserv_id} decide")
     elif config.auth.enabled:
+        from mailgate.ingest.auth import Authenticator  # see cmd_quarantine_replay
+
         authenticator = Authenticator(config.auth)
         print(f"auth: {await authenticator.dns_state()}")
         authenticator.close()
@@ -1157,11 +1161,11 @@ def cmd_keygen(path: Path) -> int:
 def cmd_api_token_new() -> int:
     """Print a fresh intake API token and the config line that accepts it: only the digest
     goes into the config, so the token is shown this once."""
-    token = new_token()
+    token, digest = new_token()  # a link token's form: a valid RFC 6750 bearer token
     print(token)
     print("# Give the token above to the chat-bot; mailgate keeps only its SHA-256 digest.")
     print("# Add the digest to [http] api_tokens (beside any there), then reload mailgate:")
-    print(f'api_tokens = ["{token_digest(token)}"]')
+    print(f'api_tokens = ["{digest}"]')
     return 0
 
 

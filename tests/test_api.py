@@ -32,9 +32,9 @@ from mailgate.api import (
     MAX_SUBJECT,
     MAX_TICKET_ID,
     RateLimiter,
-    token_digest,
 )
 from mailgate.config import load_config
+from mailgate.privacy.tokens import token_hash
 from tests.conftest import SubprocessDaemon, daemon_running, fill_disk, run_cli, tmpfs, write_config
 
 TOKEN = "bot-token-for-the-tests"  # noqa: S105 - a test's token, its digest in the config
@@ -46,7 +46,7 @@ VALID = {"name": "Ann Api", "email": "ann.api@example.org", "subject": "Printer"
 
 def api_config(rate: int = 100_000) -> dict[str, Any]:
     return {
-        "http_extra": f'api_tokens = ["{token_digest(TOKEN)}"]\napi_rate_limit = {rate}\n',
+        "http_extra": f'api_tokens = ["{token_hash(TOKEN)}"]\napi_rate_limit = {rate}\n',
         "max_message_size": MAX_BODY,
     }
 
@@ -326,7 +326,7 @@ def test_a_token_past_its_rate_gets_429_with_retry_after(tmp_path: Path) -> None
         assert request(daemon, VALID, token=OTHER_TOKEN)[0] == 401  # no token, no bucket
         # A SIGHUP swaps the tokens: the new one is let in at once, the old one no more.
         config = daemon.config_path.read_text(encoding="utf-8")
-        swapped = config.replace(token_digest(TOKEN), token_digest(OTHER_TOKEN))
+        swapped = config.replace(token_hash(TOKEN), token_hash(OTHER_TOKEN))
         daemon.config_path.write_text(swapped, encoding="utf-8")
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGHUP)
@@ -391,7 +391,7 @@ def test_api_token_new_prints_a_token_and_its_digest() -> None:
     assert result.returncode == 0, result.stderr
     token, *_comments, line = result.stdout.splitlines()
     assert len(token) >= 43
-    assert line == f'api_tokens = ["{token_digest(token)}"]'
+    assert line == f'api_tokens = ["{token_hash(token)}"]'
     assert run_cli("api-token", "new").stdout.split()[0] != token
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.api import token_digest
+from mailgate.privacy.tokens import token_hash
 from tests.conftest import SubprocessDaemon
 
 TOKEN = "hostile-bot-token"  # noqa: S105 - a test's token, its digest in the config
@@ -27,7 +27,7 @@ MIB = 1024 * 1024
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SubprocessDaemon]:
     running = SubprocessDaemon(
         tmp_path_factory.mktemp("hostile"),
-        http_extra=f'api_tokens = ["{token_digest(TOKEN)}"]\napi_rate_limit = 1000\n',
+        http_extra=f'api_tokens = ["{token_hash(TOKEN)}"]\napi_rate_limit = 1000\n',
         max_message_size=LIMIT,
     )
     running.start()
