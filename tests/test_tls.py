@@ -204,6 +204,18 @@ async def _lines(reader: asyncio.StreamReader) -> list[str]:
     return lines
 
 
+async def _told_to_start_tls(
+    address: HostPort,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection that has said EHLO and STARTTLS and been told to begin the handshake."""
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    await _lines(reader)
+    writer.write(f"EHLO {HELO}\r\nSTARTTLS\r\n".encode())
+    await _lines(reader)
+    assert await _lines(reader) == ["220 Ready to start TLS"]
+    return reader, writer
+
+
 async def test_commands_pipelined_behind_starttls_are_discarded(inbound: Inbound, pki: Pki) -> None:
     """CVE-2011-0411: commands sent in clear in the same packet as STARTTLS must not run once
     TLS is up, as if the client had sent them encrypted. The next reply over TLS is the
@@ -235,12 +247,8 @@ async def test_commands_pipelined_behind_starttls_are_discarded(inbound: Inbound
 async def test_a_failed_handshake_closes_that_session_only(inbound: Inbound) -> None:
     """Bytes that are not TLS after the 220: the session is closed, nothing is answered in
     clear, and the daemon serves the next client as before."""
-    reader, writer = await asyncio.open_connection(inbound.smtp.host, inbound.smtp.port)
+    reader, writer = await _told_to_start_tls(inbound.smtp)
     try:
-        await _lines(reader)
-        writer.write(f"EHLO {HELO}\r\nSTARTTLS\r\n".encode())
-        await _lines(reader)
-        assert await _lines(reader) == ["220 Ready to start TLS"]
         writer.write(b"\x16\x03\x01\x00\x05hello, this is not a ClientHello\r\n")
         async with asyncio.timeout(10):
             rest = await reader.read()
@@ -452,12 +460,8 @@ async def test_a_client_that_stalls_in_the_handshake_is_cut_off_saying_nothing_i
 ) -> None:
     """STARTTLS, then no ClientHello: the idle timeout closes the connection, and its 421
     is not written in clear into what should have been a TLS stream."""
-    reader, writer = await asyncio.open_connection(inbound.smtp.host, inbound.smtp.port)
+    reader, writer = await _told_to_start_tls(inbound.smtp)
     try:
-        await _lines(reader)
-        writer.write(f"EHLO {HELO}\r\nSTARTTLS\r\n".encode())
-        await _lines(reader)
-        assert await _lines(reader) == ["220 Ready to start TLS"]
         async with asyncio.timeout(IDLE_TIMEOUT + 20):
             assert await reader.read() == b""
     finally:
