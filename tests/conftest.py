@@ -237,6 +237,12 @@ class Running:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run_cli("--config", str(self.config.path), *args)
 
+    async def cli_beside(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`cli` for a command that waits on the daemon: an in-process daemon runs on this
+        event loop, which `cli` blocks, so a read of its caught mid-way keeps its snapshot,
+        and an erasure's checkpoint (which waits for every reader) gives up."""
+        return await asyncio.to_thread(self.cli, *args)
+
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real `mailgate` command line in a subprocess."""

@@ -371,7 +371,9 @@ async def test_erasure_leaves_nothing_of_the_person_in_any_file(
         # Sealed while the person exists: no plaintext of theirs in any file.
         assert plaintext_in(data, needles()) == []
 
-        done = ok(running.cli("privacy", "erase", EMAIL, "--reason", "asked by phone, twice"))
+        done = ok(
+            await running.cli_beside("privacy", "erase", EMAIL, "--reason", "asked by phone, twice")
+        )
         assert "erased (reason: other)" in done
         assert "  tickets: 2\n" in done and "  messages: 2\n" in done
         assert "  attachments: 2\n" in done and "  files: 2\n" in done
@@ -394,7 +396,9 @@ async def test_under_16_is_its_own_reason(relay: Relay, relay_config: Config) ->
     async with daemon_running(relay_config) as running:
         await running.send(mail(sender="kid@example.org"))
         await running.settle()
-        done = ok(running.cli("privacy", "erase", "kid@example.org", "--reason", "under-16"))
+        done = ok(
+            await running.cli_beside("privacy", "erase", "kid@example.org", "--reason", "under-16")
+        )
         assert "erased (reason: under-16)" in done
         [record] = cli_json(running, "audit", "list", "--subject", "kid@example.org")
         assert (record["action"], record["reason"], record["via"]) == ("erase", "under-16", "cli")
